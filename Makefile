@@ -1,0 +1,20 @@
+# The README's two commands: `make demo` (the main job) and `make test`. Both install first.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: install test demo clean-install
+
+$(STAMP): scripts/install.sh scripts/build_detectron2.py constraints.txt setup.py
+	bash scripts/install.sh
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+demo: $(STAMP)
+	$(PY) -m transfer pipeline --config configs/pipeline/demo.yaml
+
+clean-install:
+	rm -rf .venv

@@ -1,0 +1,51 @@
+"""What every command-line entry point shares: user errors on one line, exit status 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from pretrain.errors import UserError
+
+USER_ERROR_EXIT = 2
+
+
+def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+    """Run `main(argv)`; a UserError is printed as one line on stderr and gives exit status 2."""
+    try:
+        main(argv)
+    except UserError as error:
+        message = " ".join(str(error).split())
+        print(f"error: {message}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def config_parser(prog: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
+    """An argparse parser with the project's `--config FILE [key=value ...]` convention."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="YAML config; its keys override the built-in defaults")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides applied after the config file, e.g. optim.lr=0.1")
+    return parser
+
+
+def subcommand_parser(prog: str, description: str, commands: dict[str, tuple[str, str]]) -> argparse.ArgumentParser:
+    """A parser whose commands live in their own modules: {name: (module, one-line help)}.
+
+    Each module has add_arguments(parser) and run(args). Modules are imported to build --help, so they keep
+    their heavy imports (mmseg, detectron2, submitit) inside run().
+    """
+    import importlib
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+    for name, (module_name, help_text) in commands.items():
+        command = sub.add_parser(name, help=help_text, description=help_text,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.set_defaults(run=importlib.import_module(module_name).run)
+        importlib.import_module(module_name).add_arguments(command)
+    return parser

@@ -1,0 +1,86 @@
+"""Config loading: dataclass schema <- YAML file <- `key=value` overrides (OmegaConf).
+
+An unknown key or a value of the wrong type raises UserError naming the key and the closest valid key.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from pretrain.errors import UserError
+
+
+def config_keys(config: DictConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of a (nested) config, e.g. ['optim', 'optim.lr', 'optim.momentum', ...]."""
+    keys = []
+    for key in config:
+        keys.append(f"{prefix}{key}")
+        node = config._get_node(key)
+        if isinstance(node, DictConfig):
+            keys.extend(config_keys(node, f"{prefix}{key}."))
+    return keys
+
+
+def closest_key(key: str, valid: Sequence[str]) -> str:
+    """The valid key nearest to `key`: by the whole dotted path, else by its last part."""
+    whole = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if whole:
+        return whole[0]
+    leaves = {k.rsplit(".", 1)[-1]: k for k in valid}
+    leaf = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(leaves), n=1, cutoff=0.6)
+    if leaf:
+        return leaves[leaf[0]]
+    return difflib.get_close_matches(key, valid, n=1, cutoff=0.0)[0]
+
+
+def _config_error(error: OmegaConfBaseException, schema: type, source: str) -> UserError:
+    key = getattr(error, "full_key", None) or getattr(error, "key", None) or "?"
+    if isinstance(error, (ConfigKeyError, ConfigAttributeError)):
+        valid = config_keys(OmegaConf.structured(schema))
+        return UserError(f"unknown config key '{key}' in {source}; did you mean '{closest_key(str(key), valid)}'?")
+    first_line = str(error).splitlines()[0]
+    if isinstance(error, ValidationError):
+        return UserError(f"config key '{key}' in {source} has the wrong type: {first_line}")
+    return UserError(f"bad config in {source} at '{key}': {first_line}")
+
+
+def load_config(schema: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Build a config: the schema's defaults, then the YAML file at `path`, then `key=value` overrides."""
+    config = OmegaConf.structured(schema)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config")
+        import yaml
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise UserError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {path} must hold a mapping of keys, not a {type(raw).__name__}")
+        from_file = OmegaConf.load(path)
+        try:
+            config = OmegaConf.merge(config, from_file)
+        except OmegaConfBaseException as error:
+            raise _config_error(error, schema, str(path)) from None
+    for override in overrides:
+        if "=" not in override:
+            raise UserError(f"override '{override}' must look like key=value, e.g. optim.lr=0.1")
+        try:
+            config = OmegaConf.merge(config, OmegaConf.from_dotlist([override]))
+        except OmegaConfBaseException as error:
+            raise _config_error(error, schema, f"override '{override}'") from None
+    missing = OmegaConf.missing_keys(config)
+    if missing:
+        raise UserError(f"config keys {sorted(missing)} have no value; set them in the YAML file or as key=value")
+    return config
+
+
+def save_config(config: DictConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from pretrain.io import atomic_write_bytes
+    atomic_write_bytes(Path(path), OmegaConf.to_yaml(config, resolve=True).encode())

@@ -1,0 +1,1 @@
+"""Backbone export and transfer evaluation: linear/kNN, segmentation (mmseg), detection (detectron2), depth."""

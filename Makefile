@@ -14,7 +14,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 demo: $(STAMP)
-	$(PY) -m transfer pipeline --config configs/pipeline/demo.yaml
+	$(PY) -m pretrain --config configs/pretrain/fashion_mnist_resnet18.yaml run_dir=runs/demo/pretrain
 
 clean-install:
 	rm -rf .venv

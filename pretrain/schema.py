@@ -77,7 +77,6 @@ class EmaConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
     amp: bool = True                        # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True              # on CUDA
     compile: bool = False                   # torch.compile the networks
@@ -90,6 +89,7 @@ class TrainConfig:
 @dataclass
 class PretrainConfig:
     run_dir: str = "runs/pretrain"
+    seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -1,0 +1,57 @@
+"""BYOL's asymmetric two-view augmentation (Grill et al. 2020, appendix B) and the evaluation transform.
+
+Both work on uint8 image tensors [C, H, W] (or PIL images) with torchvision.transforms.v2 and return
+normalised float32 tensors. The blur kernel scales with the crop: 23 px at 224 px, i.e. about 10%.
+"""
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import InterpolationMode, v2
+
+from pretrain.schema import AugmentConfig
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """BYOL's 23 px kernel at 224 px, scaled to `image_size`, odd and at least 3."""
+    size = max(3, round(image_size * 23 / 224))
+    return size if size % 2 else size + 1
+
+
+def byol_view_transform(config: AugmentConfig, image_size: int, view: int) -> v2.Compose:
+    """The transform of view 1 (view=0: blur always, no solarize) or view 2 (view=1: blur 0.1, solarize 0.2)."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.RandomResizedCrop(image_size, scale=tuple(config.crop_scale), ratio=tuple(config.crop_ratio),
+                             interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(config.flip_p),
+        v2.RandomApply([v2.ColorJitter(config.brightness, config.contrast, config.saturation, config.hue)],
+                       p=config.jitter_p),  # ColorJitter applies its four parts in a random order
+        v2.RandomGrayscale(config.grayscale_p),
+        v2.RandomApply([v2.GaussianBlur(blur_kernel_size(image_size), sigma=tuple(config.blur_sigma))],
+                       p=config.blur_p[view]),
+        v2.RandomSolarize(threshold=128, p=config.solarize_p[view]),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(config.mean), list(config.std)),
+    ])
+
+
+class TwoViews:
+    """image -> (view 1, view 2), each from its own BYOL transform."""
+
+    def __init__(self, config: AugmentConfig, image_size: int):
+        self.first = byol_view_transform(config, image_size, 0)
+        self.second = byol_view_transform(config, image_size, 1)
+
+    def __call__(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.first(image), self.second(image)
+
+
+def eval_transform(image_size: int, mean, std, resize_ratio: float = 256 / 224) -> v2.Compose:
+    """Deterministic: resize the short side to image_size * 256/224 (bicubic), centre-crop image_size."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.Resize(round(image_size * resize_ratio), interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(image_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(mean), list(std)),
+    ])

@@ -1,0 +1,47 @@
+"""metrics.json, the one file per run that reports read (DESIGN.md's schema)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from pretrain.io import atomic_write_bytes
+
+
+def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def code_version() -> str:
+    """The package version, plus the git commit (and '-dirty') when run from a checkout."""
+    from pretrain import __version__
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__}+{commit}{'-dirty' if dirty else ''}" if commit else __version__
+
+
+def write_metrics(run_dir: str | Path, *, task: str, dataset: str, backbone_path: str | Path | None, protocol: str,
+                  metrics: dict[str, float], seed: int, config: dict[str, Any], wall_time_s: float,
+                  extra: dict[str, Any] | None = None) -> Path:
+    """Write run_dir/metrics.json atomically and return its path."""
+    backbone = None
+    if backbone_path is not None:
+        backbone = {"path": str(Path(backbone_path).resolve()), "sha256": sha256_of(backbone_path)}
+    record = {"task": task, "dataset": dataset, "backbone": backbone, "protocol": protocol,
+              "metrics": {k: float(v) for k, v in metrics.items()}, "seed": seed, "config": config,
+              "code_version": code_version(), "wall_time_s": round(wall_time_s, 3), **(extra or {})}
+    path = Path(run_dir) / "metrics.json"
+    atomic_write_bytes(path, json.dumps(record, indent=2).encode())
+    return path

@@ -1,0 +1,391 @@
+"""The SSL-HSIC training loop: one run directory, resumable, single process or DDP.
+
+Per step, for images x with views x1, x2 (with-target variant, M = 4):
+    online:  p1 = g(h(f(x1))), p2 = g(h(f(x2)))        f backbone, h projector, g predictor
+    target:  t1 = h'(f'(x1)), t2 = h'(f'(x2))           EMA of (f, h), no gradient
+    loss = SSLHSICLoss([p1, p2, t2, t1]) over the all-gathered global batch
+The no-target variant uses the online projections [h(f(x1)), h(f(x2))] (M = 2), with no predictor and no EMA
+target. The kernel bandwidth is stepped by its own Adam on the bandwidth objective. The exported network
+is a slower EMA (train.eval_tau) of the online network.
+
+Run directory: config.yaml, checkpoints/last.pt (atomic), events (TensorBoard), history.jsonl, log.txt,
+metrics.json. Rerunning resumes from checkpoints/last.pt and ends with the same weights as an uninterrupted
+run: data order and augmentations are functions of (seed, epoch, index), the random features of (seed, step).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from pretrain.errors import UserError
+
+log = logging.getLogger("pretrain")
+CHECKPOINT_FORMAT = "ssl-hsic/pretrain"
+# Keys a resumed run may change without changing its trajectory.
+RESUMABLE_CHANGES = {"run_dir", "data.num_workers", "train.log_every", "train.checkpoint_every",
+                     "train.rankme_every", "optim.max_steps", "device"}
+
+
+class TrainingDiverged(UserError):
+    """The loss or the features became NaN / inf."""
+
+
+def flat_config(config: DictConfig | dict) -> dict[str, Any]:
+    container = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+    walk(container, "")
+    return flat
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Keys whose values differ between two configs, ignoring RESUMABLE_CHANGES."""
+    saved, current = flat_config(saved), flat_config(current)
+    keys = sorted((set(saved) | set(current)) - RESUMABLE_CHANGES)
+    return [k for k in keys if saved.get(k, "<absent>") != current.get(k, "<absent>")]
+
+
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor across processes (rank order); gradients flow back to every rank's slice."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    import torch.distributed.nn.functional as dist_fn
+    return torch.cat(dist_fn.all_gather(tensor))
+
+
+class TwoViews(nn.Module):
+    """Runs the online network on both views in one module call, so DDP sees one forward per backward."""
+
+    def __init__(self, online: nn.Module):
+        super().__init__()
+        self.online = online
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor):
+        return self.online(view1), self.online(view2)
+
+
+class Pretrainer:
+    """Builds everything from a config, validating all user input before the run dir is touched."""
+
+    def __init__(self, config: DictConfig):
+        from pretrain.data import build_dataset
+        from pretrain.hsic import SSLHSICLoss
+        from pretrain.networks import Encoder, OnlineNetwork, build_backbone
+        from slurm.distributed import init_distributed
+
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
+        build_backbone(config.model.backbone)  # an unknown name fails here, before anything is written
+        self.resume_state = self._check_run_dir()
+        self.dataset = build_dataset(config.data.dataset, config.data.root, config.data.split, config.data.limit)
+        batch = config.optim.batch_size
+        self.steps_per_epoch = len(self.dataset) // batch
+        if self.steps_per_epoch == 0:
+            raise UserError(f"the dataset has {len(self.dataset)} images, fewer than one batch of {batch}; "
+                            "lower optim.batch_size or add data")
+        if config.data.on_corrupt not in ("error", "skip"):
+            raise UserError(f"data.on_corrupt must be 'error' or 'skip', not '{config.data.on_corrupt}'")
+
+        self.dist = init_distributed()
+        if config.device in (None, "cuda") and torch.cuda.is_available():
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        elif config.device == "cuda":
+            raise UserError("device=cuda but no GPU is visible; set device=cpu or run on a GPU node")
+        else:
+            self.device = torch.device("cpu")
+        torch.manual_seed(config.seed)
+        if config.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+
+        m = config.model
+        self.online = OnlineNetwork(m.backbone, m.projector_hidden, m.embedding_dim, m.predictor_hidden,
+                                    use_predictor=m.use_target).to(self.device)
+        self.target: Encoder | None = copy.deepcopy(self.online.encoder) if m.use_target else None
+        self.ema = copy.deepcopy(self.online)  # the exported network
+        for frozen in filter(None, (self.target, self.ema)):
+            frozen.requires_grad_(False)
+        cuda = self.device.type == "cuda"
+        if cuda and config.train.channels_last:
+            for module in filter(None, (self.online, self.target, self.ema)):
+                module.to(memory_format=torch.channels_last)
+        self.forward_views: nn.Module = TwoViews(self.online)
+        if self.dist.is_distributed:
+            if cuda and m.sync_bn:
+                self.forward_views = nn.SyncBatchNorm.convert_sync_batchnorm(self.forward_views)
+                self.online = self.forward_views.online
+            self.forward_views = nn.parallel.DistributedDataParallel(
+                self.forward_views, device_ids=[self.device.index] if cuda else None)
+        if config.train.compile:
+            self.forward_views = torch.compile(self.forward_views)
+
+        o = config.optim
+        from pretrain.optim import build_optimizer
+        self.peak_lr = o.base_lr * o.batch_size / 256
+        self.optimizer = build_optimizer(self.online, o.name, self.peak_lr, o.weight_decay, o.momentum, o.eta)
+        lc = config.loss
+        self.loss_fn = SSLHSICLoss(lc.num_features, lc.gamma, lc.kernel, lc.estimator, lc.init_scale).to(self.device)
+        self.scale_optimizer = torch.optim.Adam(self.loss_fn.parameters(), lr=lc.scale_lr)
+        self.total_steps = o.epochs * self.steps_per_epoch
+        self.warmup_steps = round(o.warmup_epochs * self.steps_per_epoch)
+        self.stop_step = min(self.total_steps, o.max_steps) if o.max_steps else self.total_steps
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and config.train.amp
+                         else nullcontext())
+        self.step = 0
+        self.stop_requested = False
+
+    # ------------------------------------------------------------------------------------ run dir
+
+    def _check_run_dir(self) -> dict | None:
+        """Refuse a run dir of another config; load its checkpoint for resuming (or None for a new run)."""
+        saved_config = self.run_dir / "config.yaml"
+        current = OmegaConf.to_container(self.config, resolve=True)
+        if saved_config.exists():
+            differences = config_differences(OmegaConf.to_container(OmegaConf.load(saved_config)), current)
+            if differences:
+                raise UserError(f"run dir {self.run_dir} holds a run of another config (differs at "
+                                f"{', '.join(differences[:5])}); choose another run_dir or remove that one")
+        if not self.checkpoint_path.exists():
+            return None
+        try:
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise UserError(f"checkpoint {self.checkpoint_path} cannot be read ({type(error).__name__}); "
+                            "remove it to start over, or restore it from a backup") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise UserError(f"{self.checkpoint_path} is not an SSL-HSIC pretraining checkpoint")
+        differences = config_differences(OmegaConf.to_container(OmegaConf.create(state["config"])), current)
+        if differences:
+            raise UserError(f"checkpoint {self.checkpoint_path} comes from another config (differs at "
+                            f"{', '.join(differences[:5])}); choose another run_dir")
+        return state
+
+    def _setup_outputs(self) -> None:
+        from pretrain.config import save_config
+        self.is_main = self.dist.rank == 0
+        if not self.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not (self.run_dir / "config.yaml").exists():
+            save_config(self.config, self.run_dir / "config.yaml")
+        handler = logging.FileHandler(self.run_dir / "log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        if not any(isinstance(h, logging.StreamHandler) and h.stream is sys.stderr for h in log.handlers):
+            console = logging.StreamHandler(sys.stderr)
+            console.setFormatter(logging.Formatter("%(message)s"))
+            log.addHandler(console)
+        log.setLevel(logging.INFO)
+        self._handlers = [handler]
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(str(self.run_dir / "events"), purge_step=self.step or None)
+        history = self.run_dir / "history.jsonl"
+        if history.exists():  # drop what was logged after the checkpoint we resume from
+            kept = [line for line in history.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            history.write_text("".join(line + "\n" for line in kept))
+        self.history = open(history, "a")
+
+    # -------------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"format": CHECKPOINT_FORMAT, "version": 1, "step": self.step,
+                "config": OmegaConf.to_yaml(self.config, resolve=True), "backbone": self.config.model.backbone,
+                "online": self.online.state_dict(), "target": self.target.state_dict() if self.target else None,
+                "ema": self.ema.state_dict(), "loss": self.loss_fn.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scale_optimizer": self.scale_optimizer.state_dict(),
+                "rng": rng}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.online.load_state_dict(state["online"])
+        if self.target is not None:
+            self.target.load_state_dict(state["target"])
+        self.ema.load_state_dict(state["ema"])
+        self.loss_fn.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scale_optimizer.load_state_dict(state["scale_optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.step = state["step"]
+
+    def save_checkpoint(self) -> None:
+        from pretrain.io import atomic_torch_save
+        if self.is_main:
+            atomic_torch_save(self.state_dict(), self.checkpoint_path)
+            log.info("step %d: checkpoint %s", self.step, self.checkpoint_path)
+        if self.dist.is_distributed:
+            torch.distributed.barrier()
+
+    # -------------------------------------------------------------------------------------- steps
+
+    def _loader(self, epoch: int, start_batch: int):
+        from torch.utils.data import DataLoader
+        from pretrain.augment import TwoViews as TwoViewTransform
+        from pretrain.data import Augmented, EpochBatchSampler, collate_views
+        c = self.config
+        dataset = Augmented(self.dataset, TwoViewTransform(c.augment, c.data.image_size), c.seed)
+        sampler = EpochBatchSampler(len(self.dataset), c.optim.batch_size, c.seed, epoch, start_batch,
+                                    self.dist.rank, self.dist.world_size)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=c.data.num_workers,
+                          collate_fn=collate_views, pin_memory=self.device.type == "cuda")
+
+    def _views(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        fmt = torch.channels_last if self.device.type == "cuda" and self.config.train.channels_last \
+            else torch.contiguous_format
+        return tuple(batch[k].to(self.device, non_blocking=True, memory_format=fmt) for k in ("view1", "view2"))
+
+    def hiddens(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The M views the loss sees, gathered over processes, and the local backbone features of view 1."""
+        with self.autocast:
+            (f1, z1, p1), (_, z2, p2) = self.forward_views(view1, view2)
+            if self.target is None:
+                return [gather(z1), gather(z2)], f1
+            with torch.no_grad():
+                _, t1 = self.target(view1)
+                _, t2 = self.target(view2)
+        return [gather(p1), gather(p2), gather(t2), gather(t1)], f1
+
+    def train_step(self, view1: torch.Tensor, view2: torch.Tensor) -> dict[str, float]:
+        from pretrain.ema import ema_update_, target_tau
+        from pretrain.networks import effective_rank
+        from pretrain.optim import warmup_cosine
+        lr = warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.peak_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        hiddens, features = self.hiddens(view1, view2)
+        if not all(torch.isfinite(h).all() for h in hiddens):
+            self._diverged("the embeddings")
+        draws = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step)
+        loss, stats = self.loss_fn(hiddens, generator=draws)
+        if not math.isfinite(stats["loss"]):
+            self._diverged("the loss")
+        bandwidth_loss = self.loss_fn.bandwidth_loss(hiddens, generator=draws)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scale_optimizer.zero_grad(set_to_none=True)
+        bandwidth_loss.backward()
+        self.scale_optimizer.step()
+        tau = target_tau(self.step, self.total_steps, self.config.ema.target_tau)
+        if self.target is not None:
+            ema_update_(self.target, self.online.encoder, tau, buffers=False)
+        ema_update_(self.ema, self.online, self.config.ema.eval_tau)
+        stats.update(lr=lr, tau=tau)
+        every = self.config.train.rankme_every
+        if every and self.step % every == 0:
+            stats["rankme"] = effective_rank(features)
+        self.step += 1
+        return stats
+
+    def _diverged(self, what: str) -> None:
+        kept = f"the last good checkpoint ({self.checkpoint_path}) is kept" if self.checkpoint_path.exists() \
+            else "no checkpoint had been written yet"
+        raise TrainingDiverged(f"{what} became NaN or inf at step {self.step}; {kept}; lower optim.base_lr or "
+                               "check the data, then rerun to resume")
+
+    # ---------------------------------------------------------------------------------------- run
+
+    def _request_stop(self, signum, frame) -> None:
+        log.info("signal %d: checkpointing after this step", signum)
+        self.stop_requested = True
+
+    def run(self) -> dict[str, Any]:
+        """Train to the end of the schedule (or optim.max_steps); return the last logged stats."""
+        from tqdm import tqdm
+        if self.resume_state is not None:
+            self.load_state_dict(self.resume_state)
+            self.resume_state = None
+        self._setup_outputs()
+        if self.is_main and self.step:
+            log.info("resuming %s at step %d of %d", self.run_dir, self.step, self.stop_step)
+        previous = signal.signal(signal.SIGTERM, self._request_stop)
+        started, stats, skipped = time.time(), {}, 0
+        images_at_start, window_start, window_images = self.step, time.time(), 0
+        progress = tqdm(total=self.stop_step, initial=self.step, disable=not (self.is_main and sys.stderr.isatty()),
+                        desc="pretrain", unit="step", dynamic_ncols=True)
+        try:
+            while self.step < self.stop_step and not self.stop_requested:
+                epoch, start_batch = divmod(self.step, self.steps_per_epoch)
+                for batch in self._loader(epoch, start_batch):
+                    skipped += self._check_corrupt(batch)
+                    if batch["view1"] is None:
+                        self.step += 1
+                        continue
+                    stats = self.train_step(*self._views(batch))
+                    window_images += batch["view1"].shape[0] * self.dist.world_size
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
+                    if self.step % self.config.train.log_every == 0 or self.step == self.stop_step:
+                        stats["images_per_s"] = window_images / max(1e-9, time.time() - window_start)
+                        window_start, window_images = time.time(), 0
+                        self._log(stats, epoch)
+                    if self.step % self.config.train.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if self.step >= self.stop_step or self.stop_requested:
+                        break
+            self.save_checkpoint()
+        finally:
+            progress.close()
+            signal.signal(signal.SIGTERM, previous)
+            if self.is_main:
+                self.writer.close()
+                self.history.close()
+                for handler in self._handlers:
+                    log.removeHandler(handler)
+                    handler.close()
+        if self.is_main and self.step >= self.total_steps:
+            self._write_metrics(stats, time.time() - started, skipped)
+        return stats
+
+    def _check_corrupt(self, batch: dict) -> int:
+        for bad in batch["corrupt"]:
+            if self.config.data.on_corrupt == "error":
+                raise UserError(f"cannot read image {bad.path}: {bad.reason}; fix or remove it, or set "
+                                "data.on_corrupt=skip to skip unreadable images")
+            log.warning("skipped unreadable image %s (%s)", bad.path, bad.reason)
+        return len(batch["corrupt"])
+
+    def _log(self, stats: dict[str, float], epoch: int) -> None:
+        if not self.is_main:
+            return
+        for key, value in stats.items():
+            self.writer.add_scalar(f"pretrain/{key}", value, self.step)
+        self.history.write(json.dumps({"step": self.step, "epoch": epoch, **stats}) + "\n")
+        self.history.flush()
+        log.info("step %d/%d epoch %d " + " ".join(f"{k} {v:.4g}" for k, v in stats.items()),
+                 self.step, self.stop_step, epoch)
+
+    def _write_metrics(self, stats: dict[str, float], wall_time: float, skipped: int) -> None:
+        from pretrain.metrics import write_metrics
+        c = self.config
+        final = {k: stats[k] for k in ("loss", "hsic_xy", "hsic_xx", "scale", "images_per_s") if k in stats}
+        write_metrics(self.run_dir, task="pretrain", dataset=c.data.dataset, backbone_path=self.checkpoint_path,
+                      protocol="ssl-hsic" if c.model.use_target else "ssl-hsic-no-target", metrics=final,
+                      seed=c.seed, config=OmegaConf.to_container(c, resolve=True), wall_time_s=wall_time,
+                      extra={"steps": self.step, "skipped_images": skipped})
+
+
+def train(config: DictConfig) -> dict[str, Any]:
+    return Pretrainer(config).run()

@@ -1,0 +1,65 @@
+"""torch.distributed from the environment: torchrun's variables, or SLURM's (one task per GPU), or nothing
+(a single process). The same training code runs in all three."""
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list ('gpu[003-005,010],cpu1' -> 'gpu003'), via scontrol when present."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True, timeout=30).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, ranges = head.split("[", 1)
+        return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
+    return head
+
+
+def detect(environ: dict[str, str] | None = None) -> DistributedEnv:
+    """Read rank, world size, local rank and the rendezvous address from the environment."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, or a launcher that set them
+        return DistributedEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                              env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        job_id = int(env.get("SLURM_JOB_ID", "0"))
+        return DistributedEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                              first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))),
+                              int(env.get("MASTER_PORT", 20000 + job_id % 20000)))
+    return DistributedEnv()
+
+
+def init_distributed(backend: str | None = None) -> DistributedEnv:
+    """Initialise the default process group when the environment describes several processes."""
+    import torch
+    import torch.distributed as dist
+    info = detect()
+    if not info.is_distributed or dist.is_initialized():
+        return info
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend, init_method=f"tcp://{info.master_addr}:{info.master_port}",
+                            rank=info.rank, world_size=info.world_size)
+    return info

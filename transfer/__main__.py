@@ -8,6 +8,8 @@ from pretrain.cli import run_main, subcommand_parser
 
 # command -> (module, one-line help); see pretrain.cli.subcommand_parser.
 COMMANDS = {
+    "export": ("transfer.export_cli", "write a backbone as torchvision / safetensors / detectron2 / mmseg files"),
+    "verify": ("transfer.verify_cli", "check an exported backbone gives the same features in all three frameworks"),
 }
 
 

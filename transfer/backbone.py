@@ -1,0 +1,200 @@
+"""Any supported checkpoint -> the canonical backbone: a torchvision ResNet state_dict without fc, loaded strictly.
+
+Accepted inputs (the layout is detected):
+* this project's pretraining checkpoints (the EMA network by default; `weights="online"` or `"target"`),
+* plain torchvision state_dicts (.pth / .pt, or .safetensors), with or without fc,
+* common SSL layouts: wrappers {"state_dict": ...} / {"model": ...}, and prefixes such as module.,
+  encoder., backbone., module.encoder_q., online_network.encoder. ...,
+* detectron2 .pkl files in the layout `transfer.export` writes (read with a restricted unpickler).
+
+Checkpoints are untrusted: torch.load(weights_only=True), safetensors, or a pickle reader that admits only
+numpy arrays and plain containers. Any missing or unexpected backbone key is an error listing them.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pretrain.errors import UserError
+
+ARCHITECTURES = {  # name: (block type, blocks per stage)
+    "resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)), "resnet101": ("bottleneck", (3, 4, 23, 3)),
+    "resnet152": ("bottleneck", (3, 8, 36, 3)),
+}
+PROJECT_WEIGHTS = {"ema": ("ema", "encoder.backbone."), "online": ("online", "encoder.backbone."),
+                   "target": ("target", "backbone.")}
+PREFIXES = ("", "module.", "encoder.", "backbone.", "model.", "module.encoder.", "module.backbone.",
+            "module.encoder_q.", "encoder_q.", "online_network.encoder.", "module.online_network.encoder.",
+            "online_network.", "student.backbone.", "teacher.backbone.", "module.base_encoder.", "base_encoder.",
+            "net.", "trunk.", "encoder.backbone.")
+CONTAINER_KEYS = ("state_dict", "model", "model_state", "network", "teacher", "student")
+BACKBONE_KEY = re.compile(r"^(conv1\.|bn1\.|layer[1-4]\.)")
+
+
+@dataclass
+class Backbone:
+    """A canonical backbone and where it came from."""
+    state_dict: dict[str, Tensor]
+    arch: str
+    source: str
+    layout: str          # how it was found, e.g. "ssl-hsic checkpoint (ema)" or "prefix 'module.encoder_q.'"
+    weights: str         # ema | online | target | as-is
+
+    def model(self) -> torch.nn.Module:
+        """A torchvision ResNet (fc = Identity) holding these weights."""
+        return build_resnet(self.arch, self.state_dict)
+
+
+def build_resnet(arch: str, state_dict: dict[str, Tensor] | None = None) -> torch.nn.Module:
+    import torchvision
+    model = getattr(torchvision.models, arch)(weights=None)
+    model.fc = torch.nn.Identity()
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def detect_arch(state_dict: dict[str, Tensor]) -> str | None:
+    """The torchvision ResNet whose block type and stage depths match the keys, or None."""
+    block = "bottleneck" if any(k.endswith("conv3.weight") for k in state_dict) else "basic"
+    depths = []
+    for stage in range(1, 5):
+        indices = {int(m.group(1)) for k in state_dict if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
+        depths.append(max(indices) + 1 if indices else 0)
+    for name, (kind, blocks) in ARCHITECTURES.items():
+        if kind == block and tuple(depths) == blocks:
+            return name
+    return None
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Admits numpy arrays, numpy scalars and plain containers; refuses every other global (no code runs)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
+               ("numpy._core.numeric", "_frombuffer"), ("collections", "OrderedDict"), ("builtins", "set")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a weights pickle holds only numpy "
+                                     "arrays and plain containers")
+
+
+def read_pickle(path: Path) -> Any:
+    with open(path, "rb") as f:
+        return _SafeUnpickler(f, encoding="latin1").load()
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """The raw content of a checkpoint file, read without running any code from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        if path.suffix == ".pkl":
+            return read_pickle(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UserError(f"checkpoint {path} cannot be read safely: {' '.join(str(error).split())}") from None
+    except Exception as error:  # truncated or not a checkpoint at all
+        detail = " ".join(str(error).split())[:160]
+        raise UserError(f"checkpoint {path} is unreadable (truncated or not a checkpoint): "
+                        f"{type(error).__name__}: {detail}") from None
+
+
+def from_detectron2(model: dict[str, Any]) -> dict[str, Tensor]:
+    """Invert the detectron2 renames of `transfer.export.to_detectron2`."""
+    import numpy as np
+    out = {}
+    for key, value in model.items():
+        k = key.replace("shortcut.norm", "downsample.1").replace("shortcut", "downsample.0")
+        k = re.sub(r"conv(\d)\.norm", r"bn\1", k)
+        k = re.sub(r"res([2-5])", lambda m: f"layer{int(m.group(1)) - 1}", k)
+        k = k[len("stem."):] if k.startswith("stem.") else k
+        out[k] = torch.as_tensor(np.asarray(value))
+    return out
+
+
+def _tensors_only(mapping: dict) -> dict[str, Tensor]:
+    return {k: v for k, v in mapping.items() if isinstance(k, str) and isinstance(v, Tensor)}
+
+
+def _candidates(raw: Any, weights: str) -> tuple[dict[str, Tensor], str, str]:
+    """(flat state_dict, layout description, weights) before prefix detection."""
+    if not isinstance(raw, dict):
+        raise UserError(f"a checkpoint must hold a mapping of weights, not a {type(raw).__name__}")
+    if raw.get("format") == "ssl-hsic/pretrain":
+        if weights not in PROJECT_WEIGHTS:
+            raise UserError(f"weights must be one of {', '.join(PROJECT_WEIGHTS)}, not '{weights}'")
+        part, prefix = PROJECT_WEIGHTS[weights]
+        if raw.get(part) is None:
+            raise UserError(f"this checkpoint has no {part} network (a no-target run has no target); "
+                            "choose weights=ema or weights=online")
+        state = {k[len(prefix):]: v for k, v in raw[part].items() if k.startswith(prefix)}
+        return state, f"ssl-hsic checkpoint ({weights})", weights
+    if isinstance(raw.get("model"), dict) and ("matching_heuristics" in raw or "__author__" in raw):
+        return from_detectron2(raw["model"]), "detectron2 pickle", "as-is"
+    for key in CONTAINER_KEYS:
+        if isinstance(raw.get(key), dict) and _tensors_only(raw[key]):
+            return _tensors_only(raw[key]), f"'{key}' entry", "as-is"
+    return _tensors_only(raw), "top level", "as-is"
+
+
+def _strip_best_prefix(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
+    best, best_prefix = {}, None
+    for prefix in PREFIXES:
+        stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        stripped = {k: v for k, v in stripped.items() if BACKBONE_KEY.match(k)}
+        if len(stripped) > len(best):
+            best, best_prefix = stripped, prefix
+    return best, best_prefix
+
+
+def load_backbone(path: str | Path, weights: str = "ema", arch: str | None = None) -> Backbone:
+    """Read any supported checkpoint into the canonical form; strict, or a UserError that says why not."""
+    raw = read_checkpoint(path)
+    state, container, taken = _candidates(raw, weights)
+    backbone, prefix = _strip_best_prefix(state)
+    tried = ", ".join(repr(p) for p in PREFIXES)
+    if "conv1.weight" not in backbone:
+        sample = ", ".join(list(state)[:5]) or "(no tensors)"
+        what = "only a classifier head" if state and all(k.rsplit(".", 2)[-2] in ("fc", "head", "classifier")
+                                                         for k in state) else "no ResNet backbone"
+        raise UserError(f"{path}: unknown layout, {what} found (keys: {sample}; {len(state)} tensors); tried the "
+                        f"layouts: ssl-hsic checkpoint, detectron2 pickle, containers {CONTAINER_KEYS} with "
+                        f"prefixes {tried}")
+    detected = detect_arch(backbone)
+    arch = arch or detected
+    if arch not in ARCHITECTURES:
+        raise UserError(f"{path}: the backbone keys match no torchvision ResNet (stage depths do not fit "
+                        f"{', '.join(ARCHITECTURES)}); pass a checkpoint of one of them")
+    expected = build_resnet(arch).state_dict()
+    for key in set(expected) - set(backbone):
+        if key.endswith("num_batches_tracked"):  # BN's step counter: no weight, absent from many layouts
+            backbone[key] = torch.tensor(0, dtype=torch.long)
+    missing = sorted(set(expected) - set(backbone))
+    unexpected = sorted(set(backbone) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(backbone) if expected[k].shape != backbone[k].shape)
+    if missing or unexpected or shapes:
+        def listing(keys: list[str]) -> str:
+            return f"{len(keys)} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+        raise UserError(f"{path} does not load strictly into {arch} (found as {container}, prefix {prefix!r}; "
+                        f"looks like {detected or 'no known ResNet'}): missing {listing(missing)}, unexpected "
+                        f"{listing(unexpected)}, wrong shape {listing(shapes)}")
+    layout = container + (f", prefix '{prefix}'" if prefix else "")
+    canonical = {k: backbone[k].detach().clone().contiguous() for k in expected}
+    return Backbone(canonical, arch, str(Path(path).resolve()), layout, taken)

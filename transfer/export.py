@@ -1,0 +1,80 @@
+"""Writers of the canonical backbone to the formats other tools read, each with a sidecar JSON.
+
+    torchvision   .pth          the canonical state_dict (torch.save)
+    safetensors   .safetensors  the same tensors, no pickle at all
+    detectron2    .pkl          {"model": {name: numpy}, "__author__", "matching_heuristics": True}, plain pickle,
+                                with MoCo's renames: stem.*, layerN -> res(N+1), bnK -> convK.norm, downsample.0/1
+                                -> shortcut / shortcut.norm (BN's batch counters dropped: detectron2 has none)
+    mmseg         .pth          {"state_dict": {"backbone." + name: tensor}, "meta": ...}: mmsegmentation's ResNet
+                                loads it with init_cfg=dict(type="Pretrained", checkpoint=PATH, prefix="backbone.")
+
+Sidecar PATH.json: source path and sha256, architecture, which weights (ema / online / target), layout, format.
+"""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from pretrain.errors import UserError
+from pretrain.io import atomic_write_bytes
+from pretrain.metrics import code_version, sha256_of
+from transfer.backbone import Backbone
+
+FORMATS = {"torchvision": ".pth", "safetensors": ".safetensors", "detectron2": ".pkl", "mmseg": ".mmseg.pth"}
+
+
+def to_detectron2(state_dict: dict[str, torch.Tensor]) -> dict:
+    """detectron2's names for a torchvision ResNet (as MoCo's convert-pretrain-to-detectron2.py)."""
+    model = {}
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        k = key if "layer" in key else "stem." + key
+        k = re.sub(r"layer([1-4])", lambda m: f"res{int(m.group(1)) + 1}", k)
+        k = re.sub(r"bn([1-3])", r"conv\1.norm", k)
+        k = k.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+        model[k] = value.detach().cpu().numpy()
+    return {"model": model, "__author__": "ssl-hsic", "matching_heuristics": True}
+
+
+def _torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def encode(backbone: Backbone, fmt: str) -> bytes:
+    if fmt == "torchvision":
+        return _torch_bytes(backbone.state_dict)
+    if fmt == "safetensors":
+        from safetensors.torch import save
+        return save(backbone.state_dict, metadata={"arch": backbone.arch, "format": "torchvision-resnet"})
+    if fmt == "detectron2":
+        return pickle.dumps(to_detectron2(backbone.state_dict), protocol=4)  # what detectron2's model zoo uses
+    if fmt == "mmseg":
+        return _torch_bytes({"state_dict": {f"backbone.{k}": v for k, v in backbone.state_dict.items()},
+                             "meta": {"arch": backbone.arch, "source": backbone.source}})
+    raise UserError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)} or all")
+
+
+def write(backbone: Backbone, fmt: str, out: str | Path) -> Path:
+    """Write one format atomically, then its sidecar JSON; return the output path."""
+    out = Path(out)
+    data = encode(backbone, fmt)
+    atomic_write_bytes(out, data)
+    sidecar = {"format": fmt, "arch": backbone.arch, "weights": backbone.weights, "layout": backbone.layout,
+               "source": backbone.source, "source_sha256": sha256_of(backbone.source), "sha256": sha256_of(out),
+               "code_version": code_version()}
+    atomic_write_bytes(out.with_name(out.name + ".json"), json.dumps(sidecar, indent=2).encode())
+    return out
+
+
+def write_all(backbone: Backbone, out_dir: str | Path, stem: str | None = None) -> dict[str, Path]:
+    """Every format into out_dir: STEM.pth, STEM.safetensors, STEM.pkl, STEM.mmseg.pth."""
+    stem = stem or f"{backbone.arch}_{backbone.weights}"
+    return {fmt: write(backbone, fmt, Path(out_dir) / f"{stem}{suffix}") for fmt, suffix in FORMATS.items()}

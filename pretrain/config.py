@@ -84,3 +84,24 @@ def save_config(config: DictConfig, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
     from pretrain.io import atomic_write_bytes
     atomic_write_bytes(Path(path), OmegaConf.to_yaml(config, resolve=True).encode())
+
+
+def flat_config(config: DictConfig | dict) -> dict[str, Any]:
+    container = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+    walk(container, "")
+    return flat
+
+
+def config_differences(saved: dict, current: dict, ignore: set[str] = frozenset()) -> list[str]:
+    """Dotted keys whose values differ between two configs, except those in `ignore`."""
+    saved, current = flat_config(saved), flat_config(current)
+    keys = sorted((set(saved) | set(current)) - set(ignore))
+    return [k for k in keys if saved.get(k, "<absent>") != current.get(k, "<absent>")]

@@ -32,13 +32,15 @@ def code_version() -> str:
     return f"{__version__}+{commit}{'-dirty' if dirty else ''}" if commit else __version__
 
 
-def write_metrics(run_dir: str | Path, *, task: str, dataset: str, backbone_path: str | Path | None, protocol: str,
+def file_record(path: str | Path) -> dict[str, str]:
+    """{"path", "sha256"} of a file, as metrics.json records a backbone."""
+    return {"path": str(Path(path).resolve()), "sha256": sha256_of(path)}
+
+
+def write_metrics(run_dir: str | Path, *, task: str, dataset: str, backbone: dict[str, str] | None, protocol: str,
                   metrics: dict[str, float], seed: int, config: dict[str, Any], wall_time_s: float,
                   extra: dict[str, Any] | None = None) -> Path:
-    """Write run_dir/metrics.json atomically and return its path."""
-    backbone = None
-    if backbone_path is not None:
-        backbone = {"path": str(Path(backbone_path).resolve()), "sha256": sha256_of(backbone_path)}
+    """Write run_dir/metrics.json atomically and return its path. `backbone` is {"path", "sha256"}."""
     record = {"task": task, "dataset": dataset, "backbone": backbone, "protocol": protocol,
               "metrics": {k: float(v) for k, v in metrics.items()}, "seed": seed, "config": config,
               "code_version": code_version(), "wall_time_s": round(wall_time_s, 3), **(extra or {})}

@@ -29,6 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from pretrain.config import config_differences
 from pretrain.errors import UserError
 
 log = logging.getLogger("pretrain")
@@ -40,27 +41,6 @@ RESUMABLE_CHANGES = {"run_dir", "data.num_workers", "train.log_every", "train.ch
 
 class TrainingDiverged(UserError):
     """The loss or the features became NaN / inf."""
-
-
-def flat_config(config: DictConfig | dict) -> dict[str, Any]:
-    container = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix[:-1]] = node
-    walk(container, "")
-    return flat
-
-
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """Keys whose values differ between two configs, ignoring RESUMABLE_CHANGES."""
-    saved, current = flat_config(saved), flat_config(current)
-    keys = sorted((set(saved) | set(current)) - RESUMABLE_CHANGES)
-    return [k for k in keys if saved.get(k, "<absent>") != current.get(k, "<absent>")]
 
 
 def gather(tensor: torch.Tensor) -> torch.Tensor:
@@ -152,6 +132,12 @@ class Pretrainer:
                          else nullcontext())
         self.step = 0
         self.stop_requested = False
+        self._after_stop = None
+        self._elapsed_before, self._started = 0.0, time.time()
+
+    def elapsed(self) -> float:
+        """Seconds of training over all runs of this run dir (resumes included)."""
+        return self._elapsed_before + time.time() - self._started
 
     # ------------------------------------------------------------------------------------ run dir
 
@@ -160,7 +146,8 @@ class Pretrainer:
         saved_config = self.run_dir / "config.yaml"
         current = OmegaConf.to_container(self.config, resolve=True)
         if saved_config.exists():
-            differences = config_differences(OmegaConf.to_container(OmegaConf.load(saved_config)), current)
+            differences = config_differences(OmegaConf.to_container(OmegaConf.load(saved_config)), current,
+                                             RESUMABLE_CHANGES)
             if differences:
                 raise UserError(f"run dir {self.run_dir} holds a run of another config (differs at "
                                 f"{', '.join(differences[:5])}); choose another run_dir or remove that one")
@@ -173,7 +160,8 @@ class Pretrainer:
                             "remove it to start over, or restore it from a backup") from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise UserError(f"{self.checkpoint_path} is not an SSL-HSIC pretraining checkpoint")
-        differences = config_differences(OmegaConf.to_container(OmegaConf.create(state["config"])), current)
+        differences = config_differences(OmegaConf.to_container(OmegaConf.create(state["config"])), current,
+                                         RESUMABLE_CHANGES)
         if differences:
             raise UserError(f"checkpoint {self.checkpoint_path} comes from another config (differs at "
                             f"{', '.join(differences[:5])}); choose another run_dir")
@@ -210,7 +198,7 @@ class Pretrainer:
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"format": CHECKPOINT_FORMAT, "version": 1, "step": self.step,
+        return {"format": CHECKPOINT_FORMAT, "version": 1, "step": self.step, "elapsed_s": self.elapsed(),
                 "config": OmegaConf.to_yaml(self.config, resolve=True), "backbone": self.config.model.backbone,
                 "online": self.online.state_dict(), "target": self.target.state_dict() if self.target else None,
                 "ema": self.ema.state_dict(), "loss": self.loss_fn.state_dict(),
@@ -229,6 +217,7 @@ class Pretrainer:
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.step = state["step"]
+        self._elapsed_before = state.get("elapsed_s", 0.0)
 
     def save_checkpoint(self) -> None:
         from pretrain.io import atomic_torch_save
@@ -311,6 +300,11 @@ class Pretrainer:
         log.info("signal %d: checkpointing after this step", signum)
         self.stop_requested = True
 
+    def request_stop(self, then=None) -> None:
+        """Stop at the next step boundary, write a checkpoint, then call `then` (e.g. submitit's requeue)."""
+        self.stop_requested = True
+        self._after_stop = then
+
     def run(self) -> dict[str, Any]:
         """Train to the end of the schedule (or optim.max_steps); return the last logged stats."""
         from tqdm import tqdm
@@ -321,8 +315,8 @@ class Pretrainer:
         if self.is_main and self.step:
             log.info("resuming %s at step %d of %d", self.run_dir, self.step, self.stop_step)
         previous = signal.signal(signal.SIGTERM, self._request_stop)
-        started, stats, skipped = time.time(), {}, 0
-        images_at_start, window_start, window_images = self.step, time.time(), 0
+        stats, skipped = {}, 0
+        window_start, window_images = time.time(), 0
         progress = tqdm(total=self.stop_step, initial=self.step, disable=not (self.is_main and sys.stderr.isatty()),
                         desc="pretrain", unit="step", dynamic_ncols=True)
         try:
@@ -343,9 +337,15 @@ class Pretrainer:
                         self._log(stats, epoch)
                     if self.step % self.config.train.checkpoint_every == 0:
                         self.save_checkpoint()
+                    if self.dist.is_distributed:  # every rank stops at the same step, whoever got the signal
+                        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+                        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                        self.stop_requested = bool(flag.item())
                     if self.step >= self.stop_step or self.stop_requested:
                         break
             self.save_checkpoint()
+            if self.stop_requested and self._after_stop is not None:
+                self._after_stop()
         finally:
             progress.close()
             signal.signal(signal.SIGTERM, previous)
@@ -356,7 +356,7 @@ class Pretrainer:
                     log.removeHandler(handler)
                     handler.close()
         if self.is_main and self.step >= self.total_steps:
-            self._write_metrics(stats, time.time() - started, skipped)
+            self._write_metrics(stats, skipped)
         return stats
 
     def _check_corrupt(self, batch: dict) -> int:
@@ -377,13 +377,17 @@ class Pretrainer:
         log.info("step %d/%d epoch %d " + " ".join(f"{k} {v:.4g}" for k, v in stats.items()),
                  self.step, self.stop_step, epoch)
 
-    def _write_metrics(self, stats: dict[str, float], wall_time: float, skipped: int) -> None:
-        from pretrain.metrics import write_metrics
+    def _write_metrics(self, stats: dict[str, float], skipped: int) -> None:
+        from pretrain.metrics import file_record, write_metrics
         c = self.config
+        history = self.run_dir / "history.jsonl"
+        if not stats and history.exists():  # resumed at the very end: report the last logged step
+            lines = history.read_text().splitlines()
+            stats = json.loads(lines[-1]) if lines else {}
         final = {k: stats[k] for k in ("loss", "hsic_xy", "hsic_xx", "scale", "images_per_s") if k in stats}
-        write_metrics(self.run_dir, task="pretrain", dataset=c.data.dataset, backbone_path=self.checkpoint_path,
+        write_metrics(self.run_dir, task="pretrain", dataset=c.data.dataset, backbone=file_record(self.checkpoint_path),
                       protocol="ssl-hsic" if c.model.use_target else "ssl-hsic-no-target", metrics=final,
-                      seed=c.seed, config=OmegaConf.to_container(c, resolve=True), wall_time_s=wall_time,
+                      seed=c.seed, config=OmegaConf.to_container(c, resolve=True), wall_time_s=self.elapsed(),
                       extra={"steps": self.step, "skipped_images": skipped})
 
 

@@ -10,6 +10,9 @@ from pretrain.cli import run_main, subcommand_parser
 COMMANDS = {
     "export": ("transfer.export_cli", "write a backbone as torchvision / safetensors / detectron2 / mmseg files"),
     "verify": ("transfer.verify_cli", "check an exported backbone gives the same features in all three frameworks"),
+    "linear": ("transfer.classification_cli", "linear classification on frozen (cached) features"),
+    "knn": ("transfer.knn_cli", "k-nearest-neighbour classification on frozen (cached) features"),
+    "report": ("transfer.report_cli", "a table (md, csv) and plots from finished runs' metrics.json"),
 }
 
 

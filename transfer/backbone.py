@@ -198,3 +198,29 @@ def load_backbone(path: str | Path, weights: str = "ema", arch: str | None = Non
     layout = container + (f", prefix '{prefix}'" if prefix else "")
     canonical = {k: backbone[k].detach().clone().contiguous() for k in expected}
     return Backbone(canonical, arch, str(Path(path).resolve()), layout, taken)
+
+
+def fingerprint(state_dict: dict[str, Tensor]) -> str:
+    """sha256 of the tensors themselves (names, shapes, dtypes, bytes): equal for the same weights in any format."""
+    import hashlib
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        if key.endswith("num_batches_tracked"):
+            continue
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def resolve_backbone(spec: str, seed: int = 0, weights: str = "ema") -> Backbone:
+    """A checkpoint path, or 'random:ARCH' for the same network at random init (seeded): the baseline."""
+    if spec.startswith("random:"):
+        arch = spec.split(":", 1)[1]
+        if arch not in ARCHITECTURES:
+            raise UserError(f"unknown architecture in '{spec}'; use random:ARCH with ARCH one of {', '.join(ARCHITECTURES)}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            state = build_resnet(arch).state_dict()
+        return Backbone(state, arch, spec, "random init", "random")
+    return load_backbone(spec, weights)

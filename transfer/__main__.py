@@ -13,6 +13,7 @@ COMMANDS = {
     "linear": ("transfer.classification_cli", "linear classification on frozen (cached) features"),
     "knn": ("transfer.knn_cli", "k-nearest-neighbour classification on frozen (cached) features"),
     "segmentation": ("transfer.segmentation_cli", "semantic segmentation (FCN) through mmsegmentation"),
+    "detection": ("transfer.detection_cli", "detection / instance segmentation through detectron2"),
     "scenes": ("transfer.scenes_cli", "generate dense-task scenes in VOC, COCO and NYU formats"),
     "report": ("transfer.report_cli", "a table (md, csv) and plots from finished runs' metrics.json"),
 }

@@ -112,5 +112,5 @@ def run_task(task: str, schema: type, args, body) -> dict:
         return done
     metrics, dataset, protocol = body(config, backbone, run)
     result = run.finish(metrics, dataset, protocol)
-    print(f"{task}: {', '.join(f'{k} {v:.4g}' for k, v in metrics.items() if '.' not in k)}  ({run.run_dir})")
+    print(f"{task}: {', '.join(f'{k} {v:.4g}' for k, v in metrics.items() if not k.startswith('IoU.'))}  ({run.run_dir})")
     return result

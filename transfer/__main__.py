@@ -14,6 +14,7 @@ COMMANDS = {
     "knn": ("transfer.knn_cli", "k-nearest-neighbour classification on frozen (cached) features"),
     "segmentation": ("transfer.segmentation_cli", "semantic segmentation (FCN) through mmsegmentation"),
     "detection": ("transfer.detection_cli", "detection / instance segmentation through detectron2"),
+    "depth": ("transfer.depth_cli", "monocular depth (FCRN up-projection decoder, berHu loss)"),
     "scenes": ("transfer.scenes_cli", "generate dense-task scenes in VOC, COCO and NYU formats"),
     "report": ("transfer.report_cli", "a table (md, csv) and plots from finished runs' metrics.json"),
 }

@@ -117,7 +117,8 @@ def detectron2_cfg(config: DetectionConfig, backbone: Backbone, weights: Path, n
     cfg.SOLVER.BASE_LR = config.lr
     cfg.SOLVER.WEIGHT_DECAY = config.weight_decay
     cfg.SOLVER.MAX_ITER = config.iterations
-    cfg.SOLVER.STEPS = tuple(round(s * config.iterations) for s in config.steps)
+    cfg.SOLVER.STEPS = tuple(sorted({min(max(1, round(s * config.iterations)), config.iterations - 1)
+                                     for s in config.steps}))  # detectron2 wants milestones < MAX_ITER
     cfg.SOLVER.WARMUP_ITERS = min(config.warmup_iters, config.iterations)
     cfg.SOLVER.CHECKPOINT_PERIOD = config.checkpoint_period
     cfg.TEST.EVAL_PERIOD = 0
@@ -214,6 +215,9 @@ def run_detection(config: DetectionConfig, backbone: Backbone, run_dir: Path) ->
     weights = export.write(backbone, "detectron2", run_dir / "backbone.pkl")
     cfg = detectron2_cfg(config, backbone, weights, num_classes, distributed)
     Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
+    from detectron2.utils.logger import setup_logger
+    setup_logger(output=cfg.OUTPUT_DIR, name="detectron2", distributed_rank=int(os.environ.get("RANK", 0)))
+    setup_logger(output=cfg.OUTPUT_DIR, name="fvcore", distributed_rank=int(os.environ.get("RANK", 0)))
     trainer = build_trainer(cfg)
     if trainer.checkpointer.has_checkpoint():
         trainer.resume_or_load(resume=True)  # our own checkpoint in the run dir
@@ -223,7 +227,11 @@ def run_detection(config: DetectionConfig, backbone: Backbone, run_dir: Path) ->
     evaluators = [trainer.build_evaluator(cfg, cfg.DATASETS.TEST[0])]
     results = trainer.test(cfg, trainer.model, evaluators)
     metrics = {}
-    for task, values in results.items():
+    for task in ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",):
+        values = results.get(task) or {}
+        if not values:  # COCOEvaluator returns nothing when the model detects nothing: AP is 0 then
+            log.warning("detection: no %s predictions above the score threshold; AP = 0", task)
+            values = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
         for key, value in values.items():
             if "-" not in key and not math.isnan(value):  # the summary, not per-class APs
                 metrics[f"{task}.{key}"] = float(value)

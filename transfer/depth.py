@@ -1,0 +1,228 @@
+"""Monocular depth estimation transfer in plain PyTorch (BYOL appendix D.6, after Laina et al. 2016, FCRN).
+
+The backbone's last stage (stride 32) -> 1x1 conv to 1024 channels -> 4 up-projection blocks (512, 256, 128,
+64 channels, each x2) -> 3x3 conv to one channel -> bilinear resize to the input resolution. Trained with the
+reverse Huber (berHu) loss on valid pixels (ground truth > 0):
+
+    berHu(x) = |x|                    if |x| <= c
+             = (x^2 + c^2) / (2c)     otherwise,        c = 0.2 max |x| over the batch
+
+Metrics over valid pixels, averaged over test images: pct of pixels with max(d/d*, d*/d) < 1.25^n (n = 1, 2, 3),
+rms = sqrt(mean (d - d*)^2), rel = mean |d - d*| / d*, log10 = mean |log10 d - log10 d*|.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pretrain.errors import UserError
+
+log = logging.getLogger("transfer")
+
+
+# -------------------------------------------------------------------------------------------- model
+
+def unpool(x: Tensor) -> Tensor:
+    """Laina's 2x unpooling: each value to the top-left of its 2x2 block, zeros elsewhere."""
+    n, c, h, w = x.shape
+    out = x.new_zeros(n, c, 2 * h, 2 * w)
+    out[:, :, ::2, ::2] = x
+    return out
+
+
+class UpProjection(nn.Module):
+    """unpool -> [5x5 conv, BN, ReLU, 3x3 conv, BN] + [5x5 conv, BN] -> ReLU (Laina et al., figure 2c)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.main = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 5, padding=2, bias=False), nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels))
+        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 5, padding=2, bias=False),
+                                      nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = unpool(x)
+        return F.relu(self.main(x) + self.shortcut(x))
+
+
+class FCRN(nn.Module):
+    """A torchvision ResNet trunk (up to layer4) and the up-projection decoder; output [N, 1, H, W] in metres."""
+
+    def __init__(self, backbone: nn.Module, width: int):
+        super().__init__()
+        self.backbone = backbone
+        self.reduce = nn.Sequential(nn.Conv2d(width, 1024, 1, bias=False), nn.BatchNorm2d(1024))
+        self.decoder = nn.Sequential(UpProjection(1024, 512), UpProjection(512, 256), UpProjection(256, 128),
+                                     UpProjection(128, 64))
+        self.predict = nn.Conv2d(64, 1, 3, padding=1)
+
+    def features(self, x: Tensor) -> Tensor:
+        b = self.backbone
+        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        return b.layer4(b.layer3(b.layer2(b.layer1(x))))
+
+    def forward(self, images: Tensor) -> Tensor:
+        depth = self.predict(self.decoder(self.reduce(self.features(images))))
+        return F.interpolate(depth, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+
+# ------------------------------------------------------------------------------------ loss, metrics
+
+def berhu_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """Reverse Huber over valid pixels (target > 0), threshold c = 0.2 max |error|."""
+    valid = target > 0
+    if not valid.any():
+        return prediction.sum() * 0
+    error = (prediction - target)[valid].abs()
+    c = (0.2 * error.max()).clamp_min(1e-6).detach()
+    return torch.where(error <= c, error, (error ** 2 + c ** 2) / (2 * c)).mean()
+
+
+def depth_metrics(prediction: Tensor, target: Tensor, min_depth: float = 1e-3) -> dict[str, float]:
+    """The standard metrics over the valid pixels (target > 0) of one image."""
+    valid = target > 0
+    d, t = prediction[valid].clamp_min(min_depth).double(), target[valid].double()
+    ratio = torch.maximum(d / t, t / d)
+    return {"delta1": 100 * (ratio < 1.25).double().mean().item(),
+            "delta2": 100 * (ratio < 1.25 ** 2).double().mean().item(),
+            "delta3": 100 * (ratio < 1.25 ** 3).double().mean().item(),
+            "rms": torch.sqrt(((d - t) ** 2).mean()).item(),
+            "rel": ((d - t).abs() / t).mean().item(),
+            "log10": (torch.log10(d) - torch.log10(t)).abs().mean().item()}
+
+
+# ------------------------------------------------------------------------------------------- data
+
+class DepthPairs(torch.utils.data.Dataset):
+    """(image, depth) -> resized, centre-cropped (eval) or augmented (train: flip, colour) float tensors."""
+
+    def __init__(self, dataset, resize: tuple[int, int], crop: tuple[int, int], train: bool, seed: int):
+        from torchvision.transforms import v2
+        self.dataset, self.resize, self.crop, self.train, self.seed = dataset, tuple(resize), tuple(crop), train, seed
+        self.colour = v2.Compose([v2.RandomGrayscale(0.3),
+                                  v2.ColorJitter(brightness=0.1255, saturation=(0.5, 1.5), hue=0.2)])
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        from torchvision.transforms.v2 import functional as TF
+        rgb, depth = self.dataset[index]
+        (w, h), (cw, ch) = self.resize, self.crop
+        if rgb.shape[-2:] != (h, w):
+            rgb = TF.resize(rgb, [h, w], antialias=True)
+            depth = F.interpolate(depth[None, None], size=(h, w), mode="nearest")[0, 0]
+        top, left = (h - ch) // 2, (w - cw) // 2
+        rgb, depth = rgb[:, top:top + ch, left:left + cw], depth[top:top + ch, left:left + cw]
+        if self.train:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed * 1_000_003 + self.epoch * 100_003 + index)
+                if torch.rand(()) < 0.5:
+                    rgb, depth = rgb.flip(-1), depth.flip(-1)
+                rgb = self.colour(rgb)
+        image = TF.normalize(rgb.float() / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        return image, depth.float()
+
+
+# ------------------------------------------------------------------------------------------ config
+
+@dataclass
+class DepthData:
+    kind: str = "folder"                    # folder (NYU-style, what `transfer scenes` writes) | nyu_mat
+    root: str = "runs/scenes/nyu"           # the folder, or nyu_depth_v2_labeled.mat
+    splits_file: str = ""                   # nyu_mat: splits.mat
+    train_split: str = "train"
+    test_split: str = "val"
+    resize: tuple[int, int] = (128, 128)    # (w, h): NYU frames are halved, 640x480 -> 320x240
+    crop: tuple[int, int] = (128, 128)      # (w, h): NYU: 304 x 228
+    num_workers: int = 1
+
+
+@dataclass
+class DepthConfig:
+    run_dir: str = "runs/depth"
+    seed: int = 0
+    data: DepthData = field(default_factory=DepthData)
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 0.01                        # SGD momentum 0.9, cosine decay
+    weight_decay: float = 5e-4
+    checkpoint_every: int = 100
+    log_every: int = 50
+    device: Optional[str] = None
+
+
+def run_depth(config: DepthConfig, backbone, run_dir: Path, device) -> dict[str, float]:
+    """Train the FCRN head and the backbone; return the test metrics. Resumes from run_dir/depth_last.pt."""
+    import sys
+    from tqdm import tqdm
+    from pretrain.io import atomic_torch_save
+    from transfer.datasets import build_depth_dataset
+    d = config.data
+    train_set = DepthPairs(build_depth_dataset(d.kind, d.root, d.train_split, d.splits_file), d.resize, d.crop,
+                           True, config.seed)
+    test_set = DepthPairs(build_depth_dataset(d.kind, d.root, d.test_split, d.splits_file), d.resize, d.crop,
+                          False, config.seed)
+    torch.manual_seed(config.seed)
+    width = 512 if backbone.arch in ("resnet18", "resnet34") else 2048
+    model = FCRN(backbone.model(), width).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps)))
+    checkpoint, step = run_dir / "depth_last.pt", 0
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        step = state["step"]
+        log.info("depth: resuming at step %d of %d", step, config.steps)
+    progress = tqdm(total=config.steps, initial=step, desc="depth", disable=not sys.stderr.isatty())
+    model.train()
+    while step < config.steps:
+        train_set.epoch = step // max(1, len(train_set) // config.batch_size)
+        order = torch.Generator().manual_seed(config.seed * 7919 + train_set.epoch)
+        loader = torch.utils.data.DataLoader(train_set, batch_size=config.batch_size, drop_last=True,
+                                             shuffle=True, generator=order, num_workers=d.num_workers)
+        if len(loader) == 0:
+            raise UserError(f"the depth training split has {len(train_set)} images, fewer than one batch of "
+                            f"{config.batch_size}; lower batch_size")
+        for images, depths in loader:
+            loss = berhu_loss(model(images.to(device))[:, 0], depths.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            progress.update(1)
+            if step % config.log_every == 0:
+                log.info("depth: step %d/%d berHu %.4f", step, config.steps, loss.item())
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "schedule": schedule.state_dict(), "step": step}, checkpoint)
+            if step >= config.steps:
+                break
+    progress.close()
+    return evaluate(model, test_set, device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, device) -> dict[str, float]:
+    model.eval()
+    totals: dict[str, float] = {}
+    for index in range(len(dataset)):
+        image, depth = dataset[index]
+        prediction = model(image[None].to(device))[0, 0].cpu()
+        for key, value in depth_metrics(prediction, depth).items():
+            totals[key] = totals.get(key, 0.0) + value
+    return {key: value / len(dataset) for key, value in totals.items()}

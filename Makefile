@@ -14,7 +14,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 demo: $(STAMP)
-	$(PY) -m pretrain --config configs/pretrain/fashion_mnist_resnet18.yaml run_dir=runs/demo/pretrain
+	$(PY) -m transfer pipeline --config configs/pipeline/demo.yaml
 
 clean-install:
 	rm -rf .venv

@@ -173,7 +173,7 @@ def test_cli_exports_all_formats_and_verifies(resnet18_file, tmp_path):
                      str(tmp_path / "all"))
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == sorted(
-        f"resnet18_as-is{suffix}{extra}" for suffix in export.FORMATS.values() for extra in ("", ".json"))
-    result = run_cli("transfer", "verify", "--checkpoint", str(tmp_path / "all" / "resnet18_as-is.pkl"))
+        f"backbone_as-is{suffix}{extra}" for suffix in export.FORMATS.values() for extra in ("", ".json"))
+    result = run_cli("transfer", "verify", "--checkpoint", str(tmp_path / "all" / "backbone_as-is.pkl"))
     assert result.returncode == 0, result.stderr
     assert "ok: every weight used" in result.stdout

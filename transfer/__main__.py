@@ -16,6 +16,7 @@ COMMANDS = {
     "detection": ("transfer.detection_cli", "detection / instance segmentation through detectron2"),
     "depth": ("transfer.depth_cli", "monocular depth (FCRN up-projection decoder, berHu loss)"),
     "scenes": ("transfer.scenes_cli", "generate dense-task scenes in VOC, COCO and NYU formats"),
+    "pipeline": ("transfer.pipeline_cli", "the main job: pretrain, export, every task vs random init, report"),
     "report": ("transfer.report_cli", "a table (md, csv) and plots from finished runs' metrics.json"),
 }
 

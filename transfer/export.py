@@ -78,5 +78,5 @@ def write(backbone: Backbone, fmt: str, out: str | Path) -> Path:
 
 def write_all(backbone: Backbone, out_dir: str | Path, stem: str | None = None) -> dict[str, Path]:
     """Every format into out_dir: STEM.pth, STEM.safetensors, STEM.pkl, STEM.mmseg.pth."""
-    stem = stem or f"{backbone.arch}_{backbone.weights}"
+    stem = stem or f"backbone_{backbone.weights}"
     return {fmt: write(backbone, fmt, Path(out_dir) / f"{stem}{suffix}") for fmt, suffix in FORMATS.items()}

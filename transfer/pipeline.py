@@ -1,0 +1,133 @@
+"""The main job: pretraining -> export + verification -> every transfer task on the pretrained backbone and on
+the same network at random init -> the report. Every step runs as a submitit job through the slurm package
+(the local executor by default, one job at a time); a rerun skips the steps whose results exist.
+
+Layout under `root`: pretrain/, scenes/, export/, <task>/<pretrained|random>/seed<k>/, report/.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pretrain.errors import UserError
+
+TASKS = ("linear", "knn", "segmentation", "detection", "depth")
+
+
+@dataclass
+class PipelineConfig:
+    root: str = "runs/demo"
+    executor: str = "configs/slurm/local.yaml"
+    executor_overrides: list = field(default_factory=list)
+    pretrain_config: str = "configs/pretrain/fashion_mnist_resnet18.yaml"
+    pretrain_overrides: list = field(default_factory=list)
+    scenes: dict = field(default_factory=lambda: {"train": 200, "test": 50, "size": 128, "seed": 0})
+    tasks: dict = field(default_factory=lambda: {
+        "linear": "configs/transfer/linear_fashion_mnist.yaml", "knn": "configs/transfer/linear_fashion_mnist.yaml",
+        "segmentation": "configs/transfer/segmentation_scenes.yaml",
+        "detection": "configs/transfer/detection_scenes.yaml", "depth": "configs/transfer/depth_scenes.yaml"})
+    task_overrides: dict = field(default_factory=dict)   # task -> [key=value, ...]
+    seeds: list = field(default_factory=lambda: [0])
+    weights: str = "ema"                                  # which network of the checkpoint the tasks evaluate
+    use_scenes: bool = True                               # generate scenes and point the dense tasks at them
+
+
+def scene_overrides(task: str, scenes: Path) -> list[str]:
+    """Point a scenes-based task config at the pipeline's own generated scenes."""
+    coco = scenes / "coco"
+    return {"segmentation": [f"data.root={scenes / 'voc' / 'VOC2012'}"],
+            "detection": [f"data.train_json={coco / 'annotations' / 'instances_train.json'}",
+                          f"data.train_images={coco / 'train'}",
+                          f"data.test_json={coco / 'annotations' / 'instances_val.json'}",
+                          f"data.test_images={coco / 'val'}"],
+            "depth": [f"data.root={scenes / 'nyu'}"]}.get(task, [])
+
+
+class Pipeline:
+    def __init__(self, config: PipelineConfig, dry_run: bool = False):
+        from slurm.submit_cli import load_executor_config
+        unknown = sorted(set(config.tasks) - set(TASKS))
+        if unknown:
+            raise UserError(f"unknown pipeline tasks {unknown}; choose from {', '.join(TASKS)}")
+        for path in [config.pretrain_config, *config.tasks.values()]:
+            if not Path(path).is_file():
+                raise UserError(f"pipeline config file {path} does not exist")
+        self.config = config
+        self.root = Path(config.root)
+        self.executor_config = load_executor_config(config.executor, list(config.executor_overrides))
+        self.executor_config.folder = str(self.root / "jobs")
+        self.timings: dict[str, float] = {}
+        self.dry_run = dry_run
+
+    def _job(self, name: str, step: str, argv: list[str], done: Path | None) -> None:
+        """Run one step as a job and wait for it; skip it when `done` exists."""
+        from slurm.executor import build_executor
+        from slurm.jobs import StepJob
+        from slurm.submit_cli import report_failure
+        if self.dry_run:
+            from slurm.executor import sbatch_script
+            module = ["pretrain"] if step == "pretrain" else ["transfer", step]
+            if self.executor_config.cluster == "slurm":
+                script = sbatch_script(self.executor_config, [*module, *argv])
+                flags = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+                print(f"[pipeline] {name}: sbatch {' '.join(f.split(' ', 1)[1] for f in flags)}")
+            print(f"[pipeline] {name}: python -m {' '.join(module + argv)}")
+            return
+        if done is not None and done.exists():
+            print(f"[pipeline] {name}: done before, skipped")
+            return
+        started = time.time()
+        job = build_executor(self.executor_config).submit(StepJob(step, argv))
+        print(f"[pipeline] {name}: job {job.job_id} ({self.executor_config.cluster})", flush=True)
+        try:
+            job.result()
+        except Exception:
+            raise UserError(f"pipeline step {name} failed: " + report_failure(job).replace("\n", " |")) from None
+        self.timings[name] = time.time() - started
+        print(f"[pipeline] {name}: finished in {self.timings[name]:.0f} s", flush=True)
+
+    def run(self) -> dict:
+        c, root = self.config, self.root
+        started = time.time()
+        pretrain_dir = root / "pretrain"
+        self._job("pretrain", "pretrain", ["--config", c.pretrain_config, f"run_dir={pretrain_dir}",
+                                           *c.pretrain_overrides], pretrain_dir / "metrics.json")
+        checkpoint = pretrain_dir / "checkpoints" / "last.pt"
+        s = c.scenes
+        scenes = root / "scenes"
+        if c.use_scenes:
+            self._job("scenes", "scenes", ["--out", str(scenes), "--train", str(s["train"]), "--test",
+                                           str(s["test"]), "--size", str(s["size"]), "--seed", str(s["seed"])],
+                      scenes / "classes.json")
+        export_dir = root / "export"
+        self._job("export", "export", ["--checkpoint", str(checkpoint), "--format", "all", "--out", str(export_dir),
+                                       "--weights", c.weights], export_dir / f"backbone_{c.weights}.pkl.json")
+        self._job("verify", "verify", ["--checkpoint", str(checkpoint), "--weights", c.weights],
+                  root / "export" / "verified")
+        if self.dry_run:
+            arch = "ARCH"
+        else:
+            (root / "export" / "verified").touch()
+            arch = json.loads((export_dir / f"backbone_{c.weights}.pkl.json").read_text())["arch"]
+        run_dirs = [pretrain_dir]
+        for task, task_config in c.tasks.items():
+            for kind, backbone in (("pretrained", str(checkpoint)), ("random", f"random:{arch}")):
+                for seed in c.seeds:
+                    run_dir = root / task / kind / f"seed{seed}"
+                    argv = ["--backbone", backbone, "--weights", c.weights, "--config", task_config,
+                            f"run_dir={run_dir}", f"seed={seed}",
+                            *(scene_overrides(task, scenes) if c.use_scenes else []),
+                            *c.task_overrides.get(task, [])]
+                    self._job(f"{task}/{kind}/seed{seed}", task, argv, run_dir / "metrics.json")
+                    run_dirs.append(run_dir)
+        if self.dry_run:
+            return {}
+        from transfer.report import build_report
+        report = build_report(run_dirs, root / "report")
+        total = time.time() - started
+        timing = {"total_s": round(total, 1), **{k: round(v, 1) for k, v in self.timings.items()}}
+        (root / "report" / "timings.json").write_text(json.dumps(timing, indent=2))
+        print(f"[pipeline] done in {total / 60:.1f} min; report: {root / 'report' / 'report.md'}")
+        return report

@@ -1,0 +1,46 @@
+"""The main job on a tiny config, through the local submitit executor, and its rerun."""
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.test_pretrain import TINY
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.timeout(2400)
+def test_tiny_pipeline_runs_end_to_end_and_a_rerun_skips_everything(tmp_path):
+    cache = tmp_path / "cache"
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(json.dumps({
+        "root": str(tmp_path / "demo"),
+        "executor": "configs/slurm/local.yaml",
+        "pretrain_config": "configs/pretrain/fashion_mnist_resnet18.yaml",
+        "pretrain_overrides": [*TINY, "optim.epochs=1", "train.deterministic=false"],
+        "scenes": {"train": 8, "test": 4, "size": 96, "seed": 0},
+        "task_overrides": {
+            "linear": ["data.limit_train=300", "data.limit_test=100", "data.num_workers=0", "linear.epochs=2",
+                       f"cache_dir={cache}"],
+            "knn": ["data.limit_train=300", "data.limit_test=100", "data.num_workers=0", f"cache_dir={cache}"],
+            "segmentation": ["schedule.iterations=2", "schedule.batch_size=2", "data.scale=[96,96]",
+                             "data.crop=[64,64]", "data.num_workers=0", "head_channels=32"],
+            "detection": ["iterations=2", "batch_size=2", "warmup_iters=1", "data.min_size_train=[96]",
+                          "data.min_size_test=96", "data.num_workers=0"],
+            "depth": ["steps=2", "batch_size=4", "data.resize=[96,96]", "data.crop=[96,96]", "data.num_workers=0"]},
+    }))
+    result = run_cli("transfer", "pipeline", "--config", str(config), timeout=2000)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    root = tmp_path / "demo"
+    table = (root / "report" / "report.md").read_text()
+    for task, metric in (("linear", "top1"), ("knn", "top1"), ("segmentation", "mIoU"), ("detection", "bbox.AP"),
+                         ("depth", "rms")):
+        assert f"| {task} |" in table and metric in table
+        for kind in ("pretrained", "random"):
+            record = json.loads((root / task / kind / "seed0" / "metrics.json").read_text())
+            assert record["task"] == task and record["backbone"]["weights"] == ("random" if kind == "random" else "ema")
+    assert (root / "report" / "pretrain_pretrain.png").exists() and (root / "report" / "task_depth.png").exists()
+    assert json.loads((root / "export" / "backbone_ema.pkl.json").read_text())["arch"] == "resnet18"
+    rerun = run_cli("transfer", "pipeline", "--config", str(config), timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert rerun.stdout.count("done before, skipped") == 4 + 10  # pretrain, scenes, export, verify + 10 task runs

@@ -12,9 +12,7 @@ import os
 import signal
 from typing import Any
 
-STEPS = {"pretrain": "pretrain.__main__", "export": "transfer.export_cli", "verify": "transfer.verify_cli",
-         "scenes": "transfer.scenes_cli", "linear": "transfer.classification_cli", "knn": "transfer.knn_cli", "depth": "transfer.depth_cli",
-         "segmentation": "transfer.segmentation_cli", "detection": "transfer.detection_cli"}
+STEPS = ("pretrain", "export", "verify", "scenes", "linear", "knn", "depth", "segmentation", "detection")
 
 
 class StepJob:

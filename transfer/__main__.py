@@ -11,7 +11,7 @@ COMMANDS = {
     "export": ("transfer.export_cli", "write a backbone as torchvision / safetensors / detectron2 / mmseg files"),
     "verify": ("transfer.verify_cli", "check an exported backbone gives the same features in all three frameworks"),
     "linear": ("transfer.classification_cli", "linear classification on frozen (cached) features"),
-    "knn": ("transfer.knn_cli", "k-nearest-neighbour classification on frozen (cached) features"),
+    "knn": ("transfer.classification_cli", "k-nearest-neighbour classification on frozen (cached) features"),
     "segmentation": ("transfer.segmentation_cli", "semantic segmentation (FCN) through mmsegmentation"),
     "detection": ("transfer.detection_cli", "detection / instance segmentation through detectron2"),
     "depth": ("transfer.depth_cli", "monocular depth (FCRN up-projection decoder, berHu loss)"),

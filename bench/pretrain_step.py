@@ -1,0 +1,106 @@
+"""Pretraining step throughput: this project's SSL-HSIC step against lightly's BYOL step, same backbone, batch,
+input size and optimizer (SGD), alternating in one run. Synthetic inputs: this measures the step, not the data.
+    .venv/bin/pip install -c constraints.txt lightly==1.6.0      (the bench extra)
+    .venv/bin/python bench/pretrain_step.py [--arch resnet18 --batch 64 --size 32 --rounds 5 --steps 5]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+
+
+def ssl_hsic_step_fn(arch: str, batch: int, size: int):
+    from pretrain.ema import ema_update_
+    from pretrain.hsic import SSLHSICLoss
+    from pretrain.networks import OnlineNetwork
+    online = OnlineNetwork(arch, 4096, 256, 4096, use_predictor=True)
+    target = copy.deepcopy(online.encoder).requires_grad_(False)
+    loss_fn = SSLHSICLoss()
+    optimizer = torch.optim.SGD(online.parameters(), lr=0.05, momentum=0.9)
+    scale_optimizer = torch.optim.Adam(loss_fn.parameters(), lr=3e-4)
+    x1, x2 = torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size)
+    step = [0]
+
+    def run():
+        (_, _, p1), (_, _, p2) = online(x1), online(x2)
+        with torch.no_grad():
+            t1, t2 = target(x1)[1], target(x2)[1]
+        generator = torch.Generator().manual_seed(step[0])
+        loss, _ = loss_fn([p1, p2, t2, t1], generator=generator)
+        bandwidth = loss_fn.bandwidth_loss([p1, p2, t2, t1], generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scale_optimizer.zero_grad(set_to_none=True)
+        bandwidth.backward()
+        scale_optimizer.step()
+        ema_update_(target, online.encoder, 0.99, buffers=False)
+        step[0] += 1
+    return run
+
+
+def lightly_byol_step_fn(arch: str, batch: int, size: int):
+    import torchvision
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+    from lightly.models.utils import update_momentum
+    backbone = getattr(torchvision.models, arch)(weights=None)
+    width = backbone.fc.in_features
+    backbone.fc = nn.Identity()
+    projector, predictor = BYOLProjectionHead(width, 4096, 256), BYOLPredictionHead(256, 4096, 256)
+    online = nn.ModuleDict(dict(backbone=backbone, projector=projector, predictor=predictor))
+    target = copy.deepcopy(nn.ModuleDict(dict(backbone=backbone, projector=projector))).requires_grad_(False)
+    criterion = NegativeCosineSimilarity()
+    optimizer = torch.optim.SGD(online.parameters(), lr=0.05, momentum=0.9)
+    x1, x2 = torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size)
+
+    def run():
+        p1 = online["predictor"](online["projector"](online["backbone"](x1)))
+        p2 = online["predictor"](online["projector"](online["backbone"](x2)))
+        with torch.no_grad():
+            t1 = target["projector"](target["backbone"](x1))
+            t2 = target["projector"](target["backbone"](x2))
+        loss = 0.5 * (criterion(p1, t2) + criterion(p2, t1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        update_momentum(online["backbone"], target["backbone"], 0.99)
+        update_momentum(online["projector"], target["projector"], 0.99)
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    steps = {"ssl-hsic": ssl_hsic_step_fn(args.arch, args.batch, args.size),
+             "lightly byol": lightly_byol_step_fn(args.arch, args.batch, args.size)}
+    for run in steps.values():
+        run()  # warm-up
+    rates = {name: [] for name in steps}
+    for _ in range(args.rounds):  # alternating, so that machine noise hits both alike
+        for name, run in steps.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                run()
+            rates[name].append(args.steps * args.batch / (time.perf_counter() - start))
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    print(f"{args.arch}, batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads")
+    print("| method | images/s (median of rounds) |\n|---|---|")
+    for name, rate in medians.items():
+        print(f"| {name} | {rate:.1f} |")
+    print(f"ratio ssl-hsic / lightly byol = {medians['ssl-hsic'] / medians['lightly byol']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

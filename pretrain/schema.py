@@ -83,7 +83,7 @@ class TrainConfig:
     deterministic: bool = False
     log_every: int = 10                     # steps
     checkpoint_every: int = 500             # steps; also at the end and on preemption
-    rankme_every: int = 100                 # steps; effective rank of the embeddings (0 = off)
+    rankme_every: int = 100                 # steps; effective rank of the embeddings (0 = off); a multiple of log_every
 
 
 @dataclass

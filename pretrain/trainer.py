@@ -283,7 +283,7 @@ class Pretrainer:
         ema_update_(self.ema, self.online, self.config.ema.eval_tau)
         stats.update(lr=lr, tau=tau)
         every = self.config.train.rankme_every
-        if every and self.step % every == 0:
+        if every and (self.step + 1) % every == 0:  # on the step that ends at a multiple, so that it gets logged
             stats["rankme"] = effective_rank(features)
         self.step += 1
         return stats

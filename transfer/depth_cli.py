@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 EPILOG = """\
 examples:
@@ -27,5 +28,5 @@ def run(args: argparse.Namespace) -> None:
             build_depth_dataset(d.kind, d.root, split, d.splits_file)
         task_run.start()
         metrics = run_depth(config, backbone, task_run.run_dir, pick_device(config.device))
-        return metrics, f"{d.kind}:{d.root}", f"fcrn up-projection, berHu, {config.steps} steps"
+        return metrics, f"{d.kind}:{Path(d.root).name}", f"fcrn up-projection, berHu, {config.steps} steps"
     run_task("depth", DepthConfig, args, body)

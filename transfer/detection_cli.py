@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 EPILOG = """\
 examples:
@@ -24,5 +25,6 @@ def run(args: argparse.Namespace) -> None:
         register_datasets(config)  # refuse missing data before the run dir is written
         task_run.start()
         metrics = run_detection(config, backbone, task_run.run_dir)
-        return metrics, "coco-format:" + config.data.train_json, f"{config.base}, {config.iterations} iterations"
+        dataset = Path(config.data.train_json).parent.parent.name  # .../<dataset>/annotations/instances_*.json
+        return metrics, dataset, f"{config.base}, {config.iterations} iterations"
     run_task("detection", DetectionConfig, args, body)

@@ -55,6 +55,8 @@ def comparison_rows(records: list[dict]) -> list[dict]:
         if record["task"] == "pretrain":
             continue
         for metric, value in record["metrics"].items():
+            if metric.startswith("IoU."):  # per-class IoU stays in metrics.json; the table shows mIoU
+                continue
             groups[(record["task"], record["dataset"], metric)][backbone_kind(record)].append(value)
     rows = []
     for (task, dataset, metric), by_kind in sorted(groups.items()):

@@ -146,7 +146,20 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
                 tails.append(f"{path.name}: " + " | ".join(text))
         return " ; ".join(tails)
 
+    def cancel_jobs(self, timeout_s: float = 30) -> None:
+        """Cancel every job and wait for them to leave: a job must not outlive its cluster."""
+        jobs = subprocess.run(["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True, text=True).stdout.split()
+        if not jobs:
+            return
+        subprocess.run(["scancel", *jobs], env=self.env, capture_output=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and subprocess.run(
+                ["squeue", "-h"], env=self.env, capture_output=True, text=True).stdout.strip():
+            time.sleep(0.5)
+
     def stop(self) -> None:
+        if self._processes:
+            self.cancel_jobs()
         for proc in reversed(self._processes):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)

@@ -204,14 +204,14 @@ def test_bandwidth_optimum_of_one_pair_is_half_the_squared_distance(kernel):
 
 def test_bandwidth_loss_drives_the_scale_to_its_stationary_point():
     hiddens = views(4, 64, 16, seed=7, dtype=torch.float32)
-    loss_fn = SSLHSICLoss(init_scale=2.0)
+    loss_fn = SSLHSICLoss(init_scale=2.0, bandwidth_pairs=256)
     optimizer = torch.optim.Adam([loss_fn.scale], lr=0.01)
     for _ in range(1500):  # the same pairs every step: a deterministic objective
         optimizer.zero_grad()
         loss_fn.bandwidth_loss(hiddens, generator=torch.Generator().manual_seed(0)).backward()
         optimizer.step()
-    # Rebuild the sampled pairs independently: 1024 / M rows of each view per side, from the same seed.
-    g, rows = torch.Generator().manual_seed(0), 1024 // 4
+    # Rebuild the sampled pairs independently: bandwidth_pairs / M rows of each view per side, same seed.
+    g, rows = torch.Generator().manual_seed(0), 256 // 4
     sides = [torch.cat([h[torch.randint(64, (rows,), generator=g)] for h in hiddens]) for _ in range(2)]
     dist2 = torch.cdist(sides[0].double(), sides[1].double()).square().numpy()
     assert loss_fn.scale.item() == pytest.approx(stationary_scale(dist2), rel=1e-3)

@@ -18,13 +18,13 @@ def cluster_executor(tmp_path, **overrides):
     return OmegaConf.structured(ExecutorConfig(cluster="slurm", folder=str(tmp_path / "jobs"), **overrides))
 
 
-def release_requeued(cluster, job_id, timelimit_min=None):
-    """A requeued job waits ~2 minutes (Reason=BeginTime); release it now. True if it was waiting."""
+def release_requeued(cluster, job_id, timelimit_min):
+    """A requeued job waits ~2 minutes (Reason=BeginTime): release it now, with a longer time limit so that
+    one interruption is what the test sees. True if it was waiting."""
     info = cluster.scontrol("show", "job", str(job_id), check=False).stdout
     if "JobState=PENDING" in info and "Reason=BeginTime" in info:
+        cluster.scontrol("update", f"jobid={job_id}", f"timelimit={timelimit_min}")
         cluster.scontrol("update", f"jobid={job_id}", "starttime=now")
-        if timelimit_min:
-            cluster.scontrol("update", f"jobid={job_id}", f"timelimit={timelimit_min}")
         return True
     return False
 
@@ -41,17 +41,17 @@ def test_timed_out_pretraining_requeues_and_ends_like_an_uninterrupted_run(slurm
     executor = build_executor(cluster_executor(tmp_path, timeout_min=1, signal_delay_s=40, max_num_timeout=5))
     job = executor.submit(StepJob("pretrain", job_args))
     requeued = False
-    deadline = time.monotonic() + 480
+    deadline = time.monotonic() + 900
     while not job.done() and time.monotonic() < deadline:
-        # after the first requeue, give the job room to finish: one interruption is what we test
-        requeued |= release_requeued(slurm_cluster, job.job_id, timelimit_min=5 if requeued else None) or \
-            release_requeued(slurm_cluster, job.job_id, timelimit_min=5)
+        requeued |= release_requeued(slurm_cluster, job.job_id, timelimit_min=15)
         time.sleep(1)
     assert job.done(), f"job {job.job_id} did not finish: {slurm_cluster.scontrol('show', 'job', job.job_id).stdout}"
     result = job.result()
     assert requeued, "the job was never requeued"
     log = (tmp_path / "job" / "log.txt").read_text()
-    assert "resuming" in log and "checkpointing after this step" not in log  # SIGUSR2 path, not SIGTERM
+    job_log = "".join(p.read_text() for p in (tmp_path / "jobs").glob("*_log.err"))
+    assert "Caught signal SIGUSR2" in job_log and "timed-out" in job_log and "Requeued job" in job_log
+    assert "resuming" in log
     interrupted_at = int(log.split("resuming")[1].split("at step ")[1].split()[0])
     assert 0 < interrupted_at < 300
     assert result["metrics"]["loss"] < 0

@@ -14,7 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
     """A one-node SLURM cluster (this host), up for the whole session; SLURM_CONF points clients at it."""
+    import signal
     from slurm.local_cluster import LocalSlurmCluster
+
+    def interrupt(signum, frame):  # a terminated test run still stops its cluster (teardown runs)
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
     cluster = LocalSlurmCluster(tmp_path_factory.mktemp("slurm"))
     cluster.start()
     previous = os.environ.get("SLURM_CONF")

@@ -49,7 +49,7 @@ def test_timed_out_pretraining_requeues_and_ends_like_an_uninterrupted_run(slurm
     result = job.result()
     assert requeued, "the job was never requeued"
     log = (tmp_path / "job" / "log.txt").read_text()
-    job_log = "".join(p.read_text() for p in (tmp_path / "jobs").glob("*_log.err"))
+    job_log = "".join(p.read_text() for p in sorted((tmp_path / "jobs").glob("*_log.*")))
     assert "Caught signal SIGUSR2" in job_log and "timed-out" in job_log and "Requeued job" in job_log
     assert "resuming" in log
     interrupted_at = int(log.split("resuming")[1].split("at step ")[1].split()[0])

@@ -223,3 +223,15 @@ def test_bandwidth_loss_trains_only_the_scale():
     loss_fn.bandwidth_loss(hiddens).backward()
     assert loss_fn.scale.grad is not None and loss_fn.scale.grad.abs() > 0
     assert all(h.grad is None for h in hiddens)
+
+
+@pytest.mark.parametrize("kernel", ["imq", "gaussian"])
+def test_closed_form_bandwidth_objective_equals_the_autograd_derivative(kernel):
+    """The slope is dk / d(dist^2) at fixed distances, as the official code takes it with autograd."""
+    from pretrain.hsic import KERNEL_OF_DISTANCE
+    dist2 = torch.rand(50, dtype=torch.float64) * 3
+    scale = torch.tensor(0.8, dtype=torch.float64)
+    d = dist2.clone().requires_grad_(True)
+    (slope,) = torch.autograd.grad(KERNEL_OF_DISTANCE[kernel](d, scale).sum(), d)
+    expected = -0.5 * torch.log(slope.square().clamp_min(1e-14)).mean()
+    assert bandwidth_objective(dist2, scale, kernel).item() == pytest.approx(expected.item(), rel=1e-12)

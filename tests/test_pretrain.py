@@ -273,3 +273,14 @@ def test_corrupt_image_is_named_or_skipped(tmp_path):
     metrics_args = [f"run_dir={tmp_path / 'skip'}", *args, "data.on_corrupt=skip"]
     train(load_config(PretrainConfig, "configs/pretrain/fashion_mnist_resnet18.yaml", [*TINY, *metrics_args]))
     assert OmegaConf.load(tmp_path / "skip" / "metrics.json").skipped_images == 1
+
+
+def test_separable_blur_equals_torchvision_blur():
+    from torchvision.transforms import v2
+    from pretrain.augment import SeparableGaussianBlur
+    image = torch.rand(3, 40, 52)
+    torch.manual_seed(0)
+    ours = SeparableGaussianBlur(23, (0.1, 2.0))(image)
+    torch.manual_seed(0)
+    sigma = torch.empty(1).uniform_(0.1, 2.0).item()
+    assert torch.allclose(ours, v2.functional.gaussian_blur(image, [23, 23], [sigma, sigma]), atol=1e-5)

@@ -6,7 +6,6 @@ transforms on PIL images; and the time of each step of ours, to show where the t
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import tempfile
 import time

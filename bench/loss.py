@@ -58,7 +58,7 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--one", estimator, str(batch), "--device", args.device,
                                   "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"| B | RFF time (s) | exact time (s) | speed-up | RFF peak (MB) | exact peak (MB) | memory ratio |")
+    print("| B | RFF time (s) | exact time (s) | speed-up | RFF peak (MB) | exact peak (MB) | memory ratio |")
     print("|---|---|---|---|---|---|---|")
     for batch in args.batches:
         rff, exact = (next(r for r in rows if r["batch"] == batch and r["estimator"] == e) for e in ("rff", "exact"))

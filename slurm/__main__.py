@@ -17,7 +17,7 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = subcommand_parser(f"python -m slurm", __doc__.split(":", 1)[1].strip(), COMMANDS)
+    parser = subcommand_parser("python -m slurm", __doc__.split(":", 1)[1].strip(), COMMANDS)
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -10,7 +10,7 @@ import torchvision
 from pretrain.errors import UserError
 from tests.conftest import run_cli
 from transfer import export
-from transfer.backbone import Backbone, load_backbone
+from transfer.backbone import load_backbone
 from transfer.verify import verify
 
 

@@ -1,12 +1,10 @@
 """SLURM dispatch on the real one-node cluster: requeue on timeout, failures, sweeps, distributed init."""
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import run_cli
 from tests.test_pretrain import TINY, assert_same_weights, final_state
 
 pytestmark = pytest.mark.slow

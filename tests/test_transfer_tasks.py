@@ -22,10 +22,11 @@ def scenes(tmp_path_factory):
 
 def test_topk_accuracy_by_hand():
     from transfer.classification import topk_accuracy
-    scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.5, 0.4, 0.1]])
+    scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.15, 0.05], [0.2, 0.3, 0.5], [0.5, 0.4, 0.1]])
     labels = torch.tensor([1, 2, 2, 1])
     result = topk_accuracy(scores, labels, ks=(1, 2))
-    assert result == {"top1": 50.0, "top2": 75.0}  # hits: yes, no / no (2nd is 1,2? -> 0.1 tie), yes, 2nd
+    # top-1 hits rows 0 and 2; top-2 also row 3 (label 1 is second), never row 1 (label 2 is last)
+    assert result == {"top1": 50.0, "top2": 75.0}
 
 
 def test_knn_votes_by_hand():
@@ -56,6 +57,7 @@ def test_linear_caches_features_and_reruns_identically(tmp_path):
     assert metrics["backbone"]["weights"] == "random" and len(metrics["backbone"]["sha256"]) == 64
     assert len(list((tmp_path / "cache").iterdir())) == 2  # train and test features
     second = run_cli("transfer", *linear_args(tmp_path, "random:resnet18", f"run_dir={tmp_path / 'again'}"))
+    assert second.returncode == 0, second.stderr
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert again["feature_cache_hit"] is True and again["metrics"] == metrics["metrics"]
     rerun = run_cli("transfer", *linear_args(tmp_path))  # a finished run is reported, not repeated

@@ -133,7 +133,7 @@ def mmseg_config(config: SegmentationConfig, backbone: Backbone, weights_file: P
                            sampler_seed=dict(type="DistSamplerSeedHook")),
         custom_hooks=[dict(type="BackboneLoadCheckHook", weights_file=str(weights_file))],
         log_processor=dict(by_epoch=False),
-        log_level="WARNING",
+        log_level="INFO",
         launcher="none",
     )
 

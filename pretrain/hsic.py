@@ -78,6 +78,10 @@ def label_kernel_weights(batch_size: int) -> tuple[float, float]:
 # ---------------------------------------------------------------------------------- exact estimators
 
 
+class NonFiniteFeatures(ValueError):
+    """The features given to the loss hold NaN or inf."""
+
+
 def _validate(hiddens: Sequence[Tensor]) -> None:
     if not isinstance(hiddens, (list, tuple)) or len(hiddens) < 2:
         raise ValueError(f"SSL-HSIC needs a list of at least 2 views (tensors [B, d]), got "
@@ -88,7 +92,7 @@ def _validate(hiddens: Sequence[Tensor]) -> None:
     if hiddens[0].shape[0] < 2:
         raise ValueError(f"SSL-HSIC needs a batch of at least 2 images, got B = {hiddens[0].shape[0]}")
     if not all(torch.isfinite(h).all() for h in hiddens):
-        raise ValueError("the features contain NaN or inf; the network diverged upstream of the loss")
+        raise NonFiniteFeatures("the features contain NaN or inf; the network diverged upstream of the loss")
 
 
 def _gram(hiddens: Sequence[Tensor], c: Tensor | float, kernel: str) -> Tensor:

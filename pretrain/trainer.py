@@ -263,11 +263,13 @@ class Pretrainer:
         lr = warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.peak_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        from pretrain.hsic import NonFiniteFeatures
         hiddens, features = self.hiddens(view1, view2)
-        if not all(torch.isfinite(h).all() for h in hiddens):
-            self._diverged("the embeddings")
         draws = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step)
-        loss, stats = self.loss_fn(hiddens, generator=draws)
+        try:  # the loss checks its inputs once; a non-finite embedding means the run diverged
+            loss, stats = self.loss_fn(hiddens, generator=draws)
+        except NonFiniteFeatures:
+            self._diverged("the embeddings")
         if not math.isfinite(stats["loss"]):
             self._diverged("the loss")
         bandwidth_loss = self.loss_fn.bandwidth_loss(hiddens, generator=draws)

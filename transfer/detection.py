@@ -130,7 +130,8 @@ def detectron2_cfg(config: DetectionConfig, backbone: Backbone, weights: Path, n
 
 
 def _name(config: DetectionConfig) -> str:
-    return "ssl_hsic_" + str(abs(hash(os.path.abspath(config.data.train_json))))
+    import hashlib  # a stable name (str hash() changes per process)
+    return "ssl_hsic_" + hashlib.sha1(os.path.abspath(config.data.train_json).encode()).hexdigest()[:12]
 
 
 def register_datasets(config: DetectionConfig) -> int:

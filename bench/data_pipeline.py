@@ -57,6 +57,27 @@ def ours_pipeline():
     return load
 
 
+def batched_pipeline(batch: int = 64):
+    """Per image: decode, crop, flip (uint8); per batch of `batch`: the photometric steps (augment.batched)."""
+    from pretrain.augment import TwoCrops
+    from pretrain.batch_augment import BatchPhotometric
+    from pretrain.schema import AugmentConfig
+    from torchvision.io import ImageReadMode, decode_image
+    config = AugmentConfig()
+    crops, photometric = TwoCrops(config, 224), [BatchPhotometric(config, 224, view) for view in (0, 1)]
+    generator = torch.Generator().manual_seed(0)
+
+    def load_all(paths):
+        for first in range(0, len(paths), batch):
+            pairs = [crops(decode_image(str(path), mode=ImageReadMode.RGB)) for path in paths[first:first + batch]]
+            [augment(torch.stack(views), generator) for augment, views in zip(photometric, zip(*pairs))]
+    return load_all
+
+
+def per_image(load):
+    return lambda paths: [load(path) for path in paths]
+
+
 def step_times(paths: list[Path]) -> dict[str, float]:
     """Milliseconds per image for each transform of view 1 of our pipeline (applied with p = 1)."""
     from pretrain.augment import byol_view_transform
@@ -85,20 +106,22 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_jpegs(Path(tmp), args.images)
-        pipelines = {"ours (decode_image + v2 on uint8 tensors)": ours_pipeline(), "torchvision v1 on PIL": v1_pipeline()}
+        pipelines = {"ours (decode_image + v2 on uint8 tensors)": per_image(ours_pipeline()),
+                     "torchvision v1 on PIL": per_image(v1_pipeline()),
+                     "ours, augment.batched (photometric per batch of 64)": batched_pipeline()}
         rates = {name: [] for name in pipelines}
         for _ in range(args.rounds):
-            for name, load in pipelines.items():
+            for name, load_all in pipelines.items():
                 start = time.perf_counter()
-                for path in paths:
-                    load(path)
+                load_all(paths)
                 rates[name].append(len(paths) / (time.perf_counter() - start))
         steps = step_times(paths)
     print("| pipeline (1 core, two views at 224) | images/s |\n|---|---|")
     for name, r in rates.items():
         print(f"| {name} | {statistics.median(r):.1f} |")
     names = list(rates)
-    print(f"ratio = {statistics.median(rates[names[0]]) / statistics.median(rates[names[1]]):.2f}")
+    for name in (names[0], names[2]):
+        print(f"ratio {name} / {names[1]} = {statistics.median(rates[name]) / statistics.median(rates[names[1]]):.2f}")
     print("\n| step of view 1 (p = 1) | ms / image |\n|---|---|")
     for name, ms in sorted(steps.items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {ms:.2f} |")

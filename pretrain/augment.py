@@ -48,13 +48,20 @@ class SeparableGaussianBlur(torch.nn.Module):
         return tv_tensors.wrap(out, like=image) if isinstance(image, tv_tensors.Image) else out
 
 
-def byol_view_transform(config: AugmentConfig, image_size: int, view: int) -> v2.Compose:
-    """The transform of view 1 (view=0: blur always, no solarize) or view 2 (view=1: blur 0.1, solarize 0.2)."""
+def byol_crop_transform(config: AugmentConfig, image_size: int) -> v2.Compose:
+    """The geometric part alone (crop, flip), as uint8: the rest runs per batch (pretrain/batch_augment.py)."""
     return v2.Compose([
         v2.ToImage(),
         v2.RandomResizedCrop(image_size, scale=tuple(config.crop_scale), ratio=tuple(config.crop_ratio),
                              interpolation=InterpolationMode.BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(config.flip_p),
+    ])
+
+
+def byol_view_transform(config: AugmentConfig, image_size: int, view: int) -> v2.Compose:
+    """The transform of view 1 (view=0: blur always, no solarize) or view 2 (view=1: blur 0.1, solarize 0.2)."""
+    return v2.Compose([
+        byol_crop_transform(config, image_size),
         v2.RandomApply([v2.ColorJitter(config.brightness, config.contrast, config.saturation, config.hue)],
                        p=config.jitter_p),  # ColorJitter applies its four parts in a random order
         v2.RandomGrayscale(config.grayscale_p),
@@ -64,6 +71,16 @@ def byol_view_transform(config: AugmentConfig, image_size: int, view: int) -> v2
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(list(config.mean), list(config.std)),
     ])
+
+
+class TwoCrops:
+    """image -> two independent uint8 crops, for the batched photometric step."""
+
+    def __init__(self, config: AugmentConfig, image_size: int):
+        self.crop = byol_crop_transform(config, image_size)
+
+    def __call__(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.crop(image).as_subclass(torch.Tensor), self.crop(image).as_subclass(torch.Tensor)
 
 
 class TwoViews:

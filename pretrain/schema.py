@@ -34,6 +34,8 @@ class AugmentConfig:
     solarize_p: tuple[float, float] = (0.0, 0.2)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    batched: bool = True                    # colour, blur, solarize per batch on the training device (the
+    #                                         workers only crop and flip): pretrain/batch_augment.py
 
 
 @dataclass
@@ -77,8 +79,9 @@ class EmaConfig:
 
 @dataclass
 class TrainConfig:
-    amp: bool = True                        # bf16 autocast on CUDA (ignored on CPU)
+    amp: bool = True                        # bf16 autocast on CUDA
     channels_last: bool = True              # on CUDA
+    cpu_amp: bool = False                   # bf16 autocast + channels_last on the CPU too (fast with avx512_bf16/AMX)
     compile: bool = False                   # torch.compile the networks
     deterministic: bool = False
     log_every: int = 10                     # steps

@@ -105,9 +105,16 @@ class Pretrainer:
         for frozen in filter(None, (self.target, self.ema)):
             frozen.requires_grad_(False)
         cuda = self.device.type == "cuda"
-        if cuda and config.train.channels_last:
+        self.memory_format = torch.channels_last if (cuda and config.train.channels_last) or self._cpu_amp() \
+            else torch.contiguous_format
+        if self.memory_format == torch.channels_last:
             for module in filter(None, (self.online, self.target, self.ema)):
                 module.to(memory_format=torch.channels_last)
+        self.photometric = None
+        if config.augment.batched:
+            from pretrain.batch_augment import BatchPhotometric
+            self.photometric = nn.ModuleList(BatchPhotometric(config.augment, config.data.image_size, view)
+                                             for view in (0, 1)).to(self.device)
         self.forward_views: nn.Module = TwoViews(self.online)
         if self.dist.is_distributed:
             if cuda and m.sync_bn:
@@ -128,12 +135,24 @@ class Pretrainer:
         self.total_steps = o.epochs * self.steps_per_epoch
         self.warmup_steps = round(o.warmup_epochs * self.steps_per_epoch)
         self.stop_step = min(self.total_steps, o.max_steps) if o.max_steps else self.total_steps
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and config.train.amp
-                         else nullcontext())
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                         if (cuda and config.train.amp) or self._cpu_amp() else nullcontext())
         self.step = 0
         self.stop_requested = False
         self._after_stop = None
         self._elapsed_before, self._started = 0.0, time.time()
+
+    def _cpu_amp(self) -> bool:
+        """bf16 on the CPU: asked for, and the CPU has native bf16 (otherwise it is emulated, and slower)."""
+        if self.device.type != "cpu" or not self.config.train.cpu_amp:
+            return False
+        if self.config.train.deterministic:
+            raise UserError("train.deterministic=true and train.cpu_amp=true exclude each other: oneDNN's bf16 "
+                            "kernels are not bitwise reproducible; set train.cpu_amp=false")
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            log.warning("train.cpu_amp is set but this CPU has no native bf16 (avx512_bf16 or AMX): training in fp32")
+            return False
+        return True
 
     def elapsed(self) -> float:
         """Seconds of training over all runs of this run dir (resumes included)."""
@@ -231,19 +250,23 @@ class Pretrainer:
 
     def _loader(self, epoch: int, start_batch: int):
         from torch.utils.data import DataLoader
+        from pretrain.augment import TwoCrops
         from pretrain.augment import TwoViews as TwoViewTransform
         from pretrain.data import Augmented, EpochBatchSampler, collate_views
         c = self.config
-        dataset = Augmented(self.dataset, TwoViewTransform(c.augment, c.data.image_size), c.seed)
+        transform = (TwoCrops if c.augment.batched else TwoViewTransform)(c.augment, c.data.image_size)
+        dataset = Augmented(self.dataset, transform, c.seed)
         sampler = EpochBatchSampler(len(self.dataset), c.optim.batch_size, c.seed, epoch, start_batch,
                                     self.dist.rank, self.dist.world_size)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=c.data.num_workers,
                           collate_fn=collate_views, pin_memory=self.device.type == "cuda")
 
     def _views(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        fmt = torch.channels_last if self.device.type == "cuda" and self.config.train.channels_last \
-            else torch.contiguous_format
-        return tuple(batch[k].to(self.device, non_blocking=True, memory_format=fmt) for k in ("view1", "view2"))
+        views = [batch[k].to(self.device, non_blocking=True) for k in ("view1", "view2")]
+        if self.photometric is not None:  # the colour, blur and solarize steps, batch-wise on the device
+            draws = torch.Generator().manual_seed((self.config.seed * 1_000_003 + self.step) * 1009 + self.dist.rank)
+            views = [augment(view, draws) for augment, view in zip(self.photometric, views)]
+        return tuple(view.contiguous(memory_format=self.memory_format) for view in views)
 
     def hiddens(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The M views the loss sees, gathered over processes, and the local backbone features of view 1."""

@@ -48,6 +48,20 @@ def test_round_trip_of_every_format(resnet18_file, tmp_path, fmt):
     assert sidecar["arch"] == "resnet18" and sidecar["format"] == fmt and len(sidecar["source_sha256"]) == 64
 
 
+def test_channels_last_weights_export_and_fingerprint_like_contiguous_ones(resnet18_file, tmp_path):
+    """A model trained in channels_last (CUDA, or train.cpu_amp) saves 1x1 conv weights whose strides count
+    as contiguous but are not unit-stride: loading gives plain contiguous tensors, the same fingerprint."""
+    from transfer.backbone import fingerprint
+    state = torch.load(resnet18_file)
+    torch.save({k: v.to(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in state.items()},
+               tmp_path / "cl.pth")
+    plain, channels_last = load_backbone(resnet18_file), load_backbone(tmp_path / "cl.pth")
+    assert fingerprint(channels_last.state_dict) == fingerprint(plain.state_dict)
+    assert all(t.is_contiguous() and (t.dim() == 0 or t.stride(-1) == 1) for t in channels_last.state_dict.values())
+    again = load_backbone(export.write(channels_last, "safetensors", tmp_path / "cl.safetensors"))
+    assert all(torch.equal(again.state_dict[k], v) for k, v in plain.state_dict.items())
+
+
 def test_detectron2_pkl_is_a_plain_pickle_with_the_renames(resnet18_file, tmp_path):
     out = export.write(load_backbone(resnet18_file), "detectron2", tmp_path / "b.pkl")
     with open(out, "rb") as f:

@@ -15,7 +15,7 @@ from tests.conftest import run_cli
 TINY = ["data.limit=48", "data.image_size=16", "data.num_workers=0", "optim.batch_size=16", "optim.epochs=2",
         "optim.warmup_epochs=0.5", "model.projector_hidden=64", "model.predictor_hidden=64",
         "model.embedding_dim=32", "loss.num_features=64", "train.log_every=2", "train.checkpoint_every=100",
-        "train.deterministic=true", "train.rankme_every=2"]
+        "train.deterministic=true", "train.cpu_amp=false", "train.rankme_every=2"]
 
 
 def tiny_config(run_dir, *overrides):
@@ -39,15 +39,16 @@ def assert_same_weights(a, b):
 
 # --------------------------------------------------------------------------------------- training
 
-@pytest.mark.parametrize("use_target", [True, False])
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, use_target):
+@pytest.mark.parametrize("use_target, batched", [(True, True), (False, False)])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, use_target, batched):
+    """Either augmentation path; fp32 (train.cpu_amp's bf16 kernels are not bitwise reproducible)."""
     from pretrain.trainer import train
-    variant = f"model.use_target={use_target}"
-    train(tiny_config(tmp_path / "straight", variant))
-    train(tiny_config(tmp_path / "resumed", variant, "optim.max_steps=3"))
+    variant = [f"model.use_target={use_target}", f"augment.batched={batched}"]
+    train(tiny_config(tmp_path / "straight", *variant))
+    train(tiny_config(tmp_path / "resumed", *variant, "optim.max_steps=3"))
     assert final_state(tmp_path / "resumed")["step"] == 3
     assert not (tmp_path / "resumed" / "metrics.json").exists()  # unfinished: no final metrics
-    train(tiny_config(tmp_path / "resumed", variant, "data.num_workers=1"))  # workers do not change the views
+    train(tiny_config(tmp_path / "resumed", *variant, "data.num_workers=1"))  # workers do not change the views
     straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
     assert straight["step"] == resumed["step"] == 6
     assert_same_weights(straight, resumed)
@@ -78,6 +79,20 @@ def test_training_moves_the_loss_and_the_bandwidth(tmp_path):
             expected = torch.lerp(target_before[key], online_encoder[key], 1 - tau)
             assert torch.allclose(value, expected, atol=1e-6), key
     assert all(p.grad is None for p in trainer.target.parameters())
+
+
+def test_cpu_amp_trains_in_bf16_and_channels_last_where_the_cpu_has_bf16(tmp_path):
+    from pretrain.trainer import Pretrainer
+    trainer = Pretrainer(tiny_config(tmp_path / "run", "train.deterministic=false", "train.cpu_amp=true"))
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    batch = next(iter(trainer._loader(0, 0)))
+    view1, view2 = trainer._views(batch)
+    assert view1.is_contiguous(memory_format=torch.channels_last if native else torch.contiguous_format)
+    hiddens, features = trainer.hiddens(view1, view2)
+    assert features.dtype == (torch.bfloat16 if native else torch.float32)
+    stats = trainer.train_step(view1, view2)
+    assert math.isfinite(stats["loss"]) and stats["hsic_xy"] > 0
+    assert all(p.dtype == torch.float32 for p in trainer.online.parameters())  # autocast, not a bf16 model
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -231,6 +246,7 @@ def cli(tmp_path, *overrides):
     (["model.backbone=resnet19"], "unknown backbone 'resnet19'; choose one of resnet18, resnet34, resnet50"),
     (["data.limit=8"], "fewer than one batch of 16"),
     (["data.dataset=imagefolder", "data.root=/nonexistent"], "image folder /nonexistent/train does not exist"),
+    (["train.cpu_amp=true"], "train.deterministic=true and train.cpu_amp=true exclude each other"),
 ])
 def test_bad_input_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path, overrides, message):
     result = cli(tmp_path, *overrides)

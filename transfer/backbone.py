@@ -196,7 +196,7 @@ def load_backbone(path: str | Path, weights: str = "ema", arch: str | None = Non
                         f"looks like {detected or 'no known ResNet'}): missing {listing(missing)}, unexpected "
                         f"{listing(unexpected)}, wrong shape {listing(shapes)}")
     layout = container + (f", prefix '{prefix}'" if prefix else "")
-    canonical = {k: backbone[k].detach().clone().contiguous() for k in expected}
+    canonical = {k: backbone[k].detach().clone(memory_format=torch.contiguous_format) for k in expected}
     return Backbone(canonical, arch, str(Path(path).resolve()), layout, taken)
 
 
@@ -207,9 +207,10 @@ def fingerprint(state_dict: dict[str, Tensor]) -> str:
     for key in sorted(state_dict):
         if key.endswith("num_batches_tracked"):
             continue
-        tensor = state_dict[key].detach().cpu().contiguous()
+        tensor = state_dict[key].detach().cpu()
         digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        # reshape(-1): a channels_last [N, C, 1, 1] weight counts as contiguous yet has stride(-1) = C
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 

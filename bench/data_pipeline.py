@@ -74,6 +74,32 @@ def batched_pipeline(batch: int = 64):
     return load_all
 
 
+def fashion_mnist_rates(rounds: int, count: int = 2048, batch: int = 256) -> dict[str, float]:
+    """The small config's case: 28x28 in-memory images, two views at 32; per-image v2 against batched."""
+    from pretrain.augment import TwoCrops, TwoViews
+    from pretrain.batch_augment import BatchPhotometric
+    from pretrain.data import FashionMNIST
+    from pretrain.schema import AugmentConfig
+    dataset = FashionMNIST("/usr/share/datasets/fashion-mnist", limit=count)
+    images = [dataset[i][0] for i in range(count)]
+    config = AugmentConfig(saturation=0.0, hue=0.0, mean=(0.5,) * 3, std=(0.25,) * 3)  # as the small config
+    views, crops = TwoViews(config, 32), TwoCrops(config, 32)
+    photometric, generator = [BatchPhotometric(config, 32, view) for view in (0, 1)], torch.Generator()
+
+    def batched():
+        for first in range(0, count, batch):
+            pairs = [crops(image) for image in images[first:first + batch]]
+            [augment(torch.stack(v), generator) for augment, v in zip(photometric, zip(*pairs))]
+    runs = {"per image (transforms.v2)": lambda: [views(image) for image in images], "augment.batched": batched}
+    rates = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            rates[name].append(count / (time.perf_counter() - start))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
 def per_image(load):
     return lambda paths: [load(path) for path in paths]
 
@@ -122,6 +148,10 @@ def main() -> None:
     names = list(rates)
     for name in (names[0], names[2]):
         print(f"ratio {name} / {names[1]} = {statistics.median(rates[name]) / statistics.median(rates[names[1]]):.2f}")
+    small = fashion_mnist_rates(args.rounds)
+    print("\n| Fashion-MNIST 28x28 -> two views at 32 (1 core) | images/s |\n|---|---|")
+    for name, rate in small.items():
+        print(f"| {name} | {rate:.0f} |")
     print("\n| step of view 1 (p = 1) | ms / image |\n|---|---|")
     for name, ms in sorted(steps.items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {ms:.2f} |")

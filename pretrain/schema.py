@@ -34,8 +34,9 @@ class AugmentConfig:
     solarize_p: tuple[float, float] = (0.0, 0.2)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    batched: bool = True                    # colour, blur, solarize per batch on the training device (the
-    #                                         workers only crop and flip): pretrain/batch_augment.py
+    batched: bool = False                   # colour, blur, solarize per batch on the training device (the
+    #                                         workers only crop and flip): pretrain/batch_augment.py. For GPUs
+    #                                         and small images; on a CPU at 224 the per-image path is faster
 
 
 @dataclass

@@ -105,7 +105,8 @@ class Pretrainer:
         for frozen in filter(None, (self.target, self.ema)):
             frozen.requires_grad_(False)
         cuda = self.device.type == "cuda"
-        self.memory_format = torch.channels_last if (cuda and config.train.channels_last) or self._cpu_amp() \
+        cpu_amp = self._cpu_amp()
+        self.memory_format = torch.channels_last if (cuda and config.train.channels_last) or cpu_amp \
             else torch.contiguous_format
         if self.memory_format == torch.channels_last:
             for module in filter(None, (self.online, self.target, self.ema)):
@@ -136,7 +137,7 @@ class Pretrainer:
         self.warmup_steps = round(o.warmup_epochs * self.steps_per_epoch)
         self.stop_step = min(self.total_steps, o.max_steps) if o.max_steps else self.total_steps
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
-                         if (cuda and config.train.amp) or self._cpu_amp() else nullcontext())
+                         if (cuda and config.train.amp) or cpu_amp else nullcontext())
         self.step = 0
         self.stop_requested = False
         self._after_stop = None

@@ -1,6 +1,7 @@
 """Forward + backward time and peak memory of the SSL-HSIC loss, RFF against exact, for B in {256, 1024, 4096}.
 
-M = 4 views, d = 256, D = 512 (SPEC.md). Each (estimator, B) runs in a fresh subprocess so that its peak
+M = 4 views, d = 256, D = 512 (SPEC.md). Also the bandwidth objective's forward + backward (its 1024 sampled
+pairs a side, whatever B), which every training step adds to the loss. Each (estimator, B) runs in a fresh subprocess so that its peak
 resident memory (ru_maxrss) can be read; time is the median of several repetitions after a warm-up.
     .venv/bin/python bench/loss.py [--device cuda] [--batches 256 1024 4096]
 """
@@ -26,20 +27,30 @@ def measure(estimator: str, batch: int, device: str, repeats: int) -> dict:
     def step():
         loss, _ = loss_fn(views, generator=generator)
         loss.backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
+
+    def bandwidth_step():
+        loss_fn.bandwidth_loss(views, generator=generator).backward()
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    bandwidth_step()
+    median_s, bandwidth_s = timed(step), timed(bandwidth_step)
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
                else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024)
-    return {"estimator": estimator, "batch": batch, "median_s": statistics.median(times), "peak_mb": peak_mb}
+    return {"estimator": estimator, "batch": batch, "median_s": median_s, "peak_mb": peak_mb,
+            "bandwidth_s": bandwidth_s}
 
 
 def main() -> None:
@@ -64,6 +75,8 @@ def main() -> None:
         rff, exact = (next(r for r in rows if r["batch"] == batch and r["estimator"] == e) for e in ("rff", "exact"))
         print(f"| {batch} | {rff['median_s']:.4f} | {exact['median_s']:.4f} | {exact['median_s'] / rff['median_s']:.1f}x "
               f"| {rff['peak_mb']:.0f} | {exact['peak_mb']:.0f} | {exact['peak_mb'] / max(rff['peak_mb'], 1):.1f}x |")
+    bandwidth = [r["bandwidth_s"] for r in rows]
+    print(f"bandwidth objective, forward + backward: {min(bandwidth):.4f}-{max(bandwidth):.4f} s (any B)")
 
 
 if __name__ == "__main__":

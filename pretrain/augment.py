@@ -18,6 +18,27 @@ def blur_kernel_size(image_size: int) -> int:
     return size if size % 2 else size + 1
 
 
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Blur float images [B, C, H, W] with a per-sample sigma [B] (0 = no blur), reflect padding.
+
+    The kernel g(x) = exp(-x^2 / (2 sigma^2)) / sum_x g, x = -(k-1)/2 .. (k-1)/2, is applied as two 1-D
+    depthwise convolutions (rows, then columns) over all B*C channels at once.
+    """
+    batch, channels, height, width = images.shape
+    half = (kernel_size - 1) / 2
+    x = torch.linspace(-half, half, kernel_size, device=images.device, dtype=images.dtype)
+    safe_sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma)).view(-1, 1)
+    kernels = torch.exp(-0.5 * (x / safe_sigma) ** 2)
+    kernels = kernels / kernels.sum(1, keepdim=True)
+    delta = (x == 0).to(images.dtype).expand_as(kernels)
+    kernels = torch.where((sigma > 0).view(-1, 1), kernels, delta).repeat_interleave(channels, 0)
+    pad = kernel_size // 2
+    out = torch.nn.functional.pad(images.reshape(1, batch * channels, height, width), (pad,) * 4, mode="reflect")
+    out = torch.nn.functional.conv2d(out, kernels.view(-1, 1, 1, kernel_size), groups=batch * channels)
+    out = torch.nn.functional.conv2d(out, kernels.view(-1, 1, kernel_size, 1), groups=batch * channels)
+    return out.view(batch, channels, height, width)
+
+
 class SeparableGaussianBlur(torch.nn.Module):
     """Gaussian blur with sigma ~ U[sigma_min, sigma_max], as two 1-D convolutions (reflect padding).
 
@@ -31,19 +52,11 @@ class SeparableGaussianBlur(torch.nn.Module):
         self.kernel_size, self.sigma = kernel_size, tuple(sigma)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        sigma = torch.empty(1).uniform_(*self.sigma).item()
-        half = (self.kernel_size - 1) / 2
-        x = torch.linspace(-half, half, self.kernel_size)
-        kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-        kernel = kernel / kernel.sum()
-        dtype = image.dtype
-        out = image.float().reshape(-1, *image.shape[-3:])
-        channels, pad = out.shape[1], self.kernel_size // 2
-        out = torch.nn.functional.pad(out, (pad, pad, pad, pad), mode="reflect")
-        out = torch.nn.functional.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-        out = torch.nn.functional.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+        images = image.float().reshape(-1, *image.shape[-3:])
+        sigma = torch.empty(1).uniform_(*self.sigma).expand(len(images))
+        out = gaussian_blur(images, sigma, self.kernel_size)
         out = out.reshape(image.shape)
-        if dtype == torch.uint8:
+        if image.dtype == torch.uint8:
             out = out.round_().clamp_(0, 255).to(torch.uint8)
         return tv_tensors.wrap(out, like=image) if isinstance(image, tv_tensors.Image) else out
 

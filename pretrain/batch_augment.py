@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pretrain.augment import blur_kernel_size
+from pretrain.augment import blur_kernel_size, gaussian_blur
 from pretrain.schema import AugmentConfig
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2, as torchvision's rgb_to_grayscale
@@ -84,24 +84,6 @@ def adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     hsv = rgb_to_hsv(images)
     hue = (hsv[:, 0] + shift.view(-1, 1, 1)).remainder(1.0)
     return hsv_to_rgb(torch.stack((hue, hsv[:, 1], hsv[:, 2]), 1)).clamp_(0, 1)
-
-
-def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Per-sample sigma (0 = no blur): two 1-D depthwise convolutions over [1, B*C, H, W]."""
-    batch, channels, height, width = images.shape
-    half = (kernel_size - 1) / 2
-    x = torch.linspace(-half, half, kernel_size, device=images.device, dtype=images.dtype)
-    safe_sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma)).view(-1, 1)
-    kernels = torch.exp(-0.5 * (x / safe_sigma) ** 2)
-    kernels = kernels / kernels.sum(1, keepdim=True)
-    delta = (x == 0).to(images.dtype).expand_as(kernels)
-    kernels = torch.where((sigma > 0).view(-1, 1), kernels, delta).repeat_interleave(channels, 0)
-    pad = kernel_size // 2
-    out = nn.functional.pad(images.reshape(1, batch * channels, height, width), (pad, pad, pad, pad),
-                            mode="reflect")
-    out = nn.functional.conv2d(out, kernels.view(-1, 1, 1, kernel_size), groups=batch * channels)
-    out = nn.functional.conv2d(out, kernels.view(-1, 1, kernel_size, 1), groups=batch * channels)
-    return out.view(batch, channels, height, width)
 
 
 def solarize(images: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:

@@ -219,6 +219,8 @@ def run_detection(config: DetectionConfig, backbone: Backbone, run_dir: Path) ->
     from detectron2.utils.logger import setup_logger
     setup_logger(output=cfg.OUTPUT_DIR, name="detectron2", distributed_rank=int(os.environ.get("RANK", 0)))
     setup_logger(output=cfg.OUTPUT_DIR, name="fvcore", distributed_rank=int(os.environ.get("RANK", 0)))
+    from detectron2.utils.env import seed_all_rng
+    seed_all_rng(cfg.SEED + int(os.environ.get("RANK", 0)))  # as default_setup: the heads' init, the data order
     trainer = build_trainer(cfg)
     if trainer.checkpointer.has_checkpoint():
         trainer.resume_or_load(resume=True)  # our own checkpoint in the run dir

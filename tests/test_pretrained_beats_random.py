@@ -1,12 +1,12 @@
 """The small pretraining config's backbone against the same network at random init, seed 0.
 
 The full small config runs once (about 9 minutes here); then the linear probe and kNN of configs/transfer/
-linear_fashion_mnist.yaml (all 60k / 10k Fashion-MNIST images), the segmentation of configs/transfer/
-segmentation_scenes.yaml (mmsegmentation, 1000 iterations) and the detection of configs/transfer/
-detection_scenes.yaml (detectron2, 600 iterations) on the default generated scenes run for both backbones.
-Each margin asserted is about half the smallest one measured over seeds 0, 1 and 2 (BENCHMARKS.md,
+linear_fashion_mnist.yaml (all 60k / 10k Fashion-MNIST images) and the segmentation of configs/transfer/
+segmentation_scenes.yaml (mmsegmentation, 1000 iterations on the default generated scenes) run for both
+backbones. Each margin asserted is about half the smallest one measured over seeds 0, 1 and 2 (BENCHMARKS.md,
 bench/margins.py), so that a run on another CPU (no bf16, other float rounding) still passes while a
-pretraining that learns nothing does not.
+pretraining that learns nothing does not. Detection is not here: its margins over seeds 0-2 (+1.81, +0.34,
+-1.50 bbox AP, BENCHMARKS.md) do not show that the small config's backbone beats random init there.
 """
 import json
 
@@ -16,13 +16,11 @@ from tests.conftest import run_cli
 from transfer.pipeline import scene_overrides
 
 # pretrained (EMA network) - random init, seeds 0, 1, 2; the pretraining seed is also the task's seed
-MEASURED = {"linear": (1.25, 1.67, 2.50), "knn": (0.31, 1.01, 0.97), "segmentation": (0.90, 3.35, 0.42),
-            "detection": (1.78, 0.38, 5.86)}  # unseeded detectron2 runs; seed 0 once more gave +4.48
-REQUIRED = {"linear": 0.6, "knn": 0.15, "segmentation": 0.2, "detection": 0.2}
-METRIC = {"linear": "top1", "knn": "top1", "segmentation": "mIoU", "detection": "bbox.AP"}
+MEASURED = {"linear": (1.25, 1.67, 2.50), "knn": (0.31, 1.01, 0.97), "segmentation": (0.90, 3.35, 0.42)}
+REQUIRED = {"linear": 0.6, "knn": 0.15, "segmentation": 0.2}
+METRIC = {"linear": "top1", "knn": "top1", "segmentation": "mIoU"}
 CONFIG = {"linear": "configs/transfer/linear_fashion_mnist.yaml", "knn": "configs/transfer/linear_fashion_mnist.yaml",
-          "segmentation": "configs/transfer/segmentation_scenes.yaml",
-          "detection": "configs/transfer/detection_scenes.yaml"}
+          "segmentation": "configs/transfer/segmentation_scenes.yaml"}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +44,7 @@ def score(root, task: str, backbone: str, name: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["linear", "knn", "segmentation", "detection"])
+@pytest.mark.parametrize("task", ["linear", "knn", "segmentation"])
 def test_pretrained_backbone_beats_random_init(workspace, task):
     pretrained = score(workspace, task, str(workspace / "pretrain" / "checkpoints" / "last.pt"), "pretrained")
     random_init = score(workspace, task, "random:resnet18", "random")

@@ -13,7 +13,7 @@ import json
 import pytest
 
 from tests.conftest import run_cli
-from transfer.pipeline import scene_overrides
+from transfer.pipeline import PipelineConfig, scene_overrides
 
 # pretrained (EMA network) - random init, seeds 0, 1, 2; the pretraining seed is also the task's seed
 MEASURED = {"linear": (1.25, 1.67, 2.50), "knn": (0.31, 1.01, 0.97), "segmentation": (0.90, 3.35, 0.42)}
@@ -30,7 +30,7 @@ def workspace(tmp_path_factory):
     result = run_cli("pretrain", "--config", "configs/pretrain/fashion_mnist_resnet18.yaml",
                      f"run_dir={root / 'pretrain'}", "seed=0", timeout=1800)
     assert result.returncode == 0, result.stderr[-2000:]
-    write_all(root / "scenes", 200, 50, 128, 0)  # `python -m transfer scenes`'s defaults
+    write_all(root / "scenes", **PipelineConfig().scenes)  # the main job's scenes
     return root
 
 

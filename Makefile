@@ -11,10 +11,11 @@ $(STAMP): scripts/install.sh scripts/build_detectron2.py constraints.txt setup.p
 install: $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest tests
 
 demo: $(STAMP)
-	$(PY) -m transfer pipeline --config configs/pipeline/demo.yaml
+	$(PY) -m slurm pipeline --config configs/pipeline/demo.yaml
 
 clean-install:
 	rm -rf .venv

@@ -20,8 +20,8 @@ def main() -> None:
     from pretrain.augment import eval_transform
     from pretrain.data import FashionMNIST
     from transfer.backbone import resolve_backbone
-    from transfer.classification import FeatureCache, Transformed, cached_features, extract, train_linear
-    from transfer.schema import LinearProtocol
+    from transfer.tasks.classification import FeatureCache, Transformed, cached_features, extract, train_linear
+    from transfer.tasks.classification import LinearProtocol
     torch.set_num_threads(2)
     backbone = resolve_backbone("random:resnet18")
     model = backbone.model()

@@ -1,8 +1,9 @@
 """Forward + backward time and peak memory of the SSL-HSIC loss, RFF against exact, for B in {256, 1024, 4096}.
 
-M = 4 views, d = 256, D = 512 (SPEC.md). Also the bandwidth objective's forward + backward (its 1024 sampled
-pairs a side, whatever B), which every training step adds to the loss. Each (estimator, B) runs in a fresh subprocess so that its peak
-resident memory (ru_maxrss) can be read; time is the median of several repetitions after a warm-up.
+M = 4 views, d = 256, D = 512 (docs/loss.md). Also the bandwidth objective's forward + backward (its 1024
+sampled pairs a side, whatever B), which every training step adds to the loss. Each (estimator, B) runs in a
+fresh subprocess so that its peak resident memory (ru_maxrss) can be read; time is the median of several
+repetitions after a warm-up.
     .venv/bin/python bench/loss.py [--device cuda] [--batches 256 1024 4096]
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Pretrained against random init, over pretraining seeds: the margins table of BENCHMARKS.md.
 
-For each seed S the main job (`transfer.pipeline`, configs/pipeline/demo.yaml) runs under OUT/seedS with the
+For each seed S the main job (`slurm.pipeline`, configs/pipeline/demo.yaml) runs under OUT/seedS with the
 pretraining seed S and task seed S: the small pretraining config, export + verification, then each chosen task
 on the EMA network and on the same ResNet-18 at random init, with the task configs' own schedules (the demo's
 shorter detection / depth overrides are dropped). Finished steps are skipped on a rerun; to reuse a finished
@@ -27,7 +27,7 @@ HEADLINE = {"linear": ("top1", 1), "knn": ("top1", 1), "segmentation": ("mIoU", 
 
 def run_seed(seed: int, tasks: list[str], out: Path) -> None:
     from pretrain.config import load_config
-    from transfer.pipeline import Pipeline, PipelineConfig
+    from slurm.pipeline import Pipeline, PipelineConfig
     config = load_config(PipelineConfig, "configs/pipeline/demo.yaml",
                          [f"root={out / f'seed{seed}'}", f"pretrain_overrides=[seed={seed}]", f"seeds=[{seed}]"])
     config.tasks = {task: path for task, path in config.tasks.items() if task in tasks}

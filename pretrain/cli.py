@@ -34,18 +34,14 @@ def config_parser(prog: str, description: str, epilog: str = "") -> argparse.Arg
     return parser
 
 
-def subcommand_parser(prog: str, description: str, commands: dict[str, tuple[str, str]]) -> argparse.ArgumentParser:
-    """A parser whose commands live in their own modules: {name: (module, one-line help)}.
-
-    Each module has add_arguments(parser) and run(args). Modules are imported to build --help, so they keep
-    their heavy imports (mmseg, detectron2, submitit) inside run().
-    """
-    import importlib
+def subcommand_parser(prog: str, description: str,
+                      commands: dict[str, tuple[str, Callable, Callable]]) -> argparse.ArgumentParser:
+    """A parser with one sub-command per entry {name: (one-line help, add_arguments(parser), run(args))}."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
-    for name, (module_name, help_text) in commands.items():
+    for name, (help_text, add_arguments, run) in commands.items():
         command = sub.add_parser(name, help=help_text, description=help_text,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-        command.set_defaults(run=importlib.import_module(module_name).run)
-        importlib.import_module(module_name).add_arguments(command)
+        command.set_defaults(run=run)
+        add_arguments(command)
     return parser

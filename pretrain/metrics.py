@@ -1,4 +1,4 @@
-"""metrics.json, the one file per run that reports read (DESIGN.md's schema)."""
+"""metrics.json, the one file per run that reports read (its schema: docs/design.md)."""
 from __future__ import annotations
 
 import hashlib

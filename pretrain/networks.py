@@ -7,18 +7,42 @@ from torch import Tensor, nn
 
 from pretrain.errors import UserError
 
-BACKBONES = ("resnet18", "resnet34", "resnet50")
+# The one architecture table: torchvision's ResNets, (block type, blocks per stage, feature width).
+ARCHITECTURES = {
+    "resnet18": ("basic", (2, 2, 2, 2), 512), "resnet34": ("basic", (3, 4, 6, 3), 512),
+    "resnet50": ("bottleneck", (3, 4, 6, 3), 2048), "resnet101": ("bottleneck", (3, 4, 23, 3), 2048),
+    "resnet152": ("bottleneck", (3, 8, 36, 3), 2048),
+}
+BACKBONES = ("resnet18", "resnet34", "resnet50")   # what the pretraining configs offer
+
+
+def resnet_depth(arch: str) -> int:
+    """The depth of a ResNet name ('resnet50' -> 50), as detectron2 and mmsegmentation spell it."""
+    return int(arch[len("resnet"):])
+
+
+def feature_width(arch: str) -> int:
+    """Channels of the last stage (the pooled feature size): 512 for basic blocks, 2048 for bottlenecks."""
+    return ARCHITECTURES[arch][2]
+
+
+def build_resnet(arch: str, state_dict: dict[str, Tensor] | None = None) -> nn.Module:
+    """A torchvision ResNet without its classifier (fc = Identity), optionally loaded strictly."""
+    if arch not in ARCHITECTURES:
+        raise UserError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHITECTURES)}")
+    import torchvision
+    model = getattr(torchvision.models, arch)(weights=None)
+    model.fc = nn.Identity()
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=True)
+    return model
 
 
 def build_backbone(name: str) -> tuple[nn.Module, int]:
-    """A torchvision ResNet without its classifier (fc = Identity) and its feature width."""
+    """A pretraining backbone (fc = Identity) and its feature width."""
     if name not in BACKBONES:
         raise UserError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)} (model.backbone)")
-    import torchvision
-    backbone = getattr(torchvision.models, name)(weights=None)
-    width = backbone.fc.in_features
-    backbone.fc = nn.Identity()
-    return backbone, width
+    return build_resnet(name), feature_width(name)
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:

@@ -1,4 +1,4 @@
-"""The pretraining config schema. Defaults are the small Fashion-MNIST config; SPEC.md's ImageNet values
+"""The pretraining config schema. Defaults are the small Fashion-MNIST config; the ImageNet values (docs/loss.md)
 live in configs/pretrain/imagenet_resnet50.yaml."""
 from __future__ import annotations
 

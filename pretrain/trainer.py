@@ -29,11 +29,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from pretrain import checkpoint
 from pretrain.config import config_differences
 from pretrain.errors import UserError
 
 log = logging.getLogger("pretrain")
-CHECKPOINT_FORMAT = "ssl-hsic/pretrain"
 # Keys a resumed run may change without changing its trajectory.
 RESUMABLE_CHANGES = {"run_dir", "data.num_workers", "train.log_every", "train.checkpoint_every",
                      "train.rankme_every", "optim.max_steps", "device"}
@@ -70,7 +70,8 @@ class Pretrainer:
         from pretrain.data import build_dataset
         from pretrain.hsic import SSLHSICLoss
         from pretrain.networks import Encoder, OnlineNetwork, build_backbone
-        from slurm.distributed import init_distributed
+        from pretrain.distributed import init_distributed
+        from pretrain.rundir import pick_device
 
         self.config = config
         self.run_dir = Path(config.run_dir)
@@ -87,12 +88,8 @@ class Pretrainer:
             raise UserError(f"data.on_corrupt must be 'error' or 'skip', not '{config.data.on_corrupt}'")
 
         self.dist = init_distributed()
-        if config.device in (None, "cuda") and torch.cuda.is_available():
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        elif config.device == "cuda":
-            raise UserError("device=cuda but no GPU is visible; set device=cpu or run on a GPU node")
-        else:
-            self.device = torch.device("cpu")
+        self.is_main = self.dist.rank == 0
+        self.device = pick_device(config.device)
         torch.manual_seed(config.seed)
         if config.train.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -163,23 +160,12 @@ class Pretrainer:
 
     def _check_run_dir(self) -> dict | None:
         """Refuse a run dir of another config; load its checkpoint for resuming (or None for a new run)."""
-        saved_config = self.run_dir / "config.yaml"
-        current = OmegaConf.to_container(self.config, resolve=True)
-        if saved_config.exists():
-            differences = config_differences(OmegaConf.to_container(OmegaConf.load(saved_config)), current,
-                                             RESUMABLE_CHANGES)
-            if differences:
-                raise UserError(f"run dir {self.run_dir} holds a run of another config (differs at "
-                                f"{', '.join(differences[:5])}); choose another run_dir or remove that one")
+        from pretrain.rundir import refuse_other_config
+        refuse_other_config(self.run_dir, self.config, RESUMABLE_CHANGES)
         if not self.checkpoint_path.exists():
             return None
-        try:
-            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise UserError(f"checkpoint {self.checkpoint_path} cannot be read ({type(error).__name__}); "
-                            "remove it to start over, or restore it from a backup") from None
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise UserError(f"{self.checkpoint_path} is not an SSL-HSIC pretraining checkpoint")
+        state = checkpoint.load(self.checkpoint_path)
+        current = OmegaConf.to_container(self.config, resolve=True)
         differences = config_differences(OmegaConf.to_container(OmegaConf.create(state["config"])), current,
                                          RESUMABLE_CHANGES)
         if differences:
@@ -188,22 +174,11 @@ class Pretrainer:
         return state
 
     def _setup_outputs(self) -> None:
-        from pretrain.config import save_config
-        self.is_main = self.dist.rank == 0
         if not self.is_main:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not (self.run_dir / "config.yaml").exists():
-            save_config(self.config, self.run_dir / "config.yaml")
-        handler = logging.FileHandler(self.run_dir / "log.txt")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        if not any(isinstance(h, logging.StreamHandler) and h.stream is sys.stderr for h in log.handlers):
-            console = logging.StreamHandler(sys.stderr)
-            console.setFormatter(logging.Formatter("%(message)s"))
-            log.addHandler(console)
-        log.setLevel(logging.INFO)
-        self._handlers = [handler]
+        from pretrain.rundir import attach_log, start_run_dir
+        start_run_dir(self.run_dir, self.config)
+        self._handlers = [attach_log(log, self.run_dir)]
         from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(str(self.run_dir / "events"), purge_step=self.step or None)
         history = self.run_dir / "history.jsonl"
@@ -218,7 +193,7 @@ class Pretrainer:
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"format": CHECKPOINT_FORMAT, "version": 1, "step": self.step, "elapsed_s": self.elapsed(),
+        return {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "step": self.step, "elapsed_s": self.elapsed(),
                 "config": OmegaConf.to_yaml(self.config, resolve=True), "backbone": self.config.model.backbone,
                 "online": self.online.state_dict(), "target": self.target.state_dict() if self.target else None,
                 "ema": self.ema.state_dict(), "loss": self.loss_fn.state_dict(),
@@ -333,6 +308,25 @@ class Pretrainer:
 
     def run(self) -> dict[str, Any]:
         """Train to the end of the schedule (or optim.max_steps); return the last logged stats."""
+        from pretrain.rundir import RunDirLock
+        lock = RunDirLock(self.run_dir).acquire() if self.is_main else None
+        try:
+            if lock is not None:
+                self._refuse_a_moved_checkpoint()
+            return self._run()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _refuse_a_moved_checkpoint(self) -> None:
+        """Between reading the checkpoint and taking the lock, another writer may have moved the run on."""
+        on_disk = checkpoint.load(self.checkpoint_path)["step"] if self.checkpoint_path.exists() else None
+        read = self.resume_state["step"] if self.resume_state is not None else None
+        if on_disk != read:
+            raise UserError(f"run dir {self.run_dir} changed while this run started (its checkpoint is now at step "
+                            f"{on_disk}); another run wrote it: rerun to resume from there")
+
+    def _run(self) -> dict[str, Any]:
         from tqdm import tqdm
         if self.resume_state is not None:
             self.load_state_dict(self.resume_state)
@@ -378,9 +372,9 @@ class Pretrainer:
             if self.is_main:
                 self.writer.close()
                 self.history.close()
+                from pretrain.rundir import detach_log
                 for handler in self._handlers:
-                    log.removeHandler(handler)
-                    handler.close()
+                    detach_log(log, handler)
         if self.is_main and self.step >= self.total_steps:
             self._write_metrics(stats, skipped)
         return stats

@@ -4,7 +4,7 @@ detectron2 is not on PyPI under its own name. pb1-detectron2 0.6 carries upstrea
 unchanged but not detectron2/layers/csrc, so its setup.py fails on the missing C++ sources, and its model
 zoo configs are not where its setup.py looks for them. Faster / Mask
 R-CNN with R50-C4/FPN run on torchvision's ops in v0.6, so we build the package without the extension
-(transfer/detectron2_compat.py covers what the missing _C and the package's age leave behind). We also drop
+(transfer/detectron2_glue.py covers what the missing _C and the package's age leave behind). We also drop
 its pin black==21.4b2, a formatter used only by LazyConfig.save, which no longer imports with click >= 8.1.
 
 On a cluster, build upstream detectron2 from source instead; the project works with either.

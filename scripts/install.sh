@@ -58,5 +58,5 @@ fi
 # 5. Everything else, and the project itself (editable).
 log "mmcv, mmsegmentation, detectron2, submitit, omegaconf and the project"
 "${PIP[@]}" "$WHEELS"/mmcv-2.1.0-*.whl "$D2_WHEELS"/pb1_detectron2-0.6*.whl -e "$ROOT[all]"
-"$PY" -c 'import mmseg, mmcv.ops, submitit, omegaconf, pretrain, transfer, slurm; from transfer.detectron2_compat import import_detectron2; import_detectron2()'
+"$PY" -c 'import mmseg, mmcv.ops, submitit, omegaconf, pretrain, transfer, slurm; from transfer.detectron2_glue import import_detectron2; import_detectron2()'
 log "done: $VENV"

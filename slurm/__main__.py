@@ -5,14 +5,18 @@ import sys
 from typing import Sequence
 
 from pretrain.cli import run_main, subcommand_parser
+from slurm import commands as c
 
-# command -> (module, one-line help); see pretrain.cli.subcommand_parser.
+# command -> (one-line help, add_arguments, run)
 COMMANDS = {
-    "submit": ("slurm.submit_cli", "run a step (pretrain, export, a transfer task) as a job"),
-    "sweep": ("slurm.sweep_cli", "submit a job array over backbones x tasks x seeds"),
-    "status": ("slurm.status_cli", "states of a sweep's jobs, with the log tail of failed ones"),
-    "collect": ("slurm.collect_cli", "gather a sweep's metrics.json files into one table"),
-    "local-cluster": ("slurm.local_cluster_cli", "start a one-node SLURM cluster on this machine (root)"),
+    "submit": ("run a step (pretrain, export, a transfer task) as a job", c.submit_arguments, c.run_submit),
+    "sweep": ("submit a job array over backbones x tasks x seeds", c.sweep_arguments, c.run_sweep),
+    "status": ("states of a sweep's jobs, with the log tail of failed ones", c.status_arguments, c.run_status),
+    "collect": ("gather a sweep's metrics.json files into one table", c.collect_arguments, c.run_collect),
+    "pipeline": ("the main job: pretrain, export, every task vs random init, report", c.pipeline_arguments,
+                 c.run_pipeline),
+    "local-cluster": ("start a one-node SLURM cluster on this machine (root)", c.local_cluster_arguments,
+                      c.run_local_cluster),
 }
 
 

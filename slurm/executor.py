@@ -1,14 +1,39 @@
-"""A submitit executor from an ExecutorConfig, and the sbatch script it would submit (dry run)."""
+"""The executor config (configs/slurm/*.yaml), the submitit executor it builds, the sbatch script it would
+submit (dry runs) and a failed job's log tail."""
 from __future__ import annotations
 
 import shlex
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from pretrain.errors import UserError
-from slurm.schema import ExecutorConfig
 
 CLUSTERS = ("local", "slurm", "debug")
+
+
+@dataclass
+class ExecutorConfig:
+    cluster: str = "local"                  # local: subprocesses here | slurm: sbatch | debug: in this process
+    folder: str = "runs/jobs"               # submitit's job files and logs (%j = job id)
+    name: str = "ssl-hsic"
+    timeout_min: int = 60
+    # SLURM only
+    partition: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 1                 # one task per GPU for distributed training
+    cpus_per_task: int = 1
+    mem_gb: Optional[float] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    signal_delay_s: int = 90                # SIGUSR2 this long before the time limit: checkpoint + requeue
+    max_num_timeout: int = 3                # requeues after timeouts (preemptions do not count)
+    array_parallelism: int = 64
+    additional: dict = field(default_factory=dict)   # extra sbatch flags, e.g. {exclude: node12}
+    setup: list = field(default_factory=list)        # shell lines before the job (module load ...)
 
 
 def slurm_parameters(config: ExecutorConfig) -> dict:
@@ -42,3 +67,32 @@ def sbatch_script(config: ExecutorConfig, argv: list[str]) -> str:
     command = f"{sys.executable} -u -m submitit.core._submit '{config.folder}'"
     text = executor._executor._make_submission_file_text(command, "DRYRUN")
     return text + f"\n# inside that job, submitit runs: python -m {shlex.join(argv)}\n"
+
+
+def load_executor_config(path: str, overrides: list[str]):
+    from pretrain.config import load_config
+    return load_config(ExecutorConfig, path, overrides)
+
+
+def step_command(step: str, argv: list[str]) -> list[str]:
+    """The `python -m` arguments of a step: pretrain, or a transfer command."""
+    return ["pretrain", *argv] if step == "pretrain" else ["transfer", step, *argv]
+
+
+def describe(config: ExecutorConfig, name: str, step: str, argv: list[str]) -> str:
+    """What a dry run prints for one job: its sbatch flags on SLURM, then its command line."""
+    command = step_command(step, argv)
+    lines = []
+    if config.cluster == "slurm":
+        flags = [line.split(" ", 1)[1] for line in sbatch_script(config, command).splitlines()
+                 if line.startswith("#SBATCH")]
+        lines.append(f"{name}: sbatch {' '.join(flags)}")
+    lines.append(f"{name}: python -m {shlex.join(command)}")
+    return "\n".join(lines)
+
+
+def report_failure(job) -> str:
+    """The job's log path and the last lines of its stderr."""
+    stderr = Path(job.paths.stderr)
+    tail = stderr.read_text(errors="replace").strip().splitlines()[-3:] if stderr.exists() else ["(no stderr yet)"]
+    return f"job {job.job_id} failed; log {stderr}\n" + "\n".join("    " + line for line in tail)

@@ -12,16 +12,22 @@ import os
 import signal
 from typing import Any
 
-STEPS = ("pretrain", "export", "verify", "scenes", "linear", "knn", "depth", "segmentation", "detection")
+TOOLS = ("export", "verify", "scenes")
+
+
+def steps() -> tuple[str, ...]:
+    """Every step a job can run: pretraining, the transfer tools, and the registered transfer tasks."""
+    from transfer.tasks import TASKS
+    return ("pretrain", *TOOLS, *TASKS)
 
 
 class StepJob:
     """Callable by submitit: runs `python -m pretrain ARGV` or `python -m transfer STEP ARGV` in-process."""
 
     def __init__(self, step: str, argv: list[str]):
-        if step not in STEPS:
+        if step not in steps():
             from pretrain.errors import UserError
-            raise UserError(f"unknown step '{step}'; choose one of {', '.join(STEPS)}")
+            raise UserError(f"unknown step '{step}'; choose one of {', '.join(steps())}")
         self.step, self.argv = step, list(argv)
 
     def __repr__(self) -> str:

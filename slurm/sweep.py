@@ -36,6 +36,10 @@ def backbone_label(spec: str) -> str:
 def plan(config: SweepConfig) -> list[dict]:
     if not config.backbones or not config.tasks:
         raise UserError("a sweep needs at least one backbone (backbones: [...]) and one task (tasks: {task: config})")
+    from transfer.tasks import TASKS
+    unknown = sorted(set(config.tasks) - set(TASKS))
+    if unknown:
+        raise UserError(f"unknown sweep tasks {unknown}; choose from {', '.join(TASKS)}")
     jobs = []
     for (task, task_config), backbone, seed, (index, overrides) in itertools.product(
             config.tasks.items(), config.backbones, config.seeds, enumerate(config.overrides)):

@@ -1,4 +1,5 @@
-"""Shared fixtures. The SLURM cluster is real: Debian's daemons, started once per test session."""
+"""Shared fixtures and helpers: the tiny pretraining config, checkpoint comparison, the CLI runner, and the SLURM
+cluster (real: Debian's daemons, started once per test session)."""
 from __future__ import annotations
 
 import os
@@ -36,3 +37,33 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
     """Run `python -m <args>` in a fresh interpreter, as a user would."""
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd or ROOT, capture_output=True, text=True,
                           timeout=timeout)
+
+
+# The smallest pretraining run that still exercises every part of the loop (2 epochs of 3 steps on 48 images).
+TINY = ["data.limit=48", "data.image_size=16", "data.num_workers=0", "optim.batch_size=16", "optim.epochs=2",
+        "optim.warmup_epochs=0.5", "model.projector_hidden=64", "model.predictor_hidden=64",
+        "model.embedding_dim=32", "loss.num_features=64", "train.log_every=2", "train.checkpoint_every=100",
+        "train.deterministic=true", "train.cpu_amp=false", "train.rankme_every=2"]
+
+
+def tiny_config(run_dir, *overrides):
+    from pretrain.config import load_config
+    from pretrain.schema import PretrainConfig
+    return load_config(PretrainConfig, ROOT / "configs/pretrain/fashion_mnist_resnet18.yaml",
+                       [f"run_dir={run_dir}", *TINY, *overrides])
+
+
+def final_state(run_dir):
+    import torch
+    return torch.load(Path(run_dir) / "checkpoints" / "last.pt", weights_only=True)
+
+
+def assert_same_weights(a, b):
+    import torch
+    for part in ("online", "target", "ema", "loss"):
+        if a[part] is None:
+            assert b[part] is None
+            continue
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"

@@ -84,14 +84,15 @@ def test_detectron2_and_mmseg_load_every_weight_and_match_torchvision(arch, tmp_
 
 
 def test_verify_catches_a_framework_that_differs(resnet18_file, monkeypatch):
+    import transfer.mmseg_glue as mmseg_glue
     import transfer.verify as verify_module
-    real = verify_module.mmseg_stages
+    real = mmseg_glue.resnet_stages
 
     def shifted(model, x):
         stages = real(model, x)
         stages["res4"] = stages["res4"] + 1e-3
         return stages
-    monkeypatch.setattr(verify_module, "mmseg_stages", shifted)
+    monkeypatch.setattr(mmseg_glue, "resnet_stages", shifted)
     with pytest.raises(verify_module.VerificationFailed, match=r"mmseg res4 \(1.00e-03\)"):
         verify(load_backbone(resnet18_file), image_size=32)
 
@@ -105,14 +106,15 @@ def test_common_ssl_layouts_are_detected(resnet18_file, tmp_path, prefix, wrappe
     torch.save({wrapper: state, "epoch": 3} if wrapper else state, path)
     backbone = load_backbone(path)
     assert backbone.arch == "resnet18" and prefix in backbone.layout
-    assert torch.equal(backbone.state_dict["layer4.1.conv2.weight"], load_backbone(resnet18_file).state_dict["layer4.1.conv2.weight"])
+    key = "layer4.1.conv2.weight"
+    assert torch.equal(backbone.state_dict[key], load_backbone(resnet18_file).state_dict[key])
 
 
 def test_pretraining_checkpoint_gives_the_requested_network(tmp_path):
     from pretrain.config import load_config
     from pretrain.schema import PretrainConfig
     from pretrain.trainer import train
-    from tests.test_pretrain import TINY
+    from tests.conftest import TINY
     train(load_config(PretrainConfig, "configs/pretrain/fashion_mnist_resnet18.yaml",
                       [f"run_dir={tmp_path}", *TINY, "optim.max_steps=2"]))
     checkpoint = tmp_path / "checkpoints" / "last.pt"

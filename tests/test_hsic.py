@@ -183,7 +183,8 @@ def test_bad_inputs_are_refused():
 def stationary_scale(dist2: np.ndarray) -> float:
     """Root of d/dc mean_j [2 log c - 3 log(d_j^2 + c^2)] = 2/c - mean_j 6c / (d_j^2 + c^2) (IMQ), by bisection."""
     lo, hi = 1e-4, 1e2
-    f = lambda c: 2 / c - np.mean(6 * c / (dist2 + c * c))
+    def f(c):
+        return 2 / c - np.mean(6 * c / (dist2 + c * c))
     for _ in range(200):
         mid = math.sqrt(lo * hi)
         lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)

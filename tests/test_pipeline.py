@@ -4,7 +4,7 @@ import json
 import pytest
 
 from tests.conftest import run_cli
-from tests.test_pretrain import TINY
+from tests.conftest import TINY
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ def test_tiny_pipeline_runs_end_to_end_and_a_rerun_skips_everything(tmp_path):
                           "data.min_size_test=96", "data.num_workers=0"],
             "depth": ["steps=2", "batch_size=4", "data.resize=[96,96]", "data.crop=[96,96]", "data.num_workers=0"]},
     }))
-    result = run_cli("transfer", "pipeline", "--config", str(config), timeout=2000)
+    result = run_cli("slurm", "pipeline", "--config", str(config), timeout=2000)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     root = tmp_path / "demo"
     table = (root / "report" / "report.md").read_text()
@@ -41,6 +41,6 @@ def test_tiny_pipeline_runs_end_to_end_and_a_rerun_skips_everything(tmp_path):
             assert record["task"] == task and record["backbone"]["weights"] == ("random" if kind == "random" else "ema")
     assert (root / "report" / "pretrain_pretrain.png").exists() and (root / "report" / "task_depth.png").exists()
     assert json.loads((root / "export" / "backbone_ema.pkl.json").read_text())["arch"] == "resnet18"
-    rerun = run_cli("transfer", "pipeline", "--config", str(config), timeout=600)
+    rerun = run_cli("slurm", "pipeline", "--config", str(config), timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert rerun.stdout.count("done before, skipped") == 4 + 10  # pretrain, scenes, export, verify + 10 task runs

@@ -10,32 +10,7 @@ from omegaconf import OmegaConf
 
 from pretrain.config import load_config
 from pretrain.schema import PretrainConfig
-from tests.conftest import run_cli
-
-TINY = ["data.limit=48", "data.image_size=16", "data.num_workers=0", "optim.batch_size=16", "optim.epochs=2",
-        "optim.warmup_epochs=0.5", "model.projector_hidden=64", "model.predictor_hidden=64",
-        "model.embedding_dim=32", "loss.num_features=64", "train.log_every=2", "train.checkpoint_every=100",
-        "train.deterministic=true", "train.cpu_amp=false", "train.rankme_every=2"]
-
-
-def tiny_config(run_dir, *overrides):
-    return load_config(PretrainConfig, "configs/pretrain/fashion_mnist_resnet18.yaml",
-                       [f"run_dir={run_dir}", *TINY, *overrides])
-
-
-def final_state(run_dir):
-    return torch.load(Path(run_dir) / "checkpoints" / "last.pt", weights_only=True)
-
-
-def assert_same_weights(a, b):
-    for part in ("online", "target", "ema", "loss"):
-        if a[part] is None:
-            assert b[part] is None
-            continue
-        assert a[part].keys() == b[part].keys()
-        for key in a[part]:
-            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
-
+from tests.conftest import TINY, assert_same_weights, final_state, run_cli, tiny_config
 
 # --------------------------------------------------------------------------------------- training
 
@@ -113,7 +88,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def _distributed_worker(rank, world, port, inputs, result_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from slurm.distributed import init_distributed
+    from pretrain.distributed import init_distributed
     init_distributed("gloo")
     loss, grads = _loss_and_grads(inputs[0].chunk(world)[rank], inputs[1].chunk(world)[rank], distributed=True)
     torch.save({"loss": loss, "grads": grads}, Path(result_dir) / f"rank{rank}.pt")

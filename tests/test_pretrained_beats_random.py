@@ -13,7 +13,7 @@ import json
 import pytest
 
 from tests.conftest import run_cli
-from transfer.pipeline import PipelineConfig, scene_overrides
+from slurm.pipeline import PipelineConfig, scene_overrides
 
 # pretrained (EMA network) - random init, seeds 0, 1, 2; the pretraining seed is also the task's seed
 MEASURED = {"linear": (1.25, 1.67, 2.50), "knn": (0.31, 1.01, 0.97), "segmentation": (0.90, 3.35, 0.42)}

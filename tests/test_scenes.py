@@ -75,9 +75,8 @@ def test_nearer_objects_are_larger(scenes):
 
 
 def test_mmseg_reads_the_voc_folder(written):
-    from mmseg.utils import register_all_modules
-    register_all_modules()
-    from transfer.mmseg_scenes import GeneratedScenesDataset
+    from transfer.mmseg_glue import dataset_class
+    GeneratedScenesDataset = dataset_class("GeneratedScenesDataset")
     dataset = GeneratedScenesDataset(data_root=str(written / "voc" / "VOC2012"),
                                      ann_file="ImageSets/Segmentation/train.txt",
                                      data_prefix=dict(img_path="JPEGImages", seg_map_path="SegmentationClass"),
@@ -91,7 +90,7 @@ def test_mmseg_reads_the_voc_folder(written):
 
 
 def test_detectron2_reads_the_coco_json(written):
-    from transfer.detectron2_compat import import_detectron2
+    from transfer.detectron2_glue import import_detectron2
     import_detectron2()
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import register_coco_instances

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
-from tests.test_pretrain import TINY, assert_same_weights, final_state
+from tests.conftest import TINY, assert_same_weights, final_state
 
 pytestmark = pytest.mark.slow
 
 
 def cluster_executor(tmp_path, **overrides):
-    from slurm.schema import ExecutorConfig
+    from slurm.executor import ExecutorConfig
     from omegaconf import OmegaConf
     return OmegaConf.structured(ExecutorConfig(cluster="slurm", folder=str(tmp_path / "jobs"), **overrides))
 
@@ -102,7 +102,7 @@ overrides: [[data.limit_train=300, data.limit_test=100, data.num_workers=0, cach
 
 def _distributed_probe():
     import torch.distributed as dist
-    from slurm.distributed import detect, init_distributed
+    from pretrain.distributed import detect, init_distributed
     info = init_distributed("gloo")
     total = torch.tensor([float(info.rank + 1)])
     dist.all_reduce(total)
@@ -123,7 +123,7 @@ def test_distributed_init_reads_a_two_task_allocation(slurm_cluster, tmp_path):
 
 
 def test_first_host_of_a_node_list():
-    from slurm.distributed import detect, first_host
+    from pretrain.distributed import detect, first_host
     assert first_host("gpu[003-005,010],cpu1") == "gpu003"
     env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
            "SLURM_JOB_NODELIST": "node[7-8]"}

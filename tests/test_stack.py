@@ -44,7 +44,7 @@ def test_mmseg_fcn_on_a_torchvision_style_resnet_computes_its_loss():
 
 
 def test_detectron2_mask_rcnn_computes_its_losses():
-    from transfer.detectron2_compat import import_detectron2
+    from transfer.detectron2_glue import import_detectron2
     import_detectron2()
     from detectron2 import model_zoo
     from detectron2.config import get_cfg
@@ -84,7 +84,7 @@ def test_detectron2_mask_rcnn_computes_its_losses():
 def test_detectron2_shims_only_where_needed():
     import numpy as np
     from PIL import Image
-    from transfer.detectron2_compat import apply_shims, has_compiled_ops
+    from transfer.detectron2_glue import apply_shims, has_compiled_ops
     applied = apply_shims()
     assert Image.LINEAR == Image.BILINEAR and np.int is int  # v0.6 imports and runs its numpy paths
     assert set(applied) <= {"detectron2._C", "PIL.Image.LINEAR", "numpy.int", "numpy.float", "numpy.bool"}

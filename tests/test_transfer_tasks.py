@@ -21,7 +21,7 @@ def scenes(tmp_path_factory):
 # ------------------------------------------------------------------------------------ classification
 
 def test_topk_accuracy_by_hand():
-    from transfer.classification import topk_accuracy
+    from transfer.tasks.classification import topk_accuracy
     scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.15, 0.05], [0.2, 0.3, 0.5], [0.5, 0.4, 0.1]])
     labels = torch.tensor([1, 2, 2, 1])
     result = topk_accuracy(scores, labels, ks=(1, 2))
@@ -30,7 +30,7 @@ def test_topk_accuracy_by_hand():
 
 
 def test_knn_votes_by_hand():
-    from transfer.classification import knn_scores
+    from transfer.tasks.classification import knn_scores
     train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]])
     labels = torch.tensor([0, 1, 1])
     test = torch.tensor([[1.0, 0.05]])
@@ -91,7 +91,7 @@ def test_linear_refuses_bad_input(tmp_path):
 # ------------------------------------------------------------------------------------------- depth
 
 def test_depth_metrics_by_hand():
-    from transfer.depth import depth_metrics
+    from transfer.tasks.depth import depth_metrics
     prediction = torch.tensor([[1.0, 2.0], [3.0, 9.0]])
     target = torch.tensor([[1.0, 1.0], [4.0, 0.0]])  # the last pixel is invalid
     m = depth_metrics(prediction, target)
@@ -104,7 +104,7 @@ def test_depth_metrics_by_hand():
 
 
 def test_berhu_by_hand():
-    from transfer.depth import berhu_loss
+    from transfer.tasks.depth import berhu_loss
     prediction, target = torch.tensor([1.0, 2.0, 6.0, 5.0]), torch.tensor([1.5, 2.0, 1.0, 0.0])
     c = 0.2 * 5.0
     expected = (0.5 + 0.0 + (25 + c * c) / (2 * c)) / 3
@@ -113,8 +113,8 @@ def test_berhu_by_hand():
 
 @pytest.mark.parametrize("arch, size", [("resnet18", (96, 128)), ("resnet50", (228, 304))])
 def test_up_projection_decoder_returns_the_input_resolution(arch, size):
-    from transfer.backbone import build_resnet
-    from transfer.depth import FCRN
+    from pretrain.networks import build_resnet
+    from transfer.tasks.depth import FCRN
     model = FCRN(build_resnet(arch), 512 if arch == "resnet18" else 2048).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, *size)).shape == (1, 1, *size)
@@ -155,7 +155,7 @@ def test_segmentation_trains_and_mmseg_evaluates(scenes, tmp_path):
 
 
 def test_segmentation_refuses_a_backbone_missing_a_layer(scenes, tmp_path):
-    from transfer.backbone import build_resnet
+    from pretrain.networks import build_resnet
     state = build_resnet("resnet18").state_dict()
     del state["layer3.1.conv2.weight"]
     torch.save(state, tmp_path / "partial.pth")
@@ -165,8 +165,8 @@ def test_segmentation_refuses_a_backbone_missing_a_layer(scenes, tmp_path):
 
 
 def test_the_load_check_hook_catches_a_partial_mmseg_load(tmp_path):
-    from transfer.backbone import build_resnet
-    from transfer.segmentation import register_modules
+    from pretrain.networks import build_resnet
+    from transfer.mmseg_glue import register_modules
     register_modules()
     from mmseg.registry import HOOKS
     state = {f"backbone.{k}": v for k, v in build_resnet("resnet18").state_dict().items()}
@@ -195,7 +195,7 @@ def det_args(scenes, tmp_path, backbone="random:resnet18", *extra):
 
 
 def test_detection_trains_and_evaluates_through_coco_evaluator_without_c_ops(scenes, tmp_path):
-    from transfer.detectron2_compat import has_compiled_ops
+    from transfer.detectron2_glue import has_compiled_ops
     assert not has_compiled_ops()  # so COCOEvaluator takes its Python path
     result = run_cli("transfer", *det_args(scenes, tmp_path, "random:resnet18",
                                            "base=COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml",
@@ -227,8 +227,9 @@ def test_detection_with_the_same_seed_reruns_to_the_same_weights(scenes, tmp_pat
 def test_detection_refuses_a_pkl_of_another_architecture(tmp_path):
     from transfer import export
     from transfer.backbone import resolve_backbone
-    from transfer.detection import DetectionConfig, _import, detectron2_cfg, load_backbone_strictly
-    _import()
+    from transfer.detectron2_glue import detectron2_cfg, import_detectron2, load_backbone_strictly
+    from transfer.tasks.detection import Config as DetectionConfig
+    import_detectron2()
     from detectron2.modeling import build_model
     r50 = export.write(resolve_backbone("random:resnet50"), "detectron2", tmp_path / "r50.pkl")
     cfg = detectron2_cfg(DetectionConfig(), resolve_backbone("random:resnet18"), r50, 10, False)

@@ -2,27 +2,38 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 from typing import Sequence
 
 from pretrain.cli import run_main, subcommand_parser
 
-# command -> (module, one-line help); see pretrain.cli.subcommand_parser.
-COMMANDS = {
-    "export": ("transfer.export_cli", "write a backbone as torchvision / safetensors / detectron2 / mmseg files"),
-    "verify": ("transfer.verify_cli", "check an exported backbone gives the same features in all three frameworks"),
-    "linear": ("transfer.classification_cli", "linear classification on frozen (cached) features"),
-    "knn": ("transfer.classification_cli", "k-nearest-neighbour classification on frozen (cached) features"),
-    "segmentation": ("transfer.segmentation_cli", "semantic segmentation (FCN) through mmsegmentation"),
-    "detection": ("transfer.detection_cli", "detection / instance segmentation through detectron2"),
-    "depth": ("transfer.depth_cli", "monocular depth (FCRN up-projection decoder, berHu loss)"),
-    "scenes": ("transfer.scenes_cli", "generate dense-task scenes in VOC, COCO and NYU formats"),
-    "pipeline": ("transfer.pipeline_cli", "the main job: pretrain, export, every task vs random init, report"),
-    "report": ("transfer.report_cli", "a table (md, csv) and plots from finished runs' metrics.json"),
-}
+
+def commands() -> dict:
+    """The tools (transfer.commands) and one command per registered task (transfer.tasks)."""
+    from transfer import commands as tools
+    from transfer.runner import add_task_arguments, run_task
+    from transfer.tasks import TASKS
+
+    def task_command(name, args):
+        run_task(name, args.backbone, args.weights, args.config, args.overrides)
+
+    table = {
+        "export": ("write a backbone as torchvision / safetensors / detectron2 / mmseg files",
+                   tools.export_arguments, tools.run_export),
+        "verify": ("check an exported backbone gives the same features in all three frameworks",
+                   tools.verify_arguments, tools.run_verify),
+    }
+    for name, task in TASKS.items():
+        table[name] = (task.help, partial(add_task_arguments, epilog=task.load().EXAMPLES), partial(task_command, name))
+    table["scenes"] = ("generate dense-task scenes in VOC, COCO and NYU formats", tools.scenes_arguments,
+                       tools.run_scenes)
+    table["report"] = ("a table (md, csv) and plots from finished runs' metrics.json", tools.report_arguments,
+                       tools.run_report)
+    return table
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = subcommand_parser("python -m transfer", __doc__.split(":", 1)[1].strip(), COMMANDS)
+    parser = subcommand_parser("python -m transfer", __doc__.split(":", 1)[1].strip(), commands())
     args = parser.parse_args(argv)
     args.run(args)
 

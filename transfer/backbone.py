@@ -21,15 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pretrain import checkpoint
 from pretrain.errors import UserError
+from pretrain.networks import ARCHITECTURES, build_resnet
 
-ARCHITECTURES = {  # name: (block type, blocks per stage)
-    "resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
-    "resnet50": ("bottleneck", (3, 4, 6, 3)), "resnet101": ("bottleneck", (3, 4, 23, 3)),
-    "resnet152": ("bottleneck", (3, 8, 36, 3)),
-}
-PROJECT_WEIGHTS = {"ema": ("ema", "encoder.backbone."), "online": ("online", "encoder.backbone."),
-                   "target": ("target", "backbone.")}
 PREFIXES = ("", "module.", "encoder.", "backbone.", "model.", "module.encoder.", "module.backbone.",
             "module.encoder_q.", "encoder_q.", "online_network.encoder.", "module.online_network.encoder.",
             "online_network.", "student.backbone.", "teacher.backbone.", "module.base_encoder.", "base_encoder.",
@@ -52,15 +47,6 @@ class Backbone:
         return build_resnet(self.arch, self.state_dict)
 
 
-def build_resnet(arch: str, state_dict: dict[str, Tensor] | None = None) -> torch.nn.Module:
-    import torchvision
-    model = getattr(torchvision.models, arch)(weights=None)
-    model.fc = torch.nn.Identity()
-    if state_dict is not None:
-        model.load_state_dict(state_dict, strict=True)
-    return model
-
-
 def detect_arch(state_dict: dict[str, Tensor]) -> str | None:
     """The torchvision ResNet whose block type and stage depths match the keys, or None."""
     block = "bottleneck" if any(k.endswith("conv3.weight") for k in state_dict) else "basic"
@@ -68,7 +54,7 @@ def detect_arch(state_dict: dict[str, Tensor]) -> str | None:
     for stage in range(1, 5):
         indices = {int(m.group(1)) for k in state_dict if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
         depths.append(max(indices) + 1 if indices else 0)
-    for name, (kind, blocks) in ARCHITECTURES.items():
+    for name, (kind, blocks, _) in ARCHITECTURES.items():
         if kind == block and tuple(depths) == blocks:
             return name
     return None
@@ -137,15 +123,8 @@ def _candidates(raw: Any, weights: str) -> tuple[dict[str, Tensor], str, str]:
     """(flat state_dict, layout description, weights) before prefix detection."""
     if not isinstance(raw, dict):
         raise UserError(f"a checkpoint must hold a mapping of weights, not a {type(raw).__name__}")
-    if raw.get("format") == "ssl-hsic/pretrain":
-        if weights not in PROJECT_WEIGHTS:
-            raise UserError(f"weights must be one of {', '.join(PROJECT_WEIGHTS)}, not '{weights}'")
-        part, prefix = PROJECT_WEIGHTS[weights]
-        if raw.get(part) is None:
-            raise UserError(f"this checkpoint has no {part} network (a no-target run has no target); "
-                            "choose weights=ema or weights=online")
-        state = {k[len(prefix):]: v for k, v in raw[part].items() if k.startswith(prefix)}
-        return state, f"ssl-hsic checkpoint ({weights})", weights
+    if checkpoint.is_pretrain_checkpoint(raw):
+        return checkpoint.backbone_state(raw, weights), f"ssl-hsic checkpoint ({weights})", weights
     if isinstance(raw.get("model"), dict) and ("matching_heuristics" in raw or "__author__" in raw):
         return from_detectron2(raw["model"]), "detectron2 pickle", "as-is"
     for key in CONTAINER_KEYS:

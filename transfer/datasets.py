@@ -2,7 +2,7 @@
 
 * ImageNet: pretrain.data.ImageFolder (root/train, root/val).
 * VOC 2012 (+ aug) and COCO 2017: read by mmsegmentation's PascalVOCDataset and detectron2's COCO loader
-  themselves (transfer/segmentation.py, transfer/detection.py point them at the folders).
+  themselves (transfer/tasks/segmentation.py, transfer/tasks/detection.py point them at the folders).
 * NYU Depth v2: `NyuLabeledMat` reads the official nyu_depth_v2_labeled.mat (MATLAB v7.3 = HDF5) with the
   standard 795 / 654 split from splits.mat; `NyuFolder` reads the folder layout that `transfer.scenes` writes
   (and that many NYU ports use): <split>.txt lines 'rgb.png depth.png', depth as uint16 millimetres.

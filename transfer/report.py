@@ -1,6 +1,6 @@
 """The transfer report: metrics.json files -> a Markdown and CSV table (+ PNG plots).
 
-Each run dir holds one metrics.json (DESIGN.md's schema); the report reads nothing else, except a pretraining
+Each run dir holds one metrics.json (docs/design.md gives its schema); the report reads nothing else, except a pretraining
 run's history.jsonl for its curves. Results are grouped by (task, metric, backbone); over seeds the table shows
 the mean and the sample standard deviation. A task run on a pretrained backbone and on random init of the same
 architecture gives a comparison row: pretrained, random init, difference.

@@ -1,31 +1,36 @@
-"""What every transfer task shares: its run dir (config.yaml, log.txt, metrics.json), the backbone record,
-and rerun behaviour: a finished run with the same config and backbone is reported, not repeated."""
+"""What every transfer task shares: its run dir (config.yaml, log.txt, metrics.json), the backbone record, the
+command line, and rerun behaviour: a finished run with the same config and backbone is reported, not repeated."""
 from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pretrain.config import config_differences, save_config
 from pretrain.errors import UserError
 from pretrain.metrics import sha256_of, write_metrics
+from pretrain.rundir import RunDirLock, attach_log, detach_log, refuse_other_config, start_run_dir
 from transfer.backbone import Backbone, fingerprint
 
 log = logging.getLogger("transfer")
-RERUN_SAFE = {"run_dir", "data.num_workers", "device"}
+RERUN_SAFE = {"run_dir", "data.num_workers", "device"}  # keys a rerun may change
+
+
+@dataclass
+class TaskResult:
+    metrics: dict[str, float]
+    dataset: str
+    protocol: str
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def backbone_record(backbone: Backbone) -> dict[str, str]:
-    if Path(backbone.source).is_file():
-        return {"path": backbone.source, "sha256": sha256_of(backbone.source), "weights": backbone.weights,
-                "arch": backbone.arch}
-    return {"path": backbone.source, "sha256": fingerprint(backbone.state_dict), "weights": backbone.weights,
-            "arch": backbone.arch}
+    digest = sha256_of(backbone.source) if Path(backbone.source).is_file() else fingerprint(backbone.state_dict)
+    return {"path": backbone.source, "sha256": digest, "weights": backbone.weights, "arch": backbone.arch}
 
 
 class TaskRun:
@@ -36,13 +41,7 @@ class TaskRun:
         self.run_dir = Path(config.run_dir)
         self.record = backbone_record(backbone)
         self.started = time.time()
-        saved = self.run_dir / "config.yaml"
-        if saved.exists():
-            differences = config_differences(OmegaConf.to_container(OmegaConf.load(saved)),
-                                             OmegaConf.to_container(config, resolve=True), RERUN_SAFE)
-            if differences:
-                raise UserError(f"run dir {self.run_dir} holds a {task} run of another config (differs at "
-                                f"{', '.join(differences[:5])}); choose another run_dir or remove that one")
+        refuse_other_config(self.run_dir, config, RERUN_SAFE, task)
         metrics = self.run_dir / "metrics.json"
         if metrics.exists():
             previous = json.loads(metrics.read_text())
@@ -56,36 +55,29 @@ class TaskRun:
         return json.loads(path.read_text()) if path.exists() else None
 
     def start(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not (self.run_dir / "config.yaml").exists():
-            save_config(self.config, self.run_dir / "config.yaml")
-        self._handler = logging.FileHandler(self.run_dir / "log.txt")
-        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(self._handler)
-        if not any(getattr(h, "stream", None) is sys.stderr for h in log.handlers):
-            console = logging.StreamHandler(sys.stderr)
-            console.setFormatter(logging.Formatter("%(message)s"))
-            log.addHandler(console)
-        log.setLevel(logging.INFO)
+        """Take the run dir (one writer: rank 0 holds its lock), write config.yaml and open log.txt."""
+        from pretrain.distributed import detect
+        self.lock = RunDirLock(self.run_dir).acquire() if detect().rank == 0 else None
+        start_run_dir(self.run_dir, self.config)
+        self._handler = attach_log(log, self.run_dir)
         log.info("%s: backbone %s (%s, %s)", self.task, self.backbone.source, self.backbone.arch, self.backbone.layout)
 
-    def finish(self, metrics: dict[str, float], dataset: str, protocol: str, extra: dict | None = None) -> dict:
-        write_metrics(self.run_dir, task=self.task, dataset=dataset, backbone=self.record, protocol=protocol,
-                      metrics=metrics, seed=self.config.seed, config=OmegaConf.to_container(self.config, resolve=True),
-                      wall_time_s=time.time() - self.started, extra=extra)
-        log.info("%s: %s", self.task, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        log.removeHandler(self._handler)
-        self._handler.close()
+    def finish(self, result: TaskResult) -> dict:
+        write_metrics(self.run_dir, task=self.task, dataset=result.dataset, backbone=self.record,
+                      protocol=result.protocol, metrics=result.metrics, seed=self.config.seed,
+                      config=OmegaConf.to_container(self.config, resolve=True),
+                      wall_time_s=time.time() - self.started, extra=result.extra or None)
+        log.info("%s: %s", self.task, ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
         return json.loads((self.run_dir / "metrics.json").read_text())
 
-
-def pick_device(name: str | None):
-    import torch
-    if name in (None, "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    if name == "cuda":
-        raise UserError("device=cuda but no GPU is visible; set device=cpu")
-    return torch.device("cpu")
+    def close(self) -> None:
+        """Close the log and release the run dir (also after a failure)."""
+        if getattr(self, "_handler", None) is not None:
+            detach_log(log, self._handler)
+            self._handler = None
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def add_task_arguments(parser, epilog: str = "") -> None:
@@ -99,18 +91,28 @@ def add_task_arguments(parser, epilog: str = "") -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
 
 
-def run_task(task: str, schema: type, args, body) -> dict:
-    """Load the config and backbone, skip a finished run, else run `body(config, backbone, run)`, which returns
-    (metrics, dataset, protocol) or (metrics, dataset, protocol, extra), and write metrics.json."""
+def run_task(name: str, backbone_spec: str, weights: str = "ema", config_path: str | None = None,
+             overrides: list[str] = ()) -> dict:
+    """Load the config and backbone, report a finished run, else prepare the data, start the run dir, run the
+    task and write metrics.json; return its content."""
     from pretrain.config import load_config
+    from transfer import tasks
     from transfer.backbone import resolve_backbone
-    config = load_config(schema, args.config, args.overrides)
-    backbone = resolve_backbone(args.backbone, config.seed, args.weights)
-    run = TaskRun(task, config, backbone)
+    module = tasks.get(name).load()
+    config = load_config(module.Config, config_path, overrides)
+    backbone = resolve_backbone(backbone_spec, config.seed, weights)
+    run = TaskRun(name, config, backbone)
     if (done := run.finished()) is not None:
-        print(f"{task}: already done in {run.run_dir}: {done['metrics']}")
+        print(f"{name}: already done in {run.run_dir}: {done['metrics']}")
         return done
-    metrics, dataset, protocol, *extra = body(config, backbone, run)
-    result = run.finish(metrics, dataset, protocol, extra[0] if extra else None)
-    print(f"{task}: {', '.join(f'{k} {v:.4g}' for k, v in metrics.items() if not k.startswith('IoU.'))}  ({run.run_dir})")
+    data = module.prepare(name, config)  # refuses missing or bad data before the run dir is written
+    try:
+        run.start()
+        if (done := run.finished()) is not None:  # another writer finished it while this one prepared
+            return done
+        result = run.finish(module.run(name, config, backbone, run, data))
+    finally:
+        run.close()
+    shown = {k: v for k, v in result["metrics"].items() if not k.startswith("IoU.")}
+    print(f"{name}: {', '.join(f'{k} {v:.4g}' for k, v in shown.items())}  ({run.run_dir})")
     return result

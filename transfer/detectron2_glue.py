@@ -1,69 +1,117 @@
-"""Detection and instance segmentation transfer through detectron2's own trainer and COCOEvaluator.
+"""All of this project's detectron2 glue, in one place; detectron2 is imported inside the functions.
+
+* Import with shims (`import_detectron2`): detectron2 v0.6 on today's stack needs a stand-in for its compiled
+  ops when built without them, Pillow's Image.LINEAR and numpy's removed aliases. Each shim is applied only
+  when the installed detectron2 needs it, so an upstream build from source (the normal install on a cluster)
+  runs untouched.
+* The model config of the detection protocol (`detectron2_cfg`), the dataset registration, the trainer with
+  COCOEvaluator, detectron2's per-machine process group, and MoCo's Res5ROIHeadsExtraNorm head.
+* Strict loading of an exported .pkl (`load_weights` is the one call of DetectionCheckpointer's private
+  loader; `load_backbone_strictly` refuses anything that did not load) and detectron2's plain ResNet
+  backbone (`pretrained_resnet`, for verification).
 
 The MoCo protocol (He et al. 2020, detection/configs): torchvision-style ResNet (STRIDE_IN_1X1 False), RGB input
 with ImageNet mean / std in 0-255, BACKBONE.FREEZE_AT 0, SyncBN in the backbone and the heads (BN in a single
 process); for R50-C4 the res5 box head gets an extra norm after res5 (Res5ROIHeadsExtraNorm).
-
-The canonical backbone is written as a detectron2 .pkl in the run dir and loaded with DetectionCheckpointer's
-matching heuristics. Loading must be complete: every key of the file must land in the model and every ResNet
-parameter of the model must come from the file; anything else stops the run before training.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
-from dataclasses import dataclass, field
+import sys
+import types
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from pretrain.errors import UserError
-from transfer.backbone import Backbone
+from pretrain.networks import resnet_depth
 
 log = logging.getLogger("transfer")
-DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
+
+# ------------------------------------------------------------------------------ import and shims
+
+_applied: list[str] | None = None
+_has_compiled_ops: bool | None = None
 
 
-@dataclass
-class DetectionData:
-    train_json: str = "runs/scenes/coco/annotations/instances_train.json"
-    train_images: str = "runs/scenes/coco/train"
-    test_json: str = "runs/scenes/coco/annotations/instances_val.json"
-    test_images: str = "runs/scenes/coco/val"
-    min_size_train: tuple = (96, 112, 128)
-    max_size_train: int = 213
-    min_size_test: int = 128
-    max_size_test: int = 213
-    num_workers: int = 1
+class _MissingCompiledOps(types.ModuleType):
+    """Stands in for detectron2._C when detectron2 was built without its C++/CUDA extension.
+
+    v0.6 imports _C at module level in layers/deform_conv.py and rotated_boxes.py, so without it nothing in
+    detectron2.layers imports, although Faster / Mask R-CNN never call it (they run on torchvision ops).
+    Any use says what is missing; hasattr() sees no attribute, so feature checks fall back cleanly.
+    """
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(f"detectron2._C.{name} is unavailable: this detectron2 was built without its C++ ops "
+                             "(deformable conv, rotated boxes, fast COCO eval); build detectron2 from source for them")
 
 
-@dataclass
-class DetectionConfig:
-    run_dir: str = "runs/detection"
-    seed: int = 0
-    base: str = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"  # a detectron2 model-zoo config
-    data: DetectionData = field(default_factory=DetectionData)
-    iterations: int = 300
-    batch_size: int = 4                     # images per iteration, over all processes
-    lr: float = 0.02
-    weight_decay: float = 1e-4
-    steps: tuple = (0.75, 0.92)             # lr x0.1 at these fractions
-    warmup_iters: int = 50
-    checkpoint_period: int = 100
-    extra_norm_res5: bool = False           # MoCo's Res5ROIHeadsExtraNorm (R50-C4)
-    opts: list = field(default_factory=list)  # any further detectron2 KEY VALUE pairs
-    device: Optional[str] = None
+def _detectron2_version() -> str:
+    spec = importlib.util.find_spec("detectron2")
+    if spec is None:
+        raise UserError("detectron2 is not installed: run scripts/install.sh (or build detectron2 from source)")
+    with open(spec.submodule_search_locations[0] + "/__init__.py") as f:
+        for line in f:
+            if line.startswith("__version__"):
+                return line.split("=")[1].strip().strip("'\"")
+    return "unknown"
 
 
-def _import():
-    from transfer.detectron2_compat import import_detectron2
-    return import_detectron2()
+def apply_shims() -> list[str]:
+    """Patch what detectron2 <= 0.6 needs from older Pillow / numpy; return the names of the shims applied."""
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = []
+    global _has_compiled_ops
+    _has_compiled_ops = importlib.util.find_spec("detectron2._C") is not None
+    if not _has_compiled_ops:
+        sys.modules["detectron2._C"] = _MissingCompiledOps("detectron2._C")
+        _applied.append("detectron2._C")
+    if _detectron2_version() != "0.6":
+        return _applied
+    import numpy as np
+    from PIL import Image
 
+    # v0.6's data/transforms/transform.py uses Image.LINEAR as a default argument, so importing it fails on
+    # Pillow >= 10, which removed the alias. Upstream detectron2 uses Image.BILINEAR since 2023.
+    if not hasattr(Image, "LINEAR"):
+        Image.LINEAR = Image.BILINEAR
+        _applied.append("PIL.Image.LINEAR")
+    # v0.6 uses np.int / np.float / np.bool (data/build.py, evaluation/*, structures/masks.py), aliases that
+    # numpy 1.24 removed. Upstream replaced them with the builtins in 2023.
+    for alias, builtin in (("int", int), ("float", float), ("bool", bool)):
+        if alias not in np.__dict__:
+            setattr(np, alias, builtin)
+            _applied.append(f"numpy.{alias}")
+    if _applied:
+        log.debug("detectron2 %s: applied compatibility shims %s", _detectron2_version(), _applied)
+    return _applied
+
+
+def has_compiled_ops() -> bool:
+    """True when detectron2._C (its C++/CUDA extension) was built."""
+    apply_shims()
+    return bool(_has_compiled_ops)
+
+
+def import_detectron2():
+    """Apply the shims if needed, then import and return the detectron2 package."""
+    apply_shims()
+    import detectron2
+    return detectron2
+
+
+# ------------------------------------------------------------------------------ the protocol's model
 
 def register_extra_norm_head() -> None:
     """Res5ROIHeads with a norm after res5, as in MoCo's detection/train_net.py."""
-    _import()
+    import_detectron2()
     from detectron2.layers import get_norm
     from detectron2.modeling import ROI_HEADS_REGISTRY
     from detectron2.modeling.roi_heads import Res5ROIHeads
@@ -79,8 +127,8 @@ def register_extra_norm_head() -> None:
             return seq, out_channels
 
 
-def detectron2_cfg(config: DetectionConfig, backbone: Backbone, weights: Path, num_classes: int, distributed: bool):
-    _import()
+def detectron2_cfg(config, backbone, weights: Path, num_classes: int, distributed: bool):
+    import_detectron2()
     from detectron2 import model_zoo
     from detectron2.config import get_cfg
     cfg = get_cfg()
@@ -88,7 +136,7 @@ def detectron2_cfg(config: DetectionConfig, backbone: Backbone, weights: Path, n
         cfg.merge_from_file(model_zoo.get_config_file(config.base))
     except RuntimeError:
         raise UserError(f"'{config.base}' is not a detectron2 model-zoo config (base=...)") from None
-    depth = DEPTHS[backbone.arch]
+    depth = resnet_depth(backbone.arch)
     norm = "SyncBN" if distributed else "BN"
     d = config.data
     cfg.MODEL.WEIGHTS = str(weights)
@@ -129,15 +177,15 @@ def detectron2_cfg(config: DetectionConfig, backbone: Backbone, weights: Path, n
     return cfg
 
 
-def _name(config: DetectionConfig) -> str:
+def _name(config) -> str:
     import hashlib  # a stable name (str hash() changes per process)
     return "ssl_hsic_" + hashlib.sha1(os.path.abspath(config.data.train_json).encode()).hexdigest()[:12]
 
 
-def register_datasets(config: DetectionConfig) -> int:
+def register_datasets(config) -> int:
     """Register the COCO-format train / test sets with detectron2; return the number of classes."""
     import json
-    _import()
+    import_detectron2()
     from detectron2.data import DatasetCatalog
     from detectron2.data.datasets import register_coco_instances
     d = config.data
@@ -161,10 +209,7 @@ def is_backbone_key(name: str) -> bool:
 
 def load_backbone_strictly(model, weights: Path) -> None:
     """Load the .pkl with detectron2's heuristics; refuse unmatched file keys or ResNet keys left unloaded."""
-    _import()
-    from detectron2.checkpoint import DetectionCheckpointer
-    checkpointer = DetectionCheckpointer(model)
-    incompatible = checkpointer._load_model(checkpointer._load_file(str(weights)))
+    incompatible = load_weights(model, weights)
     unmatched = sorted(incompatible.unexpected_keys) + [k for k, *_ in incompatible.incorrect_shapes]
     not_loaded = sorted(k for k in incompatible.missing_keys if is_backbone_key(k))
     if unmatched or not_loaded:
@@ -174,10 +219,9 @@ def load_backbone_strictly(model, weights: Path) -> None:
 
 
 def build_trainer(cfg):
-    _import()
+    import_detectron2()
     from detectron2.engine import DefaultTrainer
     from detectron2.evaluation import COCOEvaluator
-    from transfer.detectron2_compat import has_compiled_ops
 
     class Trainer(DefaultTrainer):
         @classmethod
@@ -190,12 +234,12 @@ def build_trainer(cfg):
 
 def init_distributed_for_detectron2() -> bool:
     """Under SLURM / torchrun with several tasks: the process group, and detectron2's per-machine group."""
-    from slurm.distributed import detect, init_distributed
+    from pretrain.distributed import detect, init_distributed
     info = detect()
     if not info.is_distributed:
         return False
     import torch.distributed as dist
-    _import()
+    import_detectron2()
     from detectron2.utils import comm
     init_distributed()
     per_machine = int(os.environ.get("SLURM_NTASKS_PER_NODE", os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
@@ -207,13 +251,46 @@ def init_distributed_for_detectron2() -> bool:
     return True
 
 
-def run_detection(config: DetectionConfig, backbone: Backbone, run_dir: Path) -> dict[str, float]:
-    """Train and evaluate; return bbox AP / AP50 / AP75 (and segm AP... for Mask R-CNN), in percent."""
+def load_weights(model, weights: Path):
+    """Load a detectron2 .pkl into `model` with DetectionCheckpointer's matching heuristics (no logging of
+    each tensor); return its incompatible-keys record. detectron2 has no public call that returns it."""
+    import_detectron2()
+    from detectron2.checkpoint import DetectionCheckpointer
+    checkpointer = DetectionCheckpointer(model)
+    return checkpointer._load_model(checkpointer._load_file(str(weights)))
+
+
+def pretrained_resnet(arch: str, pkl: Path) -> tuple[torch.nn.Module, list[str]]:
+    """detectron2's ResNet (torchvision-style: STRIDE_IN_1X1 False) loaded by DetectionCheckpointer; returns the
+    model and the keys it reported as missing, unexpected or of the wrong shape."""
+    import_detectron2()
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.backbone.resnet import build_resnet_backbone
+    cfg = get_cfg()
+    cfg.MODEL.RESNETS.DEPTH = resnet_depth(arch)
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if resnet_depth(arch) < 50 else 256
+    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
+    cfg.MODEL.RESNETS.NORM = "FrozenBN"
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    model = build_resnet_backbone(cfg, ShapeSpec(channels=3))
+    incompatible = load_weights(model, pkl)
+    problems = list(incompatible.missing_keys) + list(incompatible.unexpected_keys) + \
+        [k for k, *_ in incompatible.incorrect_shapes]
+    return model.eval(), problems
+
+
+def resnet_stages(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"stem": model.stem(x), **model(x)}
+
+
+def train_and_evaluate(config, backbone, weights: Path) -> dict[str, float]:
+    """Train from the .pkl `weights` (or resume from the run's own checkpoint) and evaluate with COCOEvaluator;
+    return bbox AP / AP50 / AP75 (and segm AP... for Mask R-CNN), in percent."""
     import math
-    from transfer import export
     distributed = init_distributed_for_detectron2()
     num_classes = register_datasets(config)
-    weights = export.write(backbone, "detectron2", run_dir / "backbone.pkl")
     cfg = detectron2_cfg(config, backbone, weights, num_classes, distributed)
     Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
     from detectron2.utils.logger import setup_logger

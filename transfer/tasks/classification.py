@@ -1,4 +1,4 @@
-"""Linear and kNN evaluation of a frozen backbone.
+"""The linear and kNN tasks: classification on the frozen backbone's features.
 
 Features are extracted once per (backbone weights, dataset, split, transform) and cached as memory-mapped
 .npy files under cache_dir, keyed by the sha256 of all of those; the linear classifier then trains on the
@@ -14,7 +14,9 @@ import hashlib
 import json
 import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -23,10 +25,64 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from pretrain.errors import UserError
-from pretrain.io import atomic_torch_save
+from pretrain.rundir import Progress, cosine_schedule
 from transfer.backbone import Backbone, fingerprint
+from transfer.runner import TaskResult
 
 log = logging.getLogger("transfer")
+
+
+# ------------------------------------------------------------------------------------------ config
+
+@dataclass
+class ClassificationData:
+    dataset: str = "fashion_mnist"          # fashion_mnist | imagefolder (root/train, root/val)
+    root: str = "/usr/share/datasets/fashion-mnist"
+    train_split: str = "train"
+    test_split: str = "test"
+    image_size: int = 32
+    resize_ratio: float = 1.0               # eval: resize short side to image_size * ratio, centre-crop
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    num_workers: int = 2
+    limit_train: int = 0                    # 0 = all
+    limit_test: int = 0
+
+
+@dataclass
+class LinearProtocol:
+    epochs: int = 30
+    batch_size: int = 512
+    optimizer: str = "adam"                 # adam | sgd (SGD: momentum 0.9, cosine)
+    lr: float = 1e-3                        # sgd: scaled by batch_size / 256
+    weight_decay: float = 1e-5
+    standardize: bool = True                # standardise features with train-set mean / std
+    augment: bool = False                   # random crop + flip each epoch: recomputes features, no cache
+
+
+@dataclass
+class KnnProtocol:
+    k: int = 20
+    temperature: float = 0.07               # votes weighted by exp(cosine / T)
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/linear"
+    seed: int = 0
+    data: ClassificationData = field(default_factory=ClassificationData)
+    linear: LinearProtocol = field(default_factory=LinearProtocol)
+    knn: KnnProtocol = field(default_factory=KnnProtocol)
+    extract_batch_size: int = 256
+    cache_dir: str = "~/.cache/ssl-hsic/features"
+    device: Optional[str] = None
+
+
+EXAMPLES = """\
+examples:
+  python -m transfer linear --backbone runs/fm/checkpoints/last.pt --config configs/transfer/linear_fashion_mnist.yaml
+  python -m transfer knn --backbone random:resnet18 --config configs/transfer/linear_fashion_mnist.yaml run_dir=runs/knn0
+Keys and defaults: transfer/tasks/classification.py (Config)."""
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -141,14 +197,10 @@ def train_linear(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
         optimizer = torch.optim.Adam(head.parameters(), lr=protocol.lr, weight_decay=protocol.weight_decay)
     else:
         raise UserError(f"unknown linear.optimizer '{protocol.optimizer}'; choose adam or sgd")
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
-    start = 0
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True)
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        start = state["epoch"]
+    schedule = cosine_schedule(optimizer, total)
+    progress = Progress(checkpoint, "epoch", head=head, optimizer=optimizer, schedule=schedule) if checkpoint else None
+    start = progress.restore() if progress else 0
+    if start:
         log.info("linear: resuming at epoch %d of %d", start, protocol.epochs)
     for epoch in range(start, protocol.epochs):
         x = feature_fn(epoch) if feature_fn else train_x
@@ -160,9 +212,61 @@ def train_linear(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
             loss.backward()
             optimizer.step()
             schedule.step()
-        if checkpoint is not None:
-            atomic_torch_save({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                               "schedule": schedule.state_dict(), "epoch": epoch + 1}, checkpoint)
+        if progress is not None:
+            progress.save(epoch + 1)
     with torch.no_grad():
         scores = torch.cat([head(((chunk.float() - mean) / std).to(device)).cpu() for chunk in test_x.split(4096)])
     return topk_accuracy(scores, test_y)
+
+
+# ------------------------------------------------------------------------------------------- task
+
+def prepare(task: str, config: Config):
+    """The train and test sets; both must hold the same classes."""
+    from pretrain.data import build_dataset
+    d = config.data
+    train_set = build_dataset(d.dataset, d.root, d.train_split, d.limit_train)
+    test_set = build_dataset(d.dataset, d.root, d.test_split, d.limit_test)
+    if list(train_set.classes) != list(test_set.classes):
+        raise UserError(f"the {d.train_split} split has {len(train_set.classes)} classes and the {d.test_split} split "
+                        f"{len(test_set.classes)}; both must hold the same class folders")
+    return train_set, test_set
+
+
+def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskResult:
+    from pretrain.augment import eval_transform
+    from pretrain.rundir import pick_device
+    train_set, test_set = data
+    d = config.data
+    num_classes = len(train_set.classes)
+    device = pick_device(config.device)
+    model = backbone.model()
+    transform = eval_transform(d.image_size, d.mean, d.std, d.resize_ratio)
+    cache = FeatureCache(config.cache_dir)
+
+    def features(dataset, split, limit):
+        description = {"dataset": d.dataset, "root": d.root, "split": split, "limit": limit, "transform": repr(transform)}
+        return cached_features(backbone, model, Transformed(dataset, transform), description, cache,
+                               config.extract_batch_size, d.num_workers, device)
+    train_x, train_y, train_hit = features(train_set, d.train_split, d.limit_train)
+    test_x, test_y, test_hit = features(test_set, d.test_split, d.limit_test)
+    if task == "knn":
+        scores = knn_scores(train_x, train_y, test_x, num_classes, config.knn.k, config.knn.temperature)
+        metrics, protocol = topk_accuracy(scores, test_y), f"knn k={config.knn.k} T={config.knn.temperature}"
+    else:
+        feature_fn = None
+        if config.linear.augment:  # the standard protocol: new random crops every epoch, so no cache
+            from torchvision.transforms import InterpolationMode, v2
+            train_transform = v2.Compose([
+                v2.ToImage(), v2.RandomResizedCrop(d.image_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(d.mean), list(d.std))])
+
+            def feature_fn(epoch):
+                torch.manual_seed(config.seed * 1000 + epoch)
+                return extract(model, Transformed(train_set, train_transform), config.extract_batch_size,
+                               d.num_workers, device)[0]
+        metrics = train_linear(train_x, train_y, test_x, test_y, num_classes, config.linear, config.seed, device,
+                               task_run.run_dir / "linear_last.pt", feature_fn)
+        protocol = f"linear {config.linear.optimizer} {config.linear.epochs} epochs" + \
+            (" augmented" if config.linear.augment else " cached features")
+    return TaskResult(metrics, d.dataset, protocol, {"feature_cache_hit": bool(train_hit and test_hit)})

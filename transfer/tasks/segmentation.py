@@ -6,8 +6,8 @@ momentum 0.9, weight decay 1e-4, lr x0.1 at 70% and 90% of the iterations; mIoU 
 mmsegmentation's `ResNet` is used with its torchvision-style stem (conv1 7x7), not the deep-stem ResNetV1c.
 
 The backbone comes from the canonical weights through the mmseg export (transfer.export) and init_cfg=
-Pretrained. mmengine loads non-strictly and only logs mismatches, so a hook compares every backbone tensor of
-the built model with the file before the first iteration and stops the run on any difference.
+Pretrained. mmengine loads non-strictly and only logs mismatches, so a hook (transfer.mmseg_glue) compares every
+backbone tensor of the built model with the file before the first iteration and stops the run on any difference.
 """
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ from typing import Optional
 import torch
 
 from pretrain.errors import UserError
+from pretrain.networks import feature_width, resnet_depth
 from transfer.backbone import Backbone
+from transfer.runner import TaskResult
 
 log = logging.getLogger("transfer")
-DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
 
 
 @dataclass
@@ -52,7 +53,7 @@ class SegmentationSchedule:
 
 
 @dataclass
-class SegmentationConfig:
+class Config:
     run_dir: str = "runs/segmentation"
     seed: int = 0
     data: SegmentationData = field(default_factory=SegmentationData)
@@ -77,12 +78,12 @@ def _dataset(c: SegmentationData, split: str, pipeline: list) -> dict:
                 data_prefix=dict(img_path="JPEGImages", seg_map_path=labels), pipeline=pipeline)
 
 
-def mmseg_config(config: SegmentationConfig, backbone: Backbone, weights_file: Path, num_classes: int,
+def mmseg_config(config: Config, backbone: Backbone, weights_file: Path, num_classes: int,
                  distributed: bool) -> dict:
     """The complete mmengine config of this protocol, as a plain dict."""
     d, s = config.data, config.schedule
     norm = dict(type="SyncBN" if distributed and config.sync_bn else "BN", requires_grad=True)
-    width = 512 if DEPTHS[backbone.arch] < 50 else 2048
+    width = feature_width(backbone.arch)
     train_pipeline = [
         dict(type="LoadImageFromFile"), dict(type="LoadAnnotations"),
         dict(type="RandomResize", scale=tuple(d.scale), ratio_range=tuple(d.ratio_range), keep_ratio=True),
@@ -101,7 +102,7 @@ def mmseg_config(config: SegmentationConfig, backbone: Backbone, weights_file: P
             data_preprocessor=dict(type="SegDataPreProcessor", mean=[123.675, 116.28, 103.53],
                                    std=[58.395, 57.12, 57.375], bgr_to_rgb=True, pad_val=0, seg_pad_val=255,
                                    size=tuple(d.crop[::-1])),
-            backbone=dict(type="ResNet", depth=DEPTHS[backbone.arch], num_stages=4, out_indices=(3,),
+            backbone=dict(type="ResNet", depth=resnet_depth(backbone.arch), num_stages=4, out_indices=(3,),
                           strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2), norm_cfg=norm, norm_eval=False,
                           style="pytorch", contract_dilation=False,
                           init_cfg=dict(type="Pretrained", checkpoint=str(weights_file), prefix="backbone.")),
@@ -138,71 +139,29 @@ def mmseg_config(config: SegmentationConfig, backbone: Backbone, weights_file: P
     )
 
 
-def register_modules() -> None:
-    """mmseg's registry, the scenes dataset, the per-class IoU metric and the weight-check hook."""
-    import numpy as np
-    from mmengine.hooks import Hook
-    from mmseg.evaluation import IoUMetric
-    from mmseg.registry import HOOKS, METRICS
-    from mmseg.utils import register_all_modules
-    register_all_modules()
-    import transfer.mmseg_scenes  # noqa: F401  (registers GeneratedScenesDataset)
+# ------------------------------------------------------------------------------------------- task
 
-    @METRICS.register_module(force=True)
-    class PerClassIoUMetric(IoUMetric):
-        """IoUMetric's aAcc / mIoU / mAcc plus IoU.<class> for each class seen in the labels or predictions."""
-
-        def compute_metrics(self, results: list) -> dict:
-            metrics = super().compute_metrics(results)
-            areas = [sum(column) for column in zip(*results)]
-            per_class = self.total_area_to_metrics(*areas, ["mIoU"], self.nan_to_num, self.beta)["IoU"]
-            for name, value in zip(self.dataset_meta["classes"], per_class):
-                if not np.isnan(value):
-                    metrics[f"IoU.{name}"] = round(float(value) * 100, 2)
-            return metrics
-
-    @HOOKS.register_module(force=True)
-    class BackboneLoadCheckHook(Hook):
-        """Before the first iteration: every backbone tensor must equal the file's (mmengine loads non-strictly)."""
-
-        def __init__(self, weights_file: str):
-            self.weights_file = weights_file
-
-        def before_train(self, runner) -> None:
-            if runner.iter > 0:  # resumed: the weights come from mmseg's own checkpoint
-                return
-            expected = torch.load(self.weights_file, map_location="cpu", weights_only=True)["state_dict"]
-            model = runner.model.module if hasattr(runner.model, "module") else runner.model
-            state = {f"backbone.{k}": v for k, v in model.backbone.state_dict().items()}
-            missing = sorted(set(state) - set(expected))
-            unused = sorted(set(expected) - set(state))
-            differ = sorted(k for k in set(state) & set(expected) if not torch.equal(state[k].cpu(), expected[k]))
-            if missing or unused or differ:
-                raise UserError(f"the backbone did not load in full from {self.weights_file}: not in the file "
-                                f"{len(missing)} {missing[:4]}, not used {len(unused)} {unused[:4]}, not loaded "
-                                f"{len(differ)} {differ[:4]}")
+EXAMPLES = """\
+examples:
+  python -m transfer scenes --out runs/scenes
+  python -m transfer segmentation --backbone runs/fm/checkpoints/last.pt --config configs/transfer/segmentation_scenes.yaml
+  python -m transfer segmentation --backbone r50.pth --config configs/transfer/segmentation_voc_fcn.yaml
+Keys and defaults: transfer/tasks/segmentation.py (Config). mmseg's logs and checkpoints: RUN_DIR/mmseg."""
 
 
-def run_segmentation(config: SegmentationConfig, backbone: Backbone, run_dir: Path) -> dict[str, float]:
-    """Train and evaluate; return mmseg's metrics (mIoU, mAcc, aAcc in percent, IoU.<class>)."""
-    from mmengine.config import Config
-    from mmengine.runner import Runner
-    from transfer import export
+def prepare(task: str, config: Config) -> None:
+    _dataset(config.data, "train", []), _dataset(config.data, "val", [])
+
+
+def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskResult:
+    """Train and evaluate with mmseg; metrics are mmseg's (mIoU, mAcc, aAcc in percent, IoU.<class>)."""
+    from pretrain.distributed import detect
+    from transfer import export, mmseg_glue
     from transfer.scenes import CLASSES
-    register_modules()
-    from slurm.distributed import detect
     distributed = detect().is_distributed
-    weights_file = export.write(backbone, "mmseg", run_dir / "backbone.mmseg.pth")
+    weights_file = export.write(backbone, "mmseg", task_run.run_dir / "backbone.mmseg.pth")
     num_classes = len(CLASSES) if config.data.dataset == "scenes" else 21
-    cfg = Config(mmseg_config(config, backbone, weights_file, num_classes, distributed))
-    if distributed:
-        cfg.launcher = "slurm" if "SLURM_PROCID" in __import__("os").environ else "pytorch"
-    if config.device == "cpu" or not torch.cuda.is_available():
-        cfg.env_cfg.dist_cfg.backend = "gloo"
-    cfg.resume = True  # picks up the latest checkpoint in work_dir, if any
-    from transfer.mmengine_compat import trusting
-    with trusting(cfg.work_dir):
-        runner = Runner.from_cfg(cfg)
-        runner.train()
-        metrics = runner.val()
-    return {k: float(v) for k, v in metrics.items()}
+    cfg = mmseg_config(config, backbone, weights_file, num_classes, distributed)
+    gloo = config.device == "cpu" or not torch.cuda.is_available()
+    metrics = mmseg_glue.train_and_evaluate(cfg, distributed, gloo)
+    return TaskResult(metrics, config.data.dataset, f"fcn dilated-c5, {config.schedule.iterations} iterations")

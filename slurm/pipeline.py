@@ -1,6 +1,6 @@
 """The main job: pretraining -> export + verification -> every transfer task on the pretrained backbone and on
-the same network at random init -> the report. Every step runs as a submitit job through the slurm package
-(the local executor by default, one job at a time); a rerun skips the steps whose results exist.
+the same network at random init -> the report. Every step runs as a submitit job (the local executor by
+default, one job at a time); a rerun skips the steps whose results exist.
 
 Layout under `root`: pretrain/, scenes/, export/, <task>/<pretrained|random>/seed<k>/, report/.
 """
@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pretrain.errors import UserError
-
-TASKS = ("linear", "knn", "segmentation", "detection", "depth")
+from transfer.tasks import TASKS
 
 
 @dataclass
@@ -47,7 +46,7 @@ def scene_overrides(task: str, scenes: Path) -> list[str]:
 
 class Pipeline:
     def __init__(self, config: PipelineConfig, dry_run: bool = False):
-        from slurm.submit_cli import load_executor_config
+        from slurm.executor import load_executor_config
         unknown = sorted(set(config.tasks) - set(TASKS))
         if unknown:
             raise UserError(f"unknown pipeline tasks {unknown}; choose from {', '.join(TASKS)}")
@@ -63,17 +62,11 @@ class Pipeline:
 
     def _job(self, name: str, step: str, argv: list[str], done: Path | None) -> None:
         """Run one step as a job and wait for it; skip it when `done` exists."""
-        from slurm.executor import build_executor
+        from slurm.executor import build_executor, describe, report_failure
         from slurm.jobs import StepJob
-        from slurm.submit_cli import report_failure
         if self.dry_run:
-            from slurm.executor import sbatch_script
-            module = ["pretrain"] if step == "pretrain" else ["transfer", step]
-            if self.executor_config.cluster == "slurm":
-                script = sbatch_script(self.executor_config, [*module, *argv])
-                flags = [line for line in script.splitlines() if line.startswith("#SBATCH")]
-                print(f"[pipeline] {name}: sbatch {' '.join(f.split(' ', 1)[1] for f in flags)}")
-            print(f"[pipeline] {name}: python -m {' '.join(module + argv)}")
+            for line in describe(self.executor_config, name, step, argv).splitlines():
+                print(f"[pipeline] {line}")
             return
         if done is not None and done.exists():
             print(f"[pipeline] {name}: done before, skipped")

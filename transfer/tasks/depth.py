@@ -13,7 +13,6 @@ rms = sqrt(mean (d - d*)^2), rel = mean |d - d*| / d*, log10 = mean |log10 d - l
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -23,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.errors import UserError
+from pretrain.networks import feature_width
+from transfer.runner import TaskResult
 
 log = logging.getLogger("transfer")
 
@@ -149,7 +150,7 @@ class DepthData:
 
 
 @dataclass
-class DepthConfig:
+class Config:
     run_dir: str = "runs/depth"
     seed: int = 0
     data: DepthData = field(default_factory=DepthData)
@@ -162,11 +163,11 @@ class DepthConfig:
     device: Optional[str] = None
 
 
-def run_depth(config: DepthConfig, backbone, run_dir: Path, device) -> dict[str, float]:
+def train_and_evaluate(config: Config, backbone, run_dir: Path, device) -> dict[str, float]:
     """Train the FCRN head and the backbone; return the test metrics. Resumes from run_dir/depth_last.pt."""
     import sys
     from tqdm import tqdm
-    from pretrain.io import atomic_torch_save
+    from pretrain.rundir import Progress, cosine_schedule
     from transfer.datasets import build_depth_dataset
     d = config.data
     train_set = DepthPairs(build_depth_dataset(d.kind, d.root, d.train_split, d.splits_file), d.resize, d.crop,
@@ -174,18 +175,12 @@ def run_depth(config: DepthConfig, backbone, run_dir: Path, device) -> dict[str,
     test_set = DepthPairs(build_depth_dataset(d.kind, d.root, d.test_split, d.splits_file), d.resize, d.crop,
                           False, config.seed)
     torch.manual_seed(config.seed)
-    width = 512 if backbone.arch in ("resnet18", "resnet34") else 2048
-    model = FCRN(backbone.model(), width).to(device)
+    model = FCRN(backbone.model(), feature_width(backbone.arch)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps)))
-    checkpoint, step = run_dir / "depth_last.pt", 0
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        step = state["step"]
+    schedule = cosine_schedule(optimizer, config.steps)
+    saved = Progress(run_dir / "depth_last.pt", "step", model=model, optimizer=optimizer, schedule=schedule)
+    step = saved.restore()
+    if step:
         log.info("depth: resuming at step %d of %d", step, config.steps)
     progress = tqdm(total=config.steps, initial=step, desc="depth", disable=not sys.stderr.isatty())
     model.train()
@@ -208,8 +203,7 @@ def run_depth(config: DepthConfig, backbone, run_dir: Path, device) -> dict[str,
             if step % config.log_every == 0:
                 log.info("depth: step %d/%d berHu %.4f", step, config.steps, loss.item())
             if step % config.checkpoint_every == 0 or step == config.steps:
-                atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "schedule": schedule.state_dict(), "step": step}, checkpoint)
+                saved.save(step)
             if step >= config.steps:
                 break
     progress.close()
@@ -226,3 +220,27 @@ def evaluate(model: nn.Module, dataset, device) -> dict[str, float]:
         for key, value in depth_metrics(prediction, depth).items():
             totals[key] = totals.get(key, 0.0) + value
     return {key: value / len(dataset) for key, value in totals.items()}
+
+
+# ------------------------------------------------------------------------------------------- task
+
+EXAMPLES = """\
+examples:
+  python -m transfer scenes --out runs/scenes
+  python -m transfer depth --backbone runs/fm/checkpoints/last.pt --config configs/transfer/depth_scenes.yaml
+  python -m transfer depth --backbone r50.pth --config configs/transfer/depth_nyu.yaml
+Keys and defaults: transfer/tasks/depth.py (Config)."""
+
+
+def prepare(task: str, config: Config) -> None:
+    from transfer.datasets import build_depth_dataset
+    d = config.data
+    for split in (d.train_split, d.test_split):
+        build_depth_dataset(d.kind, d.root, split, d.splits_file)
+
+
+def run(task: str, config: Config, backbone, task_run, data) -> TaskResult:
+    from pretrain.rundir import pick_device
+    d = config.data
+    metrics = train_and_evaluate(config, backbone, task_run.run_dir, pick_device(config.device))
+    return TaskResult(metrics, f"{d.kind}:{Path(d.root).name}", f"fcrn up-projection, berHu, {config.steps} steps")

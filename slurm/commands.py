@@ -1,0 +1,190 @@
+"""The slurm package's commands: submit, sweep, status, collect, pipeline, local-cluster (arguments + action)."""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+# ------------------------------------------------------------------------------------------ submit
+# python -m slurm submit STEP [step arguments] [--executor FILE] [executor.KEY=VALUE] [--dry-run] [--wait|--no-wait]
+
+SUBMIT_EPILOG = """\
+STEP is pretrain, export, verify, linear, knn, depth, segmentation or detection; every other argument goes to
+the step as on its own command line. The executor comes from --executor (default configs/slurm/local.yaml:
+subprocesses on this machine) with executor.KEY=VALUE overrides (keys: slurm/executor.py, ExecutorConfig).
+examples:
+  python -m slurm submit pretrain --config configs/pretrain/fashion_mnist_resnet18.yaml seed=1
+  python -m slurm submit pretrain --config configs/pretrain/imagenet_resnet50.yaml \\
+      --executor configs/slurm/cluster.yaml executor.partition=gpu executor.nodes=4 --dry-run
+Local jobs are waited for by default, SLURM jobs are not (--wait / --no-wait)."""
+
+OWN_FLAGS = ("--executor", "--dry-run", "--wait", "--no-wait")
+
+
+def submit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = SUBMIT_EPILOG
+    parser.add_argument("step", help="the step to run as a job")
+    parser.add_argument("step_args", nargs=argparse.REMAINDER, help="arguments of the step, plus this command's flags")
+
+
+def split_arguments(argv: list[str]) -> tuple[dict, list[str], list[str]]:
+    """(our flags, executor.KEY=VALUE overrides, the step's own arguments)."""
+    flags, executor_overrides, rest = {"executor": "configs/slurm/local.yaml", "dry_run": False, "wait": None}, [], []
+    items = iter(argv)
+    for item in items:
+        if item == "--executor":
+            flags["executor"] = next(items, None)
+        elif item.startswith("--executor="):
+            flags["executor"] = item.split("=", 1)[1]
+        elif item == "--dry-run":
+            flags["dry_run"] = True
+        elif item in ("--wait", "--no-wait"):
+            flags["wait"] = item == "--wait"
+        elif item.startswith("executor."):
+            executor_overrides.append(item[len("executor."):])
+        else:
+            rest.append(item)
+    if flags["executor"] is None:
+        from pretrain.errors import UserError
+        raise UserError("--executor needs a file, e.g. --executor configs/slurm/local.yaml")
+    return flags, executor_overrides, rest
+
+
+def run_submit(args: argparse.Namespace) -> None:
+    from pretrain.errors import UserError
+    from slurm.executor import build_executor, load_executor_config, report_failure, sbatch_script, step_command
+    from slurm.jobs import StepJob
+    flags, executor_overrides, step_args = split_arguments(args.step_args)
+    config = load_executor_config(flags["executor"], executor_overrides)
+    job = StepJob(args.step, step_args)
+    if flags["dry_run"]:
+        print(f"# {config.cluster} executor, {len(step_args)} step arguments; nothing submitted")
+        if config.cluster == "slurm":
+            print(sbatch_script(config, step_command(args.step, step_args)))
+        else:
+            print(f"python -m {' '.join(step_command(args.step, step_args))}")
+        return
+    executor = build_executor(config)
+    submitted = executor.submit(job)
+    print(f"submitted {args.step} as job {submitted.job_id} ({config.cluster}); logs: {submitted.paths.stdout}")
+    wait = flags["wait"] if flags["wait"] is not None else config.cluster != "slurm"
+    if wait:
+        try:
+            result = submitted.result()
+        except Exception:
+            raise UserError(report_failure(submitted).replace("\n", " |")) from None
+        metrics = (result or {}).get("metrics") if isinstance(result, dict) else None
+        print(f"job {submitted.job_id} done" + (f": {metrics}" if metrics else ""))
+
+
+# ------------------------------------------------------------------------------------------ sweep
+# python -m slurm sweep --config SWEEP.yaml [--executor FILE] [executor.KEY=VALUE] [key=value] [--wait]
+
+SWEEP_EPILOG = """\
+A sweep file names backbones, tasks (task: config file), seeds and override sets; the sweep submits one job
+array over all combinations and writes RUN_ROOT/sweep.json. Then:
+  python -m slurm status RUN_ROOT      states, and for failed jobs their log and the end of their stderr
+  python -m slurm collect RUN_ROOT     one table of every job's metrics.json (the transfer report)"""
+
+
+def sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = SWEEP_EPILOG
+    parser.add_argument("--config", required=True, help="the sweep YAML (keys: slurm/sweep.py SweepConfig)")
+    parser.add_argument("--executor", default="configs/slurm/local.yaml", help="executor config (default: local)")
+    parser.add_argument("--wait", action="store_true", help="wait for every job, then print their states")
+    parser.add_argument("--dry-run", action="store_true", help="list the jobs without submitting")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="sweep keys, or executor.KEY=VALUE")
+
+
+def run_sweep(args: argparse.Namespace) -> None:
+    from pretrain.config import load_config
+    from slurm import sweep
+    from slurm.executor import load_executor_config
+    executor_overrides = [o[len("executor."):] for o in args.overrides if o.startswith("executor.")]
+    overrides = [o for o in args.overrides if not o.startswith("executor.")]
+    config = load_config(sweep.SweepConfig, args.config, overrides)
+    executor_config = load_executor_config(args.executor, executor_overrides)
+    if args.dry_run:
+        for job in sweep.plan(config):
+            print(f"{job['task']:13s} seed {job['seed']}  {job['backbone']}  -> {job['run_dir']}")
+        return
+    jobs = sweep.submit(config, executor_config)
+    print(f"submitted {len(jobs)} jobs ({executor_config.cluster}); manifest {config.run_root}/sweep.json")
+    if args.wait:
+        sweep.wait(jobs)
+        print_status(config.run_root)
+
+
+def print_status(run_root: str) -> int:
+    from slurm import sweep
+    failed = 0
+    for job in sweep.load_manifest(run_root):
+        state, detail = sweep.job_state(job)
+        failed += state == "FAILED"
+        print(f"{job['job_id']:>10s}  {state:16s} {job['task']:13s} seed {job['seed']}  {job['backbone']}"
+              + (f"\n            {detail}" if state == "FAILED" else ""))
+    return failed
+
+
+# ------------------------------------------------------------------------------------------ status
+# python -m slurm status RUN_ROOT: the state of every job of a sweep; failed ones with their log tail.
+
+def status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_root", help="the run_root of a submitted sweep")
+
+
+def run_status(args: argparse.Namespace) -> None:
+    print_status(args.run_root)
+
+
+# ------------------------------------------------------------------------------------------ collect
+# python -m slurm collect RUN_ROOT [--out DIR]: every job's metrics.json in one table (the transfer report).
+
+def collect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_root", help="the run_root of a submitted sweep")
+    parser.add_argument("--out", help="where to write report.md / report.csv (default RUN_ROOT/report)")
+
+
+def run_collect(args: argparse.Namespace) -> None:
+    from pathlib import Path
+    from slurm import sweep
+    from transfer.report import build_report
+    jobs = sweep.load_manifest(args.run_root)
+    if print_status(args.run_root):
+        print("(failed jobs are left out of the table)")
+    run_dirs = [job["run_dir"] for job in jobs if (Path(job["run_dir"]) / "metrics.json").exists()]
+    build_report(run_dirs, args.out or str(Path(args.run_root) / "report"), plots=False)
+
+
+# ------------------------------------------------------------------------------------------ local_cluster
+# python -m slurm local-cluster: start a one-node SLURM cluster here and keep it up until Ctrl-C.
+
+def local_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dir", help="folder for its config, state and logs (default: a new temp dir)")
+    parser.add_argument("--cpus", type=int, help="CPUs the node offers (default: all)")
+
+
+def run_local_cluster(args: argparse.Namespace) -> None:
+    from slurm.local_cluster import LocalSlurmCluster
+    cluster = LocalSlurmCluster(args.dir or tempfile.mkdtemp(prefix="slurm-"), cpus=args.cpus)
+    with cluster:
+        print(f"cluster up; in another shell: export SLURM_CONF={cluster.conf}   (Ctrl-C stops it)", flush=True)
+        while True:
+            time.sleep(3600)
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+# python -m slurm pipeline --config FILE [key=value ...]: pretrain -> export -> every task -> report.
+
+def pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("The demo: configs/pipeline/demo.yaml (Fashion-MNIST pretraining, generated scenes, local jobs).\n"
+                     "On a cluster: configs/pipeline/imagenet_cluster.yaml. Keys: slurm/pipeline.py (PipelineConfig).")
+    parser.add_argument("--config", metavar="FILE", help="pipeline YAML")
+    parser.add_argument("--dry-run", action="store_true", help="print each job (and its sbatch flags) only")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def run_pipeline(args: argparse.Namespace) -> None:
+    from pretrain.config import load_config
+    from slurm.pipeline import Pipeline, PipelineConfig
+    Pipeline(load_config(PipelineConfig, args.config, args.overrides), dry_run=args.dry_run).run()

@@ -1,0 +1,133 @@
+"""The layout's rules: imports in one direction, each framework's glue in one module, one task registry that every
+entry point reads, and every shipped config loads against its schema."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import ROOT
+
+PACKAGES = ("pretrain", "transfer", "slurm")
+# package -> the project packages it must not import (slurm may import both others; transfer may import pretrain)
+FORBIDDEN = {"pretrain": {"transfer", "slurm"}, "transfer": {"slurm"}, "slurm": set()}
+# third-party framework -> the only module allowed to import it
+FRAMEWORK_HOMES = {"detectron2": "transfer/detectron2_glue.py", "mmseg": "transfer/mmseg_glue.py",
+                   "mmengine": "transfer/mmseg_glue.py", "mmcv": "transfer/mmseg_glue.py"}
+SUBMITIT_PACKAGE = "slurm"
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import in a file, module level and inside functions, plus
+    importlib.import_module("...") calls with a literal name."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module))
+        elif isinstance(node, ast.ImportFrom) and node.level > 0:
+            found.append((node.lineno, path.parent.relative_to(ROOT).parts[0] + "." + (node.module or "")))
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            found.append((node.lineno, node.args[0].value))
+    return found
+
+
+def project_modules() -> list[Path]:
+    return sorted(p for package in PACKAGES for p in (ROOT / package).rglob("*.py"))
+
+
+def test_the_parser_sees_function_level_and_dynamic_imports(tmp_path):
+    source = "import os\n\ndef f():\n    from slurm.jobs import StepJob\n    importlib.import_module('transfer.x')\n"
+    tree_file = tmp_path / "probe.py"
+    tree_file.write_text(source)
+    assert [m for _, m in imported_modules(tree_file)] == ["os", "slurm.jobs", "transfer.x"]
+
+
+def test_imports_run_in_one_direction_only():
+    arrows = []
+    for path in project_modules():
+        package = path.relative_to(ROOT).parts[0]
+        for line, module in imported_modules(path):
+            top = module.split(".")[0]
+            where = f"{path.relative_to(ROOT)}:{line} imports {module}"
+            if top in FORBIDDEN[package]:
+                arrows.append(where)
+            if top == "submitit" and package != SUBMITIT_PACKAGE:
+                arrows.append(where + " (submitit belongs to slurm/)")
+            home = FRAMEWORK_HOMES.get(top)
+            if home and str(path.relative_to(ROOT)) != home:
+                arrows.append(where + f" ({top} glue belongs in {home})")
+    assert not arrows, "imports against the layering rule:\n" + "\n".join(arrows)
+
+
+def test_importing_the_core_and_the_registry_stays_light():
+    code = ("import sys, pretrain, pretrain.trainer, pretrain.hsic, transfer.tasks, transfer.runner; "
+            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'mmseg', 'mmengine', 'mmcv', 'detectron2', "
+            "'submitit', 'slurm'}); print(heavy)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_every_registered_task_is_complete_and_reachable_from_every_entry_point():
+    from slurm.jobs import steps
+    from slurm.pipeline import PipelineConfig
+    from transfer.__main__ import commands
+    from transfer.tasks import TASKS
+    for name, task in TASKS.items():
+        module = task.load()
+        for attribute in ("Config", "EXAMPLES", "prepare", "run"):
+            assert hasattr(module, attribute), f"task module {task.module} has no {attribute}"
+    assert set(TASKS) <= set(commands()) and set(TASKS) <= set(steps())
+    assert set(PipelineConfig().tasks) == set(TASKS)
+
+
+def test_an_unknown_task_is_refused_by_the_sweep_and_the_pipeline(tmp_path):
+    from pretrain.errors import UserError
+    from slurm.sweep import SweepConfig, plan
+    with pytest.raises(UserError, match="unknown sweep tasks \\['segmentaion'\\]; choose from linear, knn"):
+        plan(SweepConfig(backbones=["random:resnet18"], tasks={"segmentaion": "x.yaml"}))
+
+
+def schema_of(path: Path):
+    """The schema a shipped YAML is written against, from its folder (and, for transfer, its task prefix)."""
+    from pretrain.schema import PretrainConfig
+    from slurm.executor import ExecutorConfig
+    from slurm.pipeline import PipelineConfig
+    from transfer.tasks import TASKS
+    kind = path.parent.name
+    if kind == "transfer":
+        task = path.stem.split("_")[0]
+        assert task in TASKS, f"{path.name}: transfer configs are named <task>_..., with a task of {list(TASKS)}"
+        return TASKS[task].load().Config
+    return {"pretrain": PretrainConfig, "slurm": ExecutorConfig, "pipeline": PipelineConfig}[kind]
+
+
+SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(ROOT / "configs")) for p in SHIPPED])
+def test_every_shipped_config_loads_against_its_schema(path):
+    from pretrain.config import load_config
+    config = load_config(schema_of(path), path)
+    assert OmegaConf.to_container(config)
+    if path.parent.name == "pipeline":  # the files it names load against theirs
+        from transfer.tasks import TASKS
+        for task, task_config in config.tasks.items():
+            load_config(TASKS[task].load().Config, ROOT / task_config)
+
+
+def test_no_file_points_outside_the_repository():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    outside = [name for name in tracked if Path(name).suffix in (".py", ".md", ".yaml", ".sh", ".toml", ".txt", ".ini")
+               and any(marker in (ROOT / name).read_text(errors="replace")
+                       for marker in ("../shared", "SPEC.md", "DESIGN.md", "BASELINES.md"))
+               and name != "tests/test_structure.py"]
+    assert not outside, f"files that cite documents outside the repository: {outside}"

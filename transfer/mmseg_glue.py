@@ -1,0 +1,158 @@
+"""All of this project's mmsegmentation / mmengine glue, in one place; mmseg is imported inside the functions.
+
+* `register_modules()`: mmseg's registry plus three of ours: GeneratedScenesDataset (PascalVOCDataset's
+  loading with the generated scenes' 11 classes; mmseg only narrows a dataset's classes to a subset, so the
+  scenes need their own class), PerClassIoUMetric (IoUMetric plus IoU.<class>) and BackboneLoadCheckHook
+  (mmengine loads pretrained weights non-strictly and only logs mismatches, so before the first iteration every
+  backbone tensor is compared with the file and the run stops on any difference).
+* `train_and_evaluate(cfg)`: mmengine's Runner on a complete config dict (the protocol is built by the
+  segmentation task), then its validation loop.
+* `pretrained_resnet(arch, path)`: mmseg's ResNet loaded the way mmseg loads pretrained weights (verify).
+* `trusting(folder)`: the one patch of mmengine. torch 2.6 made torch.load default to weights_only=True;
+  mmengine 0.10.7 calls torch.load(filename) for local files and its training checkpoints hold its own objects
+  (the message hub's HistoryBuffer, numpy values), so resuming fails. While active, a local loader keeps
+  weights_only=True for every file except those under `folder`, the run's own work_dir, which only this run
+  wrote. Newer mmengine releases pass weights_only themselves; the patch applies only while torch.load
+  defaults to weights_only.
+"""
+from __future__ import annotations
+
+import os
+import os.path as osp
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from pretrain.errors import UserError
+from pretrain.networks import resnet_depth
+
+
+def _defaults_to_weights_only() -> bool:
+    import inspect
+    return "weights_only" in inspect.signature(torch.load).parameters and \
+        tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 6)
+
+
+@contextmanager
+def trusting(folder: str | Path):
+    from mmengine.runner.checkpoint import CheckpointLoader
+    if not _defaults_to_weights_only():
+        yield
+        return
+    trusted = str(Path(folder).resolve()) + osp.sep
+    original = CheckpointLoader._schemes[""]
+
+    def load_from_local(filename, map_location):
+        filename = osp.expanduser(filename)
+        if not osp.isfile(filename):
+            raise FileNotFoundError(f"{filename} can not be found.")
+        own = str(Path(filename).resolve()).startswith(trusted)
+        return torch.load(filename, map_location=map_location, weights_only=not own)
+
+    CheckpointLoader._schemes[""] = load_from_local
+    try:
+        yield
+    finally:
+        CheckpointLoader._schemes[""] = original
+
+
+def register_modules() -> None:
+    """mmseg's registry, the scenes dataset, the per-class IoU metric and the weight-check hook."""
+    import numpy as np
+    from mmengine.hooks import Hook
+    from mmseg.datasets import PascalVOCDataset
+    from mmseg.evaluation import IoUMetric
+    from mmseg.registry import DATASETS, HOOKS, METRICS
+    from mmseg.utils import register_all_modules
+    from transfer.scenes import CLASSES, voc_palette
+    register_all_modules()
+    palette = voc_palette()
+
+    @DATASETS.register_module(force=True)
+    class GeneratedScenesDataset(PascalVOCDataset):
+        METAINFO = dict(classes=CLASSES, palette=[palette[3 * i:3 * i + 3] for i in range(len(CLASSES))])
+
+    @METRICS.register_module(force=True)
+    class PerClassIoUMetric(IoUMetric):
+        """IoUMetric's aAcc / mIoU / mAcc plus IoU.<class> for each class seen in the labels or predictions."""
+
+        def compute_metrics(self, results: list) -> dict:
+            metrics = super().compute_metrics(results)
+            areas = [sum(column) for column in zip(*results)]
+            per_class = self.total_area_to_metrics(*areas, ["mIoU"], self.nan_to_num, self.beta)["IoU"]
+            for name, value in zip(self.dataset_meta["classes"], per_class):
+                if not np.isnan(value):
+                    metrics[f"IoU.{name}"] = round(float(value) * 100, 2)
+            return metrics
+
+    @HOOKS.register_module(force=True)
+    class BackboneLoadCheckHook(Hook):
+        """Before the first iteration: every backbone tensor must equal the file's (mmengine loads non-strictly)."""
+
+        def __init__(self, weights_file: str):
+            self.weights_file = weights_file
+
+        def before_train(self, runner) -> None:
+            if runner.iter > 0:  # resumed: the weights come from mmseg's own checkpoint
+                return
+            expected = torch.load(self.weights_file, map_location="cpu", weights_only=True)["state_dict"]
+            model = runner.model.module if hasattr(runner.model, "module") else runner.model
+            state = {f"backbone.{k}": v for k, v in model.backbone.state_dict().items()}
+            missing = sorted(set(state) - set(expected))
+            unused = sorted(set(expected) - set(state))
+            differ = sorted(k for k in set(state) & set(expected) if not torch.equal(state[k].cpu(), expected[k]))
+            if missing or unused or differ:
+                raise UserError(f"the backbone did not load in full from {self.weights_file}: not in the file "
+                                f"{len(missing)} {missing[:4]}, not used {len(unused)} {unused[:4]}, not loaded "
+                                f"{len(differ)} {differ[:4]}")
+
+
+def dataset_class(name: str):
+    """A registered mmseg dataset class by name (after register_modules)."""
+    from mmseg.registry import DATASETS
+    register_modules()
+    return DATASETS.get(name)
+
+
+def train_and_evaluate(cfg_dict: dict, distributed: bool, gloo: bool) -> dict[str, float]:
+    """Train with mmengine's Runner (resuming from work_dir's latest checkpoint) and return its validation metrics."""
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+    register_modules()
+    cfg = Config(cfg_dict)
+    if distributed:
+        cfg.launcher = "slurm" if "SLURM_PROCID" in os.environ else "pytorch"
+    if gloo:
+        cfg.env_cfg.dist_cfg.backend = "gloo"
+    cfg.resume = True  # picks up the latest checkpoint in work_dir, if any
+    with trusting(cfg.work_dir):
+        runner = Runner.from_cfg(cfg)
+        runner.train()
+        metrics = runner.val()
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def pretrained_resnet(arch: str, path: Path, canonical: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, list[str]]:
+    """mmsegmentation's ResNet (torchvision-style stem) with init_cfg=Pretrained(prefix='backbone.').
+
+    mmengine loads non-strictly and only logs mismatches, so every tensor of the built model is compared
+    with the file: a key that is missing, or a value that was not loaded, is reported."""
+    from mmengine.logging import MMLogger
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+    register_all_modules()
+    MMLogger.get_current_instance().setLevel("WARNING")  # it logs a paragraph per loaded tensor
+    model = MODELS.build(dict(type="ResNet", depth=resnet_depth(arch), out_indices=(0, 1, 2, 3), style="pytorch",
+                              init_cfg=dict(type="Pretrained", checkpoint=str(path), prefix="backbone.")))
+    model.init_weights()
+    state = model.state_dict()
+    problems = sorted(set(state) ^ set(canonical))
+    problems += [k for k in set(state) & set(canonical) if not torch.equal(state[k].cpu(), canonical[k])]
+    model.eval()  # mmseg's ResNet.train() returns None, so no chaining
+    return model, problems
+
+
+def resnet_stages(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    stem = model.maxpool(model.relu(model.norm1(model.conv1(x))))
+    return {"stem": stem, **{f"res{i + 2}": out for i, out in enumerate(model(x))}}

@@ -1,6 +1,7 @@
 """Config loading: dataclass schema <- YAML file <- `key=value` overrides (OmegaConf).
 
-An unknown key or a value of the wrong type raises UserError naming the key and the closest valid key.
+An unknown key or a value of the wrong type raises UserError naming the key and the closest valid key; a value
+outside its field's rule (pretrain.checks) raises UserError naming the key, the value and what is allowed.
 """
 from __future__ import annotations
 
@@ -77,6 +78,8 @@ def load_config(schema: type, path: str | Path | None = None, overrides: Sequenc
     missing = OmegaConf.missing_keys(config)
     if missing:
         raise UserError(f"config keys {sorted(missing)} have no value; set them in the YAML file or as key=value")
+    from pretrain.checks import check_config
+    check_config(config, schema)
     return config
 
 

@@ -110,6 +110,11 @@ class RunDirLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / ".lock"
         self.fd: int | None = None
+        self.taken_over_from: str | None = None  # the previous holder, when it died holding the lock
+
+    def log_takeover(self, logger: logging.Logger) -> None:
+        if self.taken_over_from:
+            logger.info("run dir %s: taking over from %s (no longer running)", self.path.parent, self.taken_over_from)
 
     @staticmethod
     def holder() -> dict[str, Any]:
@@ -142,12 +147,10 @@ class RunDirLock:
             raise UserError(f"run dir {self.path.parent} is in use by {who}; wait for that run to end, or choose "
                             "another run_dir") from None
         stale = os.read(fd, 4096).decode(errors="replace").strip()
-        if stale:
-            try:
-                logging.getLogger("pretrain").info("run dir %s: taking over from %s (no longer running)",
-                                                   self.path.parent, self.describe(json.loads(stale)))
-            except ValueError:
-                pass
+        try:
+            self.taken_over_from = self.describe(json.loads(stale)) if stale else None
+        except ValueError:
+            self.taken_over_from = "an unknown process"
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, json.dumps(self.holder()).encode())

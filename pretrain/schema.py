@@ -5,35 +5,39 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from pretrain.checks import (DEVICE, NON_NEGATIVE, POSITIVE_INT, PROBABILITY, at_least, between, checked, each,
+                             greater_than, one_of)
+from pretrain.networks import BACKBONES
+
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion_mnist"          # fashion_mnist | imagefolder
+    dataset: str = checked("fashion_mnist", one_of("fashion_mnist", "imagefolder"))          # fashion_mnist | imagefolder
     root: str = "/usr/share/datasets/fashion-mnist"
     split: str = "train"                    # imagefolder: the sub-folder to read (train/...)
-    image_size: int = 32                    # crop size of the views
-    num_workers: int = 2
-    on_corrupt: str = "error"               # error | skip: what a corrupt or unreadable image does
-    limit: int = 0                          # use only the first N images (0 = all); for quick trials
+    image_size: int = checked(32, at_least(8))                   # crop size of the views
+    num_workers: int = checked(2, NON_NEGATIVE)
+    on_corrupt: str = checked("error", one_of("error", "skip"))  # what a corrupt or unreadable image does
+    limit: int = checked(0, NON_NEGATIVE)                         # use only the first N images (0 = all); for quick trials
 
 
 @dataclass
 class AugmentConfig:
     """BYOL's two-view augmentation; each pair is (view 1, view 2)."""
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_p: float = 0.2
-    blur_p: tuple[float, float] = (1.0, 0.1)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: tuple[float, float] = (0.0, 0.2)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    crop_scale: tuple[float, float] = checked((0.08, 1.0), each(between(0, 1), 2, ordered=True))
+    crop_ratio: tuple[float, float] = checked((3 / 4, 4 / 3), each(greater_than(0), 2, ordered=True))
+    flip_p: float = checked(0.5, PROBABILITY)
+    jitter_p: float = checked(0.8, PROBABILITY)
+    brightness: float = checked(0.4, NON_NEGATIVE)
+    contrast: float = checked(0.4, NON_NEGATIVE)
+    saturation: float = checked(0.2, NON_NEGATIVE)
+    hue: float = checked(0.1, between(0, 0.5))
+    grayscale_p: float = checked(0.2, PROBABILITY)
+    blur_p: tuple[float, float] = checked((1.0, 0.1), each(PROBABILITY, 2))
+    blur_sigma: tuple[float, float] = checked((0.1, 2.0), each(NON_NEGATIVE, 2, ordered=True))
+    solarize_p: tuple[float, float] = checked((0.0, 0.2), each(PROBABILITY, 2))
+    mean: tuple[float, float, float] = checked((0.485, 0.456, 0.406), each(between(0, 1), 3))
+    std: tuple[float, float, float] = checked((0.229, 0.224, 0.225), each(greater_than(0), 3))
     batched: bool = False                   # colour, blur, solarize per batch on the training device (the
     #                                         workers only crop and flip): pretrain/batch_augment.py. For GPUs
     #                                         and small images; on a CPU at 224 the per-image path is faster
@@ -41,41 +45,41 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"              # resnet18 | resnet34 | resnet50 (torchvision, unchanged)
-    projector_hidden: int = 4096
-    embedding_dim: int = 256                # d: the projection the loss sees
-    predictor_hidden: int = 4096
+    backbone: str = checked("resnet18", one_of(*BACKBONES))              # resnet18 | resnet34 | resnet50 (torchvision, unchanged)
+    projector_hidden: int = checked(4096, POSITIVE_INT)
+    embedding_dim: int = checked(256, POSITIVE_INT)                # d: the projection the loss sees
+    predictor_hidden: int = checked(4096, POSITIVE_INT)
     use_target: bool = True                 # False: the paper's no-target variant (no predictor, no EMA target)
     sync_bn: bool = True                    # SyncBatchNorm when distributed
 
 
 @dataclass
 class LossConfig:
-    num_features: int = 512                 # D, random Fourier features
-    gamma: float = 3.0
-    kernel: str = "imq"                     # imq | gaussian
-    estimator: str = "rff"                  # rff | exact
-    init_scale: float = 1.0
-    scale_lr: float = 3e-4                  # Adam on the kernel bandwidth
+    num_features: int = checked(512, POSITIVE_INT)                 # D, random Fourier features
+    gamma: float = checked(3.0, NON_NEGATIVE)
+    kernel: str = checked("imq", one_of("imq", "gaussian"))                     # imq | gaussian
+    estimator: str = checked("rff", one_of("rff", "exact"))                  # rff | exact
+    init_scale: float = checked(1.0, greater_than(0))
+    scale_lr: float = checked(3e-4, NON_NEGATIVE)                  # Adam on the kernel bandwidth
 
 
 @dataclass
 class OptimConfig:
-    name: str = "lars"                      # lars | sgd | adamw
-    batch_size: int = 4096                  # global
-    base_lr: float = 0.4                    # lr = base_lr * batch_size / 256
-    weight_decay: float = 1e-6
-    momentum: float = 0.9
-    eta: float = 1e-3                       # LARS trust coefficient
-    epochs: int = 1000
-    warmup_epochs: float = 10.0
-    max_steps: int = 0                      # stop after this many steps (0 = the full schedule)
+    name: str = checked("lars", one_of("lars", "sgd", "adamw"))                      # lars | sgd | adamw
+    batch_size: int = checked(4096, at_least(2))                  # global
+    base_lr: float = checked(0.4, greater_than(0))                    # lr = base_lr * batch_size / 256
+    weight_decay: float = checked(1e-6, NON_NEGATIVE)
+    momentum: float = checked(0.9, between(0, 1, open_high=True))
+    eta: float = checked(1e-3, greater_than(0))                       # LARS trust coefficient
+    epochs: int = checked(1000, POSITIVE_INT)
+    warmup_epochs: float = checked(10.0, NON_NEGATIVE)
+    max_steps: int = checked(0, NON_NEGATIVE)                     # stop after this many steps (0 = the full schedule)
 
 
 @dataclass
 class EmaConfig:
-    target_tau: float = 0.99                # tau_k = 1 - (1 - tau) (cos(pi k / K) + 1) / 2
-    eval_tau: float = 0.999                 # the EMA of the online network that gets exported
+    target_tau: float = checked(0.99, PROBABILITY)                # tau_k = 1 - (1 - tau) (cos(pi k / K) + 1) / 2
+    eval_tau: float = checked(0.999, PROBABILITY)                 # the EMA of the online network that gets exported
 
 
 @dataclass
@@ -85,15 +89,16 @@ class TrainConfig:
     cpu_amp: bool = False                   # bf16 autocast + channels_last on the CPU too (fast with avx512_bf16/AMX)
     compile: bool = False                   # torch.compile the networks
     deterministic: bool = False
-    log_every: int = 10                     # steps
-    checkpoint_every: int = 500             # steps; also at the end and on preemption
-    rankme_every: int = 100                 # steps; effective rank of the embeddings (0 = off); a multiple of log_every
+    log_every: int = checked(10, POSITIVE_INT)                    # steps
+    checkpoint_every: int = checked(500, POSITIVE_INT)            # steps; also at the end and on preemption
+    rankme_every: int = checked(100, NON_NEGATIVE)  # steps; effective rank of the embeddings (0 = off); a multiple
+    #                                                 of log_every
 
 
 @dataclass
 class PretrainConfig:
     run_dir: str = "runs/pretrain"
-    seed: int = 0
+    seed: int = checked(0, NON_NEGATIVE)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -101,4 +106,4 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    device: Optional[str] = None            # cuda | cpu; None picks cuda when available
+    device: Optional[str] = checked(None, DEVICE)           # cuda | cpu; None picks cuda when available

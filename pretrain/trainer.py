@@ -18,6 +18,7 @@ import copy
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -76,6 +77,7 @@ class Pretrainer:
         self.config = config
         self.run_dir = Path(config.run_dir)
         self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
+        self.previous_path = self.checkpoint_path.with_name("previous.pt")
         build_backbone(config.model.backbone)  # an unknown name fails here, before anything is written
         self.resume_state = self._check_run_dir()
         self.dataset = build_dataset(config.data.dataset, config.data.root, config.data.split, config.data.limit)
@@ -162,9 +164,10 @@ class Pretrainer:
         """Refuse a run dir of another config; load its checkpoint for resuming (or None for a new run)."""
         from pretrain.rundir import refuse_other_config
         refuse_other_config(self.run_dir, self.config, RESUMABLE_CHANGES)
-        if not self.checkpoint_path.exists():
+        self._stamp_at_start = self._checkpoint_stamp()
+        state = self._latest_readable_checkpoint()
+        if state is None:
             return None
-        state = checkpoint.load(self.checkpoint_path)
         current = OmegaConf.to_container(self.config, resolve=True)
         differences = config_differences(OmegaConf.to_container(OmegaConf.create(state["config"])), current,
                                          RESUMABLE_CHANGES)
@@ -173,12 +176,30 @@ class Pretrainer:
                             f"{', '.join(differences[:5])}); choose another run_dir")
         return state
 
+    def _latest_readable_checkpoint(self) -> dict | None:
+        """last.pt; or previous.pt when last.pt is unreadable (a truncated file); None for a new run."""
+        if not self.checkpoint_path.exists():
+            return checkpoint.load(self.previous_path) if self.previous_path.exists() else None
+        try:
+            return checkpoint.load(self.checkpoint_path)
+        except UserError as error:
+            if not self.previous_path.exists():
+                raise
+            state = checkpoint.load(self.previous_path)
+            self._fallback_note = f"{error}; resuming from {self.previous_path} (step {state['step']}) instead"
+            return state
+
     def _setup_outputs(self) -> None:
         if not self.is_main:
             return
         from pretrain.rundir import attach_log, start_run_dir
         start_run_dir(self.run_dir, self.config)
         self._handlers = [attach_log(log, self.run_dir)]
+        if getattr(self, "_lock", None) is not None:
+            self._lock.log_takeover(log)
+        for leftover in self.checkpoint_path.parent.glob(".*.tmp"):  # a write that a killed run left half-done
+            log.info("removing %s, left by an interrupted checkpoint write", leftover)
+            leftover.unlink(missing_ok=True)
         from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(str(self.run_dir / "events"), purge_step=self.step or None)
         history = self.run_dir / "history.jsonl"
@@ -215,9 +236,21 @@ class Pretrainer:
         self._elapsed_before = state.get("elapsed_s", 0.0)
 
     def save_checkpoint(self) -> None:
+        """checkpoints/last.pt, written atomically; the one it replaces is kept as previous.pt (a hard link), so a
+        crash at any point leaves a loadable checkpoint. A failed write stops the run and keeps both."""
         from pretrain.io import atomic_torch_save
         if self.is_main:
-            atomic_torch_save(self.state_dict(), self.checkpoint_path)
+            try:
+                if self.checkpoint_path.exists():
+                    link = self.previous_path.with_name(".previous.pt.link")
+                    link.unlink(missing_ok=True)
+                    os.link(self.checkpoint_path, link)
+                    os.replace(link, self.previous_path)
+                atomic_torch_save(self.state_dict(), self.checkpoint_path)
+            except OSError as error:
+                raise UserError(f"cannot write checkpoint {self.checkpoint_path}: {error.strerror or error}; the "
+                                f"last good checkpoint is kept; fix that (e.g. free disk space) and rerun to resume") \
+                    from None
             log.info("step %d: checkpoint %s", self.step, self.checkpoint_path)
         if self.dist.is_distributed:
             torch.distributed.barrier()
@@ -300,16 +333,31 @@ class Pretrainer:
     def _request_stop(self, signum, frame) -> None:
         log.info("signal %d: checkpointing after this step", signum)
         self.stop_requested = True
+        self._stop_asked_at = time.monotonic()
 
-    def request_stop(self, then=None) -> None:
-        """Stop at the next step boundary, write a checkpoint, then call `then` (e.g. submitit's requeue)."""
+    def request_stop(self, then=None, budget_s: float | None = None) -> None:
+        """Stop at the next step boundary, write a checkpoint, then call `then` (e.g. submitit's requeue).
+
+        `budget_s` is the time left before the job is killed (SLURM's signal delay): the time from this call to
+        the written checkpoint is logged, with a warning when it takes more than half of the budget."""
         self.stop_requested = True
         self._after_stop = then
+        self._stop_asked_at, self._stop_budget_s = time.monotonic(), budget_s
+
+    def _report_stop_latency(self) -> None:
+        asked = getattr(self, "_stop_asked_at", None)
+        if asked is None or not self.is_main:
+            return
+        took, budget = time.monotonic() - asked, getattr(self, "_stop_budget_s", None)
+        log.info("stop signal -> checkpoint written in %.1f s%s", took, f" (budget {budget:.0f} s)" if budget else "")
+        if budget and took > budget / 2:
+            log.warning("the checkpoint after the stop signal took %.1f s, more than half of the %.0f s before the "
+                        "job is killed: raise the executor's signal_delay_s, or checkpoint more often", took, budget)
 
     def run(self) -> dict[str, Any]:
         """Train to the end of the schedule (or optim.max_steps); return the last logged stats."""
         from pretrain.rundir import RunDirLock
-        lock = RunDirLock(self.run_dir).acquire() if self.is_main else None
+        lock = self._lock = RunDirLock(self.run_dir).acquire() if self.is_main else None
         try:
             if lock is not None:
                 self._refuse_a_moved_checkpoint()
@@ -320,11 +368,14 @@ class Pretrainer:
 
     def _refuse_a_moved_checkpoint(self) -> None:
         """Between reading the checkpoint and taking the lock, another writer may have moved the run on."""
-        on_disk = checkpoint.load(self.checkpoint_path)["step"] if self.checkpoint_path.exists() else None
-        read = self.resume_state["step"] if self.resume_state is not None else None
-        if on_disk != read:
-            raise UserError(f"run dir {self.run_dir} changed while this run started (its checkpoint is now at step "
-                            f"{on_disk}); another run wrote it: rerun to resume from there")
+        if self._checkpoint_stamp() != self._stamp_at_start:
+            raise UserError(f"run dir {self.run_dir} changed while this run started: another run wrote a "
+                            "checkpoint there; rerun to resume from it")
+
+    def _checkpoint_stamp(self) -> tuple:
+        """(size, mtime) of last.pt and previous.pt: tells whether another writer touched them."""
+        return tuple((p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else None
+                     for p in (self.checkpoint_path, self.previous_path))
 
     def _run(self) -> dict[str, Any]:
         from tqdm import tqdm
@@ -332,6 +383,8 @@ class Pretrainer:
             self.load_state_dict(self.resume_state)
             self.resume_state = None
         self._setup_outputs()
+        if self.is_main and getattr(self, "_fallback_note", None):
+            log.warning(self._fallback_note)
         if self.is_main and self.step:
             log.info("resuming %s at step %d of %d", self.run_dir, self.step, self.stop_step)
         previous = signal.signal(signal.SIGTERM, self._request_stop)
@@ -364,6 +417,8 @@ class Pretrainer:
                     if self.step >= self.stop_step or self.stop_requested:
                         break
             self.save_checkpoint()
+            if self.stop_requested:
+                self._report_stop_latency()
             if self.stop_requested and self._after_stop is not None:
                 self._after_stop()
         finally:

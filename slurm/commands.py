@@ -56,7 +56,7 @@ def run_submit(args: argparse.Namespace) -> None:
     from slurm.jobs import StepJob
     flags, executor_overrides, step_args = split_arguments(args.step_args)
     config = load_executor_config(flags["executor"], executor_overrides)
-    job = StepJob(args.step, step_args)
+    job = StepJob(args.step, step_args, config.signal_delay_s)
     if flags["dry_run"]:
         print(f"# {config.cluster} executor, {len(step_args)} step arguments; nothing submitted")
         if config.cluster == "slurm":

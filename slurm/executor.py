@@ -8,30 +8,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from pretrain.errors import UserError
+from pretrain.checks import NON_NEGATIVE, POSITIVE_INT, checked, greater_than, one_of, optional
 
 CLUSTERS = ("local", "slurm", "debug")
 
 
 @dataclass
 class ExecutorConfig:
-    cluster: str = "local"                  # local: subprocesses here | slurm: sbatch | debug: in this process
+    cluster: str = checked("local", one_of(*CLUSTERS))  # local: subprocesses here | slurm: sbatch | debug: in-process
     folder: str = "runs/jobs"               # submitit's job files and logs (%j = job id)
     name: str = "ssl-hsic"
-    timeout_min: int = 60
+    timeout_min: int = checked(60, POSITIVE_INT)
     # SLURM only
     partition: Optional[str] = None
-    nodes: int = 1
-    gpus_per_node: int = 0
-    tasks_per_node: int = 1                 # one task per GPU for distributed training
-    cpus_per_task: int = 1
-    mem_gb: Optional[float] = None
+    nodes: int = checked(1, POSITIVE_INT)
+    gpus_per_node: int = checked(0, NON_NEGATIVE)
+    tasks_per_node: int = checked(1, POSITIVE_INT)                # one task per GPU for distributed training
+    cpus_per_task: int = checked(1, POSITIVE_INT)
+    mem_gb: Optional[float] = checked(None, optional(greater_than(0)))
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
-    signal_delay_s: int = 90                # SIGUSR2 this long before the time limit: checkpoint + requeue
-    max_num_timeout: int = 3                # requeues after timeouts (preemptions do not count)
-    array_parallelism: int = 64
+    signal_delay_s: int = checked(90, NON_NEGATIVE)               # SIGUSR2 this long before the time limit: checkpoint + requeue
+    max_num_timeout: int = checked(3, NON_NEGATIVE)               # requeues after timeouts (preemptions do not count)
+    array_parallelism: int = checked(64, POSITIVE_INT)
     additional: dict = field(default_factory=dict)   # extra sbatch flags, e.g. {exclude: node12}
     setup: list = field(default_factory=list)        # shell lines before the job (module load ...)
 
@@ -51,8 +51,6 @@ def slurm_parameters(config: ExecutorConfig) -> dict:
 
 def build_executor(config: ExecutorConfig, folder: str | Path | None = None):
     import submitit
-    if config.cluster not in CLUSTERS:
-        raise UserError(f"unknown cluster '{config.cluster}'; choose one of {', '.join(CLUSTERS)} (cluster=...)")
     extra = {"slurm_max_num_timeout": config.max_num_timeout} if config.cluster == "slurm" else {}
     executor = submitit.AutoExecutor(folder=str(folder or config.folder), cluster=config.cluster, **extra)
     executor.update_parameters(name=config.name, timeout_min=config.timeout_min)

@@ -24,11 +24,12 @@ def steps() -> tuple[str, ...]:
 class StepJob:
     """Callable by submitit: runs `python -m pretrain ARGV` or `python -m transfer STEP ARGV` in-process."""
 
-    def __init__(self, step: str, argv: list[str]):
+    def __init__(self, step: str, argv: list[str], signal_delay_s: float | None = None):
         if step not in steps():
             from pretrain.errors import UserError
             raise UserError(f"unknown step '{step}'; choose one of {', '.join(steps())}")
         self.step, self.argv = step, list(argv)
+        self.signal_delay_s = signal_delay_s  # SIGUSR2 comes this long before the kill: the checkpoint's budget
 
     def __repr__(self) -> str:
         return f"StepJob({self.step!r}, {self.argv!r})"
@@ -56,7 +57,7 @@ class StepJob:
         submitit_handler = signal.getsignal(signal.SIGUSR2)
         if callable(submitit_handler):
             def on_usr2(signum, frame):  # checkpoint at the step boundary, then submitit requeues
-                trainer.request_stop(lambda: submitit_handler(signum, None))
+                trainer.request_stop(lambda: submitit_handler(signum, None), budget_s=self.signal_delay_s)
             signal.signal(signal.SIGUSR2, on_usr2)
         stats = trainer.run()
         if trainer.stop_requested:  # SIGTERM: checkpointed; exit without a result, the job is being ended
@@ -76,4 +77,4 @@ class StepJob:
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on SIGUSR2: the same job again; it resumes from its run dir."""
         import submitit
-        return submitit.helpers.DelayedSubmission(StepJob(self.step, self.argv))
+        return submitit.helpers.DelayedSubmission(StepJob(self.step, self.argv, self.signal_delay_s))

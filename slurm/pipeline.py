@@ -11,25 +11,44 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pretrain.checks import NON_NEGATIVE, Rule, checked, each, one_of
 from pretrain.errors import UserError
 from transfer.tasks import TASKS
+
+
+def _task_files(value) -> bool:
+    return isinstance(value, dict) and all(task in TASKS and Path(path).is_file() for task, path in value.items())
+
+
+def _scene_sizes(value) -> bool:
+    return (isinstance(value, dict) and set(value) == {"train", "test", "size", "seed"}
+            and all(isinstance(v, int) for v in value.values())
+            and value["train"] >= 1 and value["test"] >= 1 and value["size"] >= 32 and value["seed"] >= 0)
+
+
+EXISTING_FILE = Rule("an existing file", lambda v: isinstance(v, str) and Path(v).is_file())
+TASK_FILES = Rule(f"a mapping of tasks ({', '.join(TASKS)}) to existing config files", _task_files)
+TASK_OVERRIDES = Rule(f"a mapping of tasks ({', '.join(TASKS)}) to lists of key=value",
+                      lambda v: isinstance(v, dict) and all(t in TASKS and isinstance(o, list) for t, o in v.items()))
+SCENE_SIZES = Rule("{train: >= 1, test: >= 1, size: >= 32, seed: >= 0}", _scene_sizes)
 
 
 @dataclass
 class PipelineConfig:
     root: str = "runs/demo"
-    executor: str = "configs/slurm/local.yaml"
+    executor: str = checked("configs/slurm/local.yaml", EXISTING_FILE)
     executor_overrides: list = field(default_factory=list)
-    pretrain_config: str = "configs/pretrain/fashion_mnist_resnet18.yaml"
+    pretrain_config: str = checked("configs/pretrain/fashion_mnist_resnet18.yaml", EXISTING_FILE)
     pretrain_overrides: list = field(default_factory=list)
-    scenes: dict = field(default_factory=lambda: {"train": 200, "test": 50, "size": 128, "seed": 0})
-    tasks: dict = field(default_factory=lambda: {
+    scenes: dict = checked({"train": 200, "test": 50, "size": 128, "seed": 0}, SCENE_SIZES)
+    tasks: dict = checked({
         "linear": "configs/transfer/linear_fashion_mnist.yaml", "knn": "configs/transfer/linear_fashion_mnist.yaml",
         "segmentation": "configs/transfer/segmentation_scenes.yaml",
-        "detection": "configs/transfer/detection_scenes.yaml", "depth": "configs/transfer/depth_scenes.yaml"})
-    task_overrides: dict = field(default_factory=dict)   # task -> [key=value, ...]
-    seeds: list = field(default_factory=lambda: [0])
-    weights: str = "ema"                                  # which network of the checkpoint the tasks evaluate
+        "detection": "configs/transfer/detection_scenes.yaml", "depth": "configs/transfer/depth_scenes.yaml"},
+        TASK_FILES)
+    task_overrides: dict = checked({}, TASK_OVERRIDES)      # task -> [key=value, ...]
+    seeds: list = checked([0], each(NON_NEGATIVE))
+    weights: str = checked("ema", one_of("ema", "online", "target"))  # which network the tasks evaluate
     use_scenes: bool = True                               # generate scenes and point the dense tasks at them
 
 
@@ -47,12 +66,6 @@ def scene_overrides(task: str, scenes: Path) -> list[str]:
 class Pipeline:
     def __init__(self, config: PipelineConfig, dry_run: bool = False):
         from slurm.executor import load_executor_config
-        unknown = sorted(set(config.tasks) - set(TASKS))
-        if unknown:
-            raise UserError(f"unknown pipeline tasks {unknown}; choose from {', '.join(TASKS)}")
-        for path in [config.pretrain_config, *config.tasks.values()]:
-            if not Path(path).is_file():
-                raise UserError(f"pipeline config file {path} does not exist")
         self.config = config
         self.root = Path(config.root)
         self.executor_config = load_executor_config(config.executor, list(config.executor_overrides))
@@ -72,7 +85,7 @@ class Pipeline:
             print(f"[pipeline] {name}: done before, skipped")
             return
         started = time.time()
-        job = build_executor(self.executor_config).submit(StepJob(step, argv))
+        job = build_executor(self.executor_config).submit(StepJob(step, argv, self.executor_config.signal_delay_s))
         print(f"[pipeline] {name}: job {job.job_id} ({self.executor_config.cluster})", flush=True)
         try:
             job.result()

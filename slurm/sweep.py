@@ -9,20 +9,28 @@ import itertools
 import json
 import pickle
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from pretrain.checks import NON_NEGATIVE, Rule, checked, each
 from pretrain.errors import UserError
 from pretrain.io import atomic_write_bytes
+
+
+def _known_tasks(value) -> bool:
+    from transfer.tasks import TASKS
+    return isinstance(value, dict) and all(task in TASKS for task in value)
 
 
 @dataclass
 class SweepConfig:
     run_root: str = "runs/sweep"
-    backbones: list = field(default_factory=list)       # checkpoint paths or random:ARCH
-    tasks: dict = field(default_factory=dict)           # task -> its config file
-    seeds: list = field(default_factory=lambda: [0])
-    overrides: list = field(default_factory=lambda: [[]])  # a list of override lists: one job set per entry
+    backbones: list = checked([], Rule("a list of checkpoint paths or random:ARCH",
+                                       lambda v: isinstance(v, list) and all(isinstance(b, str) for b in v)))
+    tasks: dict = checked({}, Rule("a mapping of registered tasks to config files", _known_tasks))  # task -> config
+    seeds: list = checked([0], each(NON_NEGATIVE))
+    overrides: list = checked([[]], Rule("a list of override lists, e.g. [[], [linear.lr=0.1]]",
+                                         lambda v: isinstance(v, list) and v and all(isinstance(o, list) for o in v)))
 
 
 def backbone_label(spec: str) -> str:
@@ -58,7 +66,7 @@ def submit(config: SweepConfig, executor_config) -> list[dict]:
     root = Path(config.run_root)
     executor = build_executor(executor_config, folder=root / "jobs")
     with executor.batch():
-        submitted = [executor.submit(StepJob(job["task"], job["argv"])) for job in jobs]
+        submitted = [executor.submit(StepJob(job["task"], job["argv"], executor_config.signal_delay_s)) for job in jobs]
     for job, handle in zip(jobs, submitted):
         job.update(job_id=str(handle.job_id), folder=str(root / "jobs"), cluster=executor_config.cluster)
     atomic_write_bytes(root / "sweep.json", json.dumps({"jobs": jobs}, indent=2).encode())

@@ -67,3 +67,13 @@ def assert_same_weights(a, b):
         assert a[part].keys() == b[part].keys()
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
+
+
+@pytest.fixture
+def cpu_burner():
+    """A process that keeps one core busy (at most 15 minutes), stopped when the test ends: a loaded machine."""
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 900\nwhile time.time() < end:\n"
+                               "    pass"])
+    yield burner
+    burner.kill()
+    burner.wait()

@@ -218,7 +218,8 @@ def cli(tmp_path, *overrides):
 
 @pytest.mark.parametrize("overrides, message", [
     (["data.root=/nonexistent"], "Fashion-MNIST not found in /nonexistent .* dataset-fashion-mnist"),
-    (["model.backbone=resnet19"], "unknown backbone 'resnet19'; choose one of resnet18, resnet34, resnet50"),
+    (["model.backbone=resnet19"], "config key 'model.backbone' is 'resnet19'; it must be one of resnet18, resnet34, "
+                                  "resnet50"),
     (["data.limit=8"], "fewer than one batch of 16"),
     (["data.dataset=imagefolder", "data.root=/nonexistent"], "image folder /nonexistent/train does not exist"),
     (["train.cpu_amp=true"], "train.deterministic=true and train.cpu_amp=true exclude each other"),

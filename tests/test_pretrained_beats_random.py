@@ -1,53 +1,50 @@
-"""The small pretraining config's backbone against the same network at random init, seed 0.
+"""A backbone pretrained by the small config beats the same network at random init, seed 0, in the suite's budget.
 
-The full small config runs once (about 9 minutes here); then the linear probe and kNN of configs/transfer/
-linear_fashion_mnist.yaml (all 60k / 10k Fashion-MNIST images) and the segmentation of configs/transfer/
-segmentation_scenes.yaml (mmsegmentation, 1000 iterations on the default generated scenes) run for both
-backbones. Each margin asserted is about half the smallest one measured over seeds 0, 1 and 2 (BENCHMARKS.md,
-bench/margins.py), so that a run on another CPU (no bf16, other float rounding) still passes while a
-pretraining that learns nothing does not. Detection is not here: its margins over seeds 0-2 (+1.81, +0.34,
--1.50 bbox AP, BENCHMARKS.md) do not show that the small config's backbone beats random init there.
+The small config trains for one epoch here (`optim.epochs=1`: 234 steps, about 3.5 minutes on 2 CPU cores in
+fp32) instead of four; then the linear probe and kNN of configs/transfer/linear_fashion_mnist.yaml run on the
+first 1,000 training images (about 100 per class) and all 10,000 test images, for both backbones. Few labels
+separate the backbones far more than all 60,000 do (at four epochs: +4.9 linear / +5.2 kNN with 1,000 labels
+against +1.3 / +0.3 with 60,000, seed 0), so a quarter of the pretraining still gives a clear margin. Each
+margin asserted is about half the smallest one measured over seeds 0, 1 and 2 (bench/test_recipe_margins.py,
+BENCHMARKS.md), so that another CPU (other float rounding) still passes while a pretraining that learns
+nothing does not. Segmentation and detection are compared in BENCHMARKS.md (bench/margins.py), not here: their
+margins need the full pretraining and minutes of mmseg / detectron2 training per backbone.
 """
 import json
 
 import pytest
 
 from tests.conftest import run_cli
-from slurm.pipeline import PipelineConfig, scene_overrides
 
-# pretrained (EMA network) - random init, seeds 0, 1, 2; the pretraining seed is also the task's seed
-MEASURED = {"linear": (1.25, 1.67, 2.50), "knn": (0.31, 1.01, 0.97), "segmentation": (0.90, 3.35, 0.42)}
-REQUIRED = {"linear": 0.6, "knn": 0.15, "segmentation": 0.2}
-METRIC = {"linear": "top1", "knn": "top1", "segmentation": "mIoU"}
-CONFIG = {"linear": "configs/transfer/linear_fashion_mnist.yaml", "knn": "configs/transfer/linear_fashion_mnist.yaml",
-          "segmentation": "configs/transfer/segmentation_scenes.yaml"}
+# pretrained (EMA network) - random init, top-1, seeds 0, 1, 2; the pretraining seed is also the task's seed
+MEASURED = {"linear": (1.62, 1.84, 3.60), "knn": (1.94, 2.11, 3.17)}
+REQUIRED = {"linear": 0.8, "knn": 0.9}
+RECIPE = ["--config", "configs/pretrain/fashion_mnist_resnet18.yaml", "optim.epochs=1", "seed=0"]
+TASK = ["--config", "configs/transfer/linear_fashion_mnist.yaml", "data.limit_train=1000", "seed=0"]
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from transfer.scenes import write_all
     root = tmp_path_factory.mktemp("pays")
-    result = run_cli("pretrain", "--config", "configs/pretrain/fashion_mnist_resnet18.yaml",
-                     f"run_dir={root / 'pretrain'}", "seed=0", timeout=1800)
+    result = run_cli("pretrain", *RECIPE, f"run_dir={root / 'pretrain'}", timeout=1500)
     assert result.returncode == 0, result.stderr[-2000:]
-    write_all(root / "scenes", **PipelineConfig().scenes)  # the main job's scenes
     return root
 
 
-def score(root, task: str, backbone: str, name: str) -> float:
+def top1(root, task: str, backbone: str, name: str) -> float:
     run_dir = root / f"{task}_{name}"
-    extra = [f"cache_dir={root / 'cache'}"] if task in ("linear", "knn") else scene_overrides(task, root / "scenes")
-    result = run_cli("transfer", task, "--backbone", backbone, "--config", CONFIG[task], f"run_dir={run_dir}",
-                     "seed=0", *extra, timeout=1200)
+    result = run_cli("transfer", task, "--backbone", backbone, *TASK, f"run_dir={run_dir}",
+                     f"cache_dir={root / 'cache'}", timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    return json.loads((run_dir / "metrics.json").read_text())["metrics"][METRIC[task]]
+    return json.loads((run_dir / "metrics.json").read_text())["metrics"]["top1"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["linear", "knn", "segmentation"])
+@pytest.mark.timeout(1800)  # the first test also pays for the fixture's pretraining
+@pytest.mark.parametrize("task", ["linear", "knn"])
 def test_pretrained_backbone_beats_random_init(workspace, task):
-    pretrained = score(workspace, task, str(workspace / "pretrain" / "checkpoints" / "last.pt"), "pretrained")
-    random_init = score(workspace, task, "random:resnet18", "random")
+    pretrained = top1(workspace, task, str(workspace / "pretrain" / "checkpoints" / "last.pt"), "pretrained")
+    random_init = top1(workspace, task, "random:resnet18", "random")
     assert pretrained - random_init >= REQUIRED[task], (
-        f"{task} {METRIC[task]}: pretrained {pretrained:.2f} vs random init {random_init:.2f}; "
+        f"{task} top-1: pretrained {pretrained:.2f} vs random init {random_init:.2f}; "
         f"margins measured over seeds 0-2: {MEASURED[task]}")

@@ -27,7 +27,9 @@ def release_requeued(cluster, job_id, timelimit_min):
     return False
 
 
-def test_timed_out_pretraining_requeues_and_ends_like_an_uninterrupted_run(slurm_cluster, tmp_path):
+@pytest.mark.timeout(2400)
+def test_timed_out_pretraining_requeues_and_ends_like_an_uninterrupted_run(slurm_cluster, tmp_path, cpu_burner):
+    """With a process burning one of the two cores all along, as on a busy machine."""
     from pretrain.config import load_config
     from pretrain.schema import PretrainConfig
     from pretrain.trainer import train
@@ -39,7 +41,7 @@ def test_timed_out_pretraining_requeues_and_ends_like_an_uninterrupted_run(slurm
     executor = build_executor(cluster_executor(tmp_path, timeout_min=1, signal_delay_s=40, max_num_timeout=5))
     job = executor.submit(StepJob("pretrain", job_args))
     requeued = False
-    deadline = time.monotonic() + 900
+    deadline = time.monotonic() + 1500
     while not job.done() and time.monotonic() < deadline:
         requeued |= release_requeued(slurm_cluster, job.job_id, timelimit_min=15)
         time.sleep(1)
@@ -50,6 +52,10 @@ def test_timed_out_pretraining_requeues_and_ends_like_an_uninterrupted_run(slurm
     job_log = "".join(p.read_text() for p in sorted((tmp_path / "jobs").glob("*_log.*")))
     assert "Caught signal SIGUSR2" in job_log and "timed-out" in job_log and "Requeued job" in job_log
     assert "resuming" in log
+    assert cpu_burner.poll() is None  # the load lasted the whole job
+    cpu_burner.kill()
+    latency = float(log.split("stop signal -> checkpoint written in ")[1].split(" s")[0])
+    assert 0 <= latency < 40 and "(budget 40 s)" in log
     interrupted_at = int(log.split("resuming")[1].split("at step ")[1].split()[0])
     assert 0 < interrupted_at < 300
     assert result["metrics"]["loss"] < 0

@@ -60,6 +60,8 @@ class TaskRun:
         self.lock = RunDirLock(self.run_dir).acquire() if detect().rank == 0 else None
         start_run_dir(self.run_dir, self.config)
         self._handler = attach_log(log, self.run_dir)
+        if self.lock is not None:
+            self.lock.log_takeover(log)
         log.info("%s: backbone %s (%s, %s)", self.task, self.backbone.source, self.backbone.arch, self.backbone.layout)
 
     def finish(self, result: TaskResult) -> dict:

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from pretrain.checks import (DEVICE, NON_NEGATIVE, POSITIVE_INT, at_least, between, checked, each, greater_than,
+                             one_of)
 from pretrain.errors import UserError
 from pretrain.rundir import Progress, cosine_schedule
 from transfer.backbone import Backbone, fingerprint
@@ -36,46 +38,46 @@ log = logging.getLogger("transfer")
 
 @dataclass
 class ClassificationData:
-    dataset: str = "fashion_mnist"          # fashion_mnist | imagefolder (root/train, root/val)
+    dataset: str = checked("fashion_mnist", one_of("fashion_mnist", "imagefolder"))  # imagefolder: root/train, root/val
     root: str = "/usr/share/datasets/fashion-mnist"
     train_split: str = "train"
     test_split: str = "test"
-    image_size: int = 32
-    resize_ratio: float = 1.0               # eval: resize short side to image_size * ratio, centre-crop
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
-    num_workers: int = 2
-    limit_train: int = 0                    # 0 = all
-    limit_test: int = 0
+    image_size: int = checked(32, at_least(8))
+    resize_ratio: float = checked(1.0, at_least(1.0))              # eval: resize short side to image_size * ratio, centre-crop
+    mean: tuple[float, float, float] = checked((0.5, 0.5, 0.5), each(between(0, 1), 3))
+    std: tuple[float, float, float] = checked((0.25, 0.25, 0.25), each(greater_than(0), 3))
+    num_workers: int = checked(2, NON_NEGATIVE)
+    limit_train: int = checked(0, NON_NEGATIVE)                  # 0 = all
+    limit_test: int = checked(0, NON_NEGATIVE)
 
 
 @dataclass
 class LinearProtocol:
-    epochs: int = 30
-    batch_size: int = 512
-    optimizer: str = "adam"                 # adam | sgd (SGD: momentum 0.9, cosine)
-    lr: float = 1e-3                        # sgd: scaled by batch_size / 256
-    weight_decay: float = 1e-5
+    epochs: int = checked(30, POSITIVE_INT)
+    batch_size: int = checked(512, POSITIVE_INT)
+    optimizer: str = checked("adam", one_of("adam", "sgd"))  # SGD: momentum 0.9, cosine
+    lr: float = checked(1e-3, greater_than(0))                       # sgd: scaled by batch_size / 256
+    weight_decay: float = checked(1e-5, NON_NEGATIVE)
     standardize: bool = True                # standardise features with train-set mean / std
     augment: bool = False                   # random crop + flip each epoch: recomputes features, no cache
 
 
 @dataclass
 class KnnProtocol:
-    k: int = 20
-    temperature: float = 0.07               # votes weighted by exp(cosine / T)
+    k: int = checked(20, POSITIVE_INT)
+    temperature: float = checked(0.07, greater_than(0))             # votes weighted by exp(cosine / T)
 
 
 @dataclass
 class Config:
     run_dir: str = "runs/linear"
-    seed: int = 0
+    seed: int = checked(0, NON_NEGATIVE)
     data: ClassificationData = field(default_factory=ClassificationData)
     linear: LinearProtocol = field(default_factory=LinearProtocol)
     knn: KnnProtocol = field(default_factory=KnnProtocol)
-    extract_batch_size: int = 256
+    extract_batch_size: int = checked(256, POSITIVE_INT)
     cache_dir: str = "~/.cache/ssl-hsic/features"
-    device: Optional[str] = None
+    device: Optional[str] = checked(None, DEVICE)
 
 
 EXAMPLES = """\

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pretrain.checks import DEVICE, NON_NEGATIVE, POSITIVE_INT, checked, each, greater_than, one_of
 from pretrain.errors import UserError
 from pretrain.networks import feature_width
 from transfer.runner import TaskResult
@@ -139,28 +140,28 @@ class DepthPairs(torch.utils.data.Dataset):
 
 @dataclass
 class DepthData:
-    kind: str = "folder"                    # folder (NYU-style, what `transfer scenes` writes) | nyu_mat
+    kind: str = checked("folder", one_of("folder", "nyu_mat"))  # folder: NYU-style, what `transfer scenes` writes
     root: str = "runs/scenes/nyu"           # the folder, or nyu_depth_v2_labeled.mat
     splits_file: str = ""                   # nyu_mat: splits.mat
     train_split: str = "train"
     test_split: str = "val"
-    resize: tuple[int, int] = (128, 128)    # (w, h): NYU frames are halved, 640x480 -> 320x240
-    crop: tuple[int, int] = (128, 128)      # (w, h): NYU: 304 x 228
-    num_workers: int = 1
+    resize: tuple[int, int] = checked((128, 128), each(POSITIVE_INT, 2))   # (w, h): NYU frames are halved, 640x480 -> 320x240
+    crop: tuple[int, int] = checked((128, 128), each(POSITIVE_INT, 2))     # (w, h): NYU: 304 x 228
+    num_workers: int = checked(1, NON_NEGATIVE)
 
 
 @dataclass
 class Config:
     run_dir: str = "runs/depth"
-    seed: int = 0
+    seed: int = checked(0, NON_NEGATIVE)
     data: DepthData = field(default_factory=DepthData)
-    steps: int = 300
-    batch_size: int = 8
-    lr: float = 0.01                        # SGD momentum 0.9, cosine decay
-    weight_decay: float = 5e-4
-    checkpoint_every: int = 100
-    log_every: int = 50
-    device: Optional[str] = None
+    steps: int = checked(300, POSITIVE_INT)
+    batch_size: int = checked(8, POSITIVE_INT)
+    lr: float = checked(0.01, greater_than(0))                       # SGD momentum 0.9, cosine decay
+    weight_decay: float = checked(5e-4, NON_NEGATIVE)
+    checkpoint_every: int = checked(100, POSITIVE_INT)
+    log_every: int = checked(50, POSITIVE_INT)
+    device: Optional[str] = checked(None, DEVICE)
 
 
 def train_and_evaluate(config: Config, backbone, run_dir: Path, device) -> dict[str, float]:

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from pretrain.checks import DEVICE, NON_NEGATIVE, POSITIVE_INT, at_least, between, checked, each, greater_than
+
+
 from transfer.backbone import Backbone
 from transfer.runner import TaskResult
 
@@ -23,29 +26,29 @@ class DetectionData:
     train_images: str = "runs/scenes/coco/train"
     test_json: str = "runs/scenes/coco/annotations/instances_val.json"
     test_images: str = "runs/scenes/coco/val"
-    min_size_train: tuple = (96, 112, 128)
-    max_size_train: int = 213
-    min_size_test: int = 128
-    max_size_test: int = 213
-    num_workers: int = 1
+    min_size_train: tuple = checked((96, 112, 128), each(POSITIVE_INT))
+    max_size_train: int = checked(213, POSITIVE_INT)
+    min_size_test: int = checked(128, POSITIVE_INT)
+    max_size_test: int = checked(213, POSITIVE_INT)
+    num_workers: int = checked(1, NON_NEGATIVE)
 
 
 @dataclass
 class Config:
     run_dir: str = "runs/detection"
-    seed: int = 0
+    seed: int = checked(0, NON_NEGATIVE)
     base: str = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"  # a detectron2 model-zoo config
     data: DetectionData = field(default_factory=DetectionData)
-    iterations: int = 300
-    batch_size: int = 4                     # images per iteration, over all processes
-    lr: float = 0.02
-    weight_decay: float = 1e-4
-    steps: tuple = (0.75, 0.92)             # lr x0.1 at these fractions
-    warmup_iters: int = 50
-    checkpoint_period: int = 100
+    iterations: int = checked(300, at_least(2))
+    batch_size: int = checked(4, POSITIVE_INT)                    # images per iteration, over all processes
+    lr: float = checked(0.02, greater_than(0))
+    weight_decay: float = checked(1e-4, NON_NEGATIVE)
+    steps: tuple = checked((0.75, 0.92), each(between(0, 1), ordered=True))            # lr x0.1 at these fractions
+    warmup_iters: int = checked(50, NON_NEGATIVE)
+    checkpoint_period: int = checked(100, POSITIVE_INT)
     extra_norm_res5: bool = False           # MoCo's Res5ROIHeadsExtraNorm (R50-C4)
     opts: list = field(default_factory=list)  # any further detectron2 KEY VALUE pairs
-    device: Optional[str] = None
+    device: Optional[str] = checked(None, DEVICE)
 
 
 EXAMPLES = """\

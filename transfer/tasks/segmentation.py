@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from pretrain.checks import DEVICE, NON_NEGATIVE, POSITIVE_INT, between, checked, each, greater_than, one_of
 from pretrain.errors import UserError
 from pretrain.networks import feature_width, resnet_depth
 from transfer.backbone import Backbone
@@ -28,40 +29,40 @@ log = logging.getLogger("transfer")
 
 @dataclass
 class SegmentationData:
-    dataset: str = "scenes"                 # scenes (transfer scenes' VOC folder) | voc (PASCAL VOC 2012 + aug)
+    dataset: str = checked("scenes", one_of("scenes", "voc"))  # transfer scenes' VOC folder | PASCAL VOC 2012 + aug
     root: str = "runs/scenes/voc/VOC2012"   # the folder holding JPEGImages/
     train_list: str = "ImageSets/Segmentation/train.txt"
     val_list: str = "ImageSets/Segmentation/val.txt"
     train_labels: str = "SegmentationClass"  # VOC aug: SegmentationClassAug
     val_labels: str = "SegmentationClass"
-    scale: tuple[int, int] = (128, 128)     # (w, h) before the 0.5-2 random rescale
-    crop: tuple[int, int] = (96, 96)
-    ratio_range: tuple[float, float] = (0.5, 2.0)
-    num_workers: int = 2
+    scale: tuple[int, int] = checked((128, 128), each(POSITIVE_INT, 2))  # (w, h) before the random rescale
+    crop: tuple[int, int] = checked((96, 96), each(POSITIVE_INT, 2))
+    ratio_range: tuple[float, float] = checked((0.5, 2.0), each(greater_than(0), 2, ordered=True))
+    num_workers: int = checked(2, NON_NEGATIVE)
 
 
 @dataclass
 class SegmentationSchedule:
-    iterations: int = 300
-    batch_size: int = 8                     # per GPU
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    milestones: tuple[float, float] = (0.7, 0.9)
-    log_interval: int = 50
-    checkpoint_interval: int = 100
+    iterations: int = checked(300, POSITIVE_INT)
+    batch_size: int = checked(8, POSITIVE_INT)  # per GPU
+    lr: float = checked(0.01, greater_than(0))
+    momentum: float = checked(0.9, between(0, 1, open_high=True))
+    weight_decay: float = checked(1e-4, NON_NEGATIVE)
+    milestones: tuple[float, float] = checked((0.7, 0.9), each(between(0, 1), 2, ordered=True))
+    log_interval: int = checked(50, POSITIVE_INT)
+    checkpoint_interval: int = checked(100, POSITIVE_INT)
 
 
 @dataclass
 class Config:
     run_dir: str = "runs/segmentation"
-    seed: int = 0
+    seed: int = checked(0, NON_NEGATIVE)
     data: SegmentationData = field(default_factory=SegmentationData)
     schedule: SegmentationSchedule = field(default_factory=SegmentationSchedule)
-    head_channels: int = 256
-    dropout: float = 0.1
+    head_channels: int = checked(256, POSITIVE_INT)
+    dropout: float = checked(0.1, between(0, 1, open_high=True))
     sync_bn: bool = True                    # SyncBN when distributed
-    device: Optional[str] = None
+    device: Optional[str] = checked(None, DEVICE)
 
 
 def _dataset(c: SegmentationData, split: str, pipeline: list) -> dict:

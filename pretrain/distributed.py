@@ -63,3 +63,21 @@ def init_distributed(backend: str | None = None) -> DistributedEnv:
     dist.init_process_group(backend, init_method=f"tcp://{info.master_addr}:{info.master_port}",
                             rank=info.rank, world_size=info.world_size)
     return info
+
+
+def match_threads_to_allocation(environ: dict[str, str] | None = None) -> int | None:
+    """Use as many intra-op threads as the CPUs SLURM gave this task (SLURM_CPUS_PER_TASK), unless
+    OMP_NUM_THREADS says otherwise; return the number set, or None when nothing was changed.
+
+    torch starts one thread per core of the machine. In a job that holds fewer cores than the node has, those
+    threads share the allocation with other jobs' work and wait on each other at every parallel region: on a
+    2-core machine with one core busy, a step took 35x longer (BENCHMARKS.md)."""
+    env = os.environ if environ is None else environ
+    cpus = env.get("SLURM_CPUS_PER_TASK")
+    if not cpus or "OMP_NUM_THREADS" in env:
+        return None
+    import torch
+    threads = max(1, int(cpus))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads

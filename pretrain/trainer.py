@@ -71,7 +71,7 @@ class Pretrainer:
         from pretrain.data import build_dataset
         from pretrain.hsic import SSLHSICLoss
         from pretrain.networks import Encoder, OnlineNetwork, build_backbone
-        from pretrain.distributed import init_distributed
+        from pretrain.distributed import init_distributed, match_threads_to_allocation
         from pretrain.rundir import pick_device
 
         self.config = config
@@ -90,6 +90,7 @@ class Pretrainer:
             raise UserError(f"data.on_corrupt must be 'error' or 'skip', not '{config.data.on_corrupt}'")
 
         self.dist = init_distributed()
+        match_threads_to_allocation()
         self.is_main = self.dist.rank == 0
         self.device = pick_device(config.device)
         torch.manual_seed(config.seed)

@@ -237,3 +237,14 @@ def test_a_truncated_last_checkpoint_resumes_from_the_previous_one_or_is_refused
     result = run_cli("pretrain", "--config", PRETRAIN, f"run_dir={run_dir}", *TINY, "train.checkpoint_every=2")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith(f"error: checkpoint {last} cannot be read")
+
+
+def test_a_slurm_task_uses_as_many_threads_as_cpus_it_was_given():
+    code = ("import os, torch; from pretrain.distributed import match_threads_to_allocation as m; "
+            "before = torch.get_num_threads(); print(m(), torch.get_num_threads(), before, "
+            "m({'SLURM_CPUS_PER_TASK': '3', 'OMP_NUM_THREADS': '2'}), m({}))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**env, "SLURM_CPUS_PER_TASK": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "1", str(os.cpu_count()), "None", "None"]

@@ -98,6 +98,7 @@ def run_task(name: str, backbone_spec: str, weights: str = "ema", config_path: s
     """Load the config and backbone, report a finished run, else prepare the data, start the run dir, run the
     task and write metrics.json; return its content."""
     from pretrain.config import load_config
+    from pretrain.distributed import match_threads_to_allocation
     from transfer import tasks
     from transfer.backbone import resolve_backbone
     module = tasks.get(name).load()
@@ -108,6 +109,7 @@ def run_task(name: str, backbone_spec: str, weights: str = "ema", config_path: s
         print(f"{name}: already done in {run.run_dir}: {done['metrics']}")
         return done
     data = module.prepare(name, config)  # refuses missing or bad data before the run dir is written
+    match_threads_to_allocation()
     try:
         run.start()
         if (done := run.finished()) is not None:  # another writer finished it while this one prepared

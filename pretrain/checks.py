@@ -73,8 +73,8 @@ def optional(rule: Rule) -> Rule:
     return Rule(f"null or {rule.allowed}", lambda v: v is None or rule.test(v))
 
 
-def existing_path(what: str = "a path that exists") -> Rule:
-    return Rule(what, lambda v: isinstance(v, str) and Path(v).expanduser().exists())
+def existing_file() -> Rule:
+    return Rule("an existing file", lambda v: isinstance(v, str) and Path(v).expanduser().is_file())
 
 
 POSITIVE_INT = at_least(1)
@@ -93,12 +93,14 @@ def _non_finite(value: Any) -> bool:
 
 def check_config(config: Any, schema: type, prefix: str = "") -> None:
     """Raise UserError for the first value of `config` (a DictConfig of `schema`) that breaks its rule."""
+    import typing
     from omegaconf import DictConfig, ListConfig, OmegaConf
+    hints = typing.get_type_hints(schema)  # field.type is a string under `from __future__ import annotations`
     for field in dataclasses.fields(schema):
         key = f"{prefix}{field.name}"
         value = config[field.name]
-        nested = _nested_schema(schema, field.name)
-        if nested is not None:
+        nested = hints.get(field.name)
+        if dataclasses.is_dataclass(nested):
             check_config(value, nested, f"{key}.")
             continue
         plain = OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
@@ -107,11 +109,3 @@ def check_config(config: Any, schema: type, prefix: str = "") -> None:
         rule = field.metadata.get("check")
         if rule is not None and not rule.test(plain):
             raise UserError(f"config key '{key}' is {plain!r}; it must be {rule.allowed}")
-
-
-def _nested_schema(schema: type, name: str) -> type | None:
-    """The dataclass type of a nested field (field.type is a string under `from __future__ import annotations`)."""
-    import typing
-    hints = typing.get_type_hints(schema)
-    kind = hints.get(name)
-    return kind if dataclasses.is_dataclass(kind) else None

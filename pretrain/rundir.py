@@ -166,9 +166,3 @@ class RunDirLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
-
-    def __enter__(self) -> "RunDirLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()

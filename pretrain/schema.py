@@ -12,13 +12,13 @@ from pretrain.networks import BACKBONES
 
 @dataclass
 class DataConfig:
-    dataset: str = checked("fashion_mnist", one_of("fashion_mnist", "imagefolder"))          # fashion_mnist | imagefolder
+    dataset: str = checked("fashion_mnist", one_of("fashion_mnist", "imagefolder"))
     root: str = "/usr/share/datasets/fashion-mnist"
     split: str = "train"                    # imagefolder: the sub-folder to read (train/...)
-    image_size: int = checked(32, at_least(8))                   # crop size of the views
+    image_size: int = checked(32, at_least(8))  # crop size of the views
     num_workers: int = checked(2, NON_NEGATIVE)
     on_corrupt: str = checked("error", one_of("error", "skip"))  # what a corrupt or unreadable image does
-    limit: int = checked(0, NON_NEGATIVE)                         # use only the first N images (0 = all); for quick trials
+    limit: int = checked(0, NON_NEGATIVE)  # use only the first N images (0 = all); for quick trials
 
 
 @dataclass
@@ -45,9 +45,9 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = checked("resnet18", one_of(*BACKBONES))              # resnet18 | resnet34 | resnet50 (torchvision, unchanged)
+    backbone: str = checked("resnet18", one_of(*BACKBONES))  # torchvision, unchanged
     projector_hidden: int = checked(4096, POSITIVE_INT)
-    embedding_dim: int = checked(256, POSITIVE_INT)                # d: the projection the loss sees
+    embedding_dim: int = checked(256, POSITIVE_INT)  # d: the projection the loss sees
     predictor_hidden: int = checked(4096, POSITIVE_INT)
     use_target: bool = True                 # False: the paper's no-target variant (no predictor, no EMA target)
     sync_bn: bool = True                    # SyncBatchNorm when distributed
@@ -55,31 +55,31 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    num_features: int = checked(512, POSITIVE_INT)                 # D, random Fourier features
+    num_features: int = checked(512, POSITIVE_INT)  # D, random Fourier features
     gamma: float = checked(3.0, NON_NEGATIVE)
-    kernel: str = checked("imq", one_of("imq", "gaussian"))                     # imq | gaussian
-    estimator: str = checked("rff", one_of("rff", "exact"))                  # rff | exact
+    kernel: str = checked("imq", one_of("imq", "gaussian"))
+    estimator: str = checked("rff", one_of("rff", "exact"))
     init_scale: float = checked(1.0, greater_than(0))
-    scale_lr: float = checked(3e-4, NON_NEGATIVE)                  # Adam on the kernel bandwidth
+    scale_lr: float = checked(3e-4, NON_NEGATIVE)  # Adam on the kernel bandwidth
 
 
 @dataclass
 class OptimConfig:
-    name: str = checked("lars", one_of("lars", "sgd", "adamw"))                      # lars | sgd | adamw
-    batch_size: int = checked(4096, at_least(2))                  # global
-    base_lr: float = checked(0.4, greater_than(0))                    # lr = base_lr * batch_size / 256
+    name: str = checked("lars", one_of("lars", "sgd", "adamw"))
+    batch_size: int = checked(4096, at_least(2))  # global
+    base_lr: float = checked(0.4, greater_than(0))  # lr = base_lr * batch_size / 256
     weight_decay: float = checked(1e-6, NON_NEGATIVE)
     momentum: float = checked(0.9, between(0, 1, open_high=True))
-    eta: float = checked(1e-3, greater_than(0))                       # LARS trust coefficient
+    eta: float = checked(1e-3, greater_than(0))  # LARS trust coefficient
     epochs: int = checked(1000, POSITIVE_INT)
     warmup_epochs: float = checked(10.0, NON_NEGATIVE)
-    max_steps: int = checked(0, NON_NEGATIVE)                     # stop after this many steps (0 = the full schedule)
+    max_steps: int = checked(0, NON_NEGATIVE)  # stop after this many steps (0 = the full schedule)
 
 
 @dataclass
 class EmaConfig:
-    target_tau: float = checked(0.99, PROBABILITY)                # tau_k = 1 - (1 - tau) (cos(pi k / K) + 1) / 2
-    eval_tau: float = checked(0.999, PROBABILITY)                 # the EMA of the online network that gets exported
+    target_tau: float = checked(0.99, PROBABILITY)  # tau_k = 1 - (1 - tau) (cos(pi k / K) + 1) / 2
+    eval_tau: float = checked(0.999, PROBABILITY)  # the EMA of the online network that gets exported
 
 
 @dataclass
@@ -89,8 +89,8 @@ class TrainConfig:
     cpu_amp: bool = False                   # bf16 autocast + channels_last on the CPU too (fast with avx512_bf16/AMX)
     compile: bool = False                   # torch.compile the networks
     deterministic: bool = False
-    log_every: int = checked(10, POSITIVE_INT)                    # steps
-    checkpoint_every: int = checked(500, POSITIVE_INT)            # steps; also at the end and on preemption
+    log_every: int = checked(10, POSITIVE_INT)  # steps
+    checkpoint_every: int = checked(500, POSITIVE_INT)  # steps; also at the end and on preemption
     rankme_every: int = checked(100, NON_NEGATIVE)  # steps; effective rank of the embeddings (0 = off); a multiple
     #                                                 of log_every
 
@@ -106,4 +106,4 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    device: Optional[str] = checked(None, DEVICE)           # cuda | cpu; None picks cuda when available
+    device: Optional[str] = checked(None, DEVICE)  # cuda | cpu; None picks cuda when available

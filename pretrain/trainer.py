@@ -33,6 +33,8 @@ from torch import nn
 from pretrain import checkpoint
 from pretrain.config import config_differences
 from pretrain.errors import UserError
+from pretrain.rundir import (RunDirLock, attach_log, detach_log, pick_device, refuse_other_config,
+                             start_run_dir)
 
 log = logging.getLogger("pretrain")
 # Keys a resumed run may change without changing its trajectory.
@@ -70,15 +72,17 @@ class Pretrainer:
     def __init__(self, config: DictConfig):
         from pretrain.data import build_dataset
         from pretrain.hsic import SSLHSICLoss
-        from pretrain.networks import Encoder, OnlineNetwork, build_backbone
         from pretrain.distributed import init_distributed, match_threads_to_allocation
-        from pretrain.rundir import pick_device
+        from pretrain.networks import Encoder, OnlineNetwork
 
-        self.config = config
+        self.config = config  # its values were checked when it loaded (pretrain.checks)
         self.run_dir = Path(config.run_dir)
         self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
         self.previous_path = self.checkpoint_path.with_name("previous.pt")
-        build_backbone(config.model.backbone)  # an unknown name fails here, before anything is written
+        self._lock: RunDirLock | None = None
+        self._fallback_note: str | None = None  # why resuming takes previous.pt, logged once the log is open
+        self._stop_asked_at: float | None = None
+        self._stop_budget_s: float | None = None
         self.resume_state = self._check_run_dir()
         self.dataset = build_dataset(config.data.dataset, config.data.root, config.data.split, config.data.limit)
         batch = config.optim.batch_size
@@ -86,8 +90,6 @@ class Pretrainer:
         if self.steps_per_epoch == 0:
             raise UserError(f"the dataset has {len(self.dataset)} images, fewer than one batch of {batch}; "
                             "lower optim.batch_size or add data")
-        if config.data.on_corrupt not in ("error", "skip"):
-            raise UserError(f"data.on_corrupt must be 'error' or 'skip', not '{config.data.on_corrupt}'")
 
         self.dist = init_distributed()
         match_threads_to_allocation()
@@ -163,7 +165,6 @@ class Pretrainer:
 
     def _check_run_dir(self) -> dict | None:
         """Refuse a run dir of another config; load its checkpoint for resuming (or None for a new run)."""
-        from pretrain.rundir import refuse_other_config
         refuse_other_config(self.run_dir, self.config, RESUMABLE_CHANGES)
         self._stamp_at_start = self._checkpoint_stamp()
         state = self._latest_readable_checkpoint()
@@ -193,10 +194,9 @@ class Pretrainer:
     def _setup_outputs(self) -> None:
         if not self.is_main:
             return
-        from pretrain.rundir import attach_log, start_run_dir
         start_run_dir(self.run_dir, self.config)
         self._handlers = [attach_log(log, self.run_dir)]
-        if getattr(self, "_lock", None) is not None:
+        if self._lock is not None:
             self._lock.log_takeover(log)
         for leftover in self.checkpoint_path.parent.glob(".*.tmp"):  # a write that a killed run left half-done
             log.info("removing %s, left by an interrupted checkpoint write", leftover)
@@ -346,10 +346,9 @@ class Pretrainer:
         self._stop_asked_at, self._stop_budget_s = time.monotonic(), budget_s
 
     def _report_stop_latency(self) -> None:
-        asked = getattr(self, "_stop_asked_at", None)
-        if asked is None or not self.is_main:
+        if self._stop_asked_at is None or not self.is_main:
             return
-        took, budget = time.monotonic() - asked, getattr(self, "_stop_budget_s", None)
+        took, budget = time.monotonic() - self._stop_asked_at, self._stop_budget_s
         log.info("stop signal -> checkpoint written in %.1f s%s", took, f" (budget {budget:.0f} s)" if budget else "")
         if budget and took > budget / 2:
             log.warning("the checkpoint after the stop signal took %.1f s, more than half of the %.0f s before the "
@@ -357,7 +356,6 @@ class Pretrainer:
 
     def run(self) -> dict[str, Any]:
         """Train to the end of the schedule (or optim.max_steps); return the last logged stats."""
-        from pretrain.rundir import RunDirLock
         lock = self._lock = RunDirLock(self.run_dir).acquire() if self.is_main else None
         try:
             if lock is not None:
@@ -384,7 +382,7 @@ class Pretrainer:
             self.load_state_dict(self.resume_state)
             self.resume_state = None
         self._setup_outputs()
-        if self.is_main and getattr(self, "_fallback_note", None):
+        if self.is_main and self._fallback_note:
             log.warning(self._fallback_note)
         if self.is_main and self.step:
             log.info("resuming %s at step %d of %d", self.run_dir, self.step, self.stop_step)
@@ -428,7 +426,6 @@ class Pretrainer:
             if self.is_main:
                 self.writer.close()
                 self.history.close()
-                from pretrain.rundir import detach_log
                 for handler in self._handlers:
                     detach_log(log, handler)
         if self.is_main and self.step >= self.total_steps:

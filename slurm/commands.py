@@ -9,20 +9,19 @@ import time
 # python -m slurm submit STEP [step arguments] [--executor FILE] [executor.KEY=VALUE] [--dry-run] [--wait|--no-wait]
 
 SUBMIT_EPILOG = """\
-STEP is pretrain, export, verify, linear, knn, depth, segmentation or detection; every other argument goes to
-the step as on its own command line. The executor comes from --executor (default configs/slurm/local.yaml:
-subprocesses on this machine) with executor.KEY=VALUE overrides (keys: slurm/executor.py, ExecutorConfig).
+STEP is one of {steps}; every other argument goes to the step as on its own command line.
+The executor comes from --executor (default configs/slurm/local.yaml: subprocesses on this machine) with
+executor.KEY=VALUE overrides (keys: slurm/executor.py, ExecutorConfig).
 examples:
   python -m slurm submit pretrain --config configs/pretrain/fashion_mnist_resnet18.yaml seed=1
   python -m slurm submit pretrain --config configs/pretrain/imagenet_resnet50.yaml \\
       --executor configs/slurm/cluster.yaml executor.partition=gpu executor.nodes=4 --dry-run
 Local jobs are waited for by default, SLURM jobs are not (--wait / --no-wait)."""
 
-OWN_FLAGS = ("--executor", "--dry-run", "--wait", "--no-wait")
-
 
 def submit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = SUBMIT_EPILOG
+    from slurm.jobs import steps
+    parser.epilog = SUBMIT_EPILOG.format(steps=", ".join(steps()))
     parser.add_argument("step", help="the step to run as a job")
     parser.add_argument("step_args", nargs=argparse.REMAINDER, help="arguments of the step, plus this command's flags")
 

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.checks import NON_NEGATIVE, Rule, checked, each, one_of
+from pretrain.checks import NON_NEGATIVE, Rule, checked, each, existing_file, one_of
 from pretrain.errors import UserError
 from transfer.tasks import TASKS
 
@@ -26,7 +26,6 @@ def _scene_sizes(value) -> bool:
             and value["train"] >= 1 and value["test"] >= 1 and value["size"] >= 32 and value["seed"] >= 0)
 
 
-EXISTING_FILE = Rule("an existing file", lambda v: isinstance(v, str) and Path(v).is_file())
 TASK_FILES = Rule(f"a mapping of tasks ({', '.join(TASKS)}) to existing config files", _task_files)
 TASK_OVERRIDES = Rule(f"a mapping of tasks ({', '.join(TASKS)}) to lists of key=value",
                       lambda v: isinstance(v, dict) and all(t in TASKS and isinstance(o, list) for t, o in v.items()))
@@ -36,9 +35,9 @@ SCENE_SIZES = Rule("{train: >= 1, test: >= 1, size: >= 32, seed: >= 0}", _scene_
 @dataclass
 class PipelineConfig:
     root: str = "runs/demo"
-    executor: str = checked("configs/slurm/local.yaml", EXISTING_FILE)
+    executor: str = checked("configs/slurm/local.yaml", existing_file())
     executor_overrides: list = field(default_factory=list)
-    pretrain_config: str = checked("configs/pretrain/fashion_mnist_resnet18.yaml", EXISTING_FILE)
+    pretrain_config: str = checked("configs/pretrain/fashion_mnist_resnet18.yaml", existing_file())
     pretrain_overrides: list = field(default_factory=list)
     scenes: dict = checked({"train": 200, "test": 50, "size": 128, "seed": 0}, SCENE_SIZES)
     tasks: dict = checked({

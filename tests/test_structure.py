@@ -124,10 +124,13 @@ def test_every_shipped_config_loads_against_its_schema(path):
             load_config(TASKS[task].load().Config, ROOT / task_config)
 
 
+# Documents beside the checkout that a user who clones the project does not have; spelled in parts so that this
+# file does not cite them itself.
+OUTSIDE = ("../" + "shared", "SPEC" + ".md", "DESIGN" + ".md", "BASELINES" + ".md")
+
+
 def test_no_file_points_outside_the_repository():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     outside = [name for name in tracked if Path(name).suffix in (".py", ".md", ".yaml", ".sh", ".toml", ".txt", ".ini")
-               and any(marker in (ROOT / name).read_text(errors="replace")
-                       for marker in ("../shared", "SPEC.md", "DESIGN.md", "BASELINES.md"))
-               and name != "tests/test_structure.py"]
+               and any(marker in (ROOT / name).read_text(errors="replace") for marker in OUTSIDE)]
     assert not outside, f"files that cite documents outside the repository: {outside}"

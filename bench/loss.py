@@ -26,11 +26,11 @@ def measure(estimator: str, batch: int, device: str, repeats: int) -> dict:
     generator = torch.Generator().manual_seed(0)
 
     def step():
-        loss, _ = loss_fn(views, generator=generator)
+        loss, _ = loss_fn(views, [generator])
         loss.backward()
 
     def bandwidth_step():
-        loss_fn.bandwidth_loss(views, generator=generator).backward()
+        loss_fn.bandwidth_loss(views, [generator]).backward()
 
     def timed(fn) -> float:
         times = []

@@ -37,12 +37,12 @@ def ssl_hsic_step_fn(arch: str, batch: int, size: int, device: str, bf16: bool):
 
     def run():
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            (_, _, p1), (_, _, p2) = online(x1), online(x2)
+            (_, _, p1, _), (_, _, p2, _) = online(x1), online(x2)
             with torch.no_grad():
                 t1, t2 = target(x1)[1], target(x2)[1]
         generator = torch.Generator().manual_seed(step[0])
-        loss, _ = loss_fn([p1, p2, t2, t1], generator=generator)
-        bandwidth = loss_fn.bandwidth_loss([p1, p2, t2, t1], generator=generator)
+        loss, _ = loss_fn([p1, p2, t2, t1], [generator])
+        bandwidth = loss_fn.bandwidth_loss([p1, p2, t2, t1], [generator])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,64 +1,17 @@
 """BYOL's asymmetric two-view augmentation (Grill et al. 2020, appendix B) and the evaluation transform.
 
-Both work on uint8 image tensors [C, H, W] (or PIL images) with torchvision.transforms.v2 and return
-normalised float32 tensors. The blur kernel scales with the crop: 23 px at 224 px, i.e. about 10%.
+Both take uint8 image tensors [C, H, W] (or PIL images) and return normalised float32 tensors. The crop and
+flip are torchvision's; the photometric part (colour jitter, grayscale, blur, solarize) is the official code's,
+from pretrain/batch_augment.py, run here on one image at a time (the per-image path) or there on a whole batch
+on the training device (augment.batched).
 """
 from __future__ import annotations
 
 import torch
-from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 
+from pretrain.batch_augment import BatchPhotometric
 from pretrain.schema import AugmentConfig
-
-
-def blur_kernel_size(image_size: int) -> int:
-    """BYOL's 23 px kernel at 224 px, scaled to `image_size`, odd and at least 3."""
-    size = max(3, round(image_size * 23 / 224))
-    return size if size % 2 else size + 1
-
-
-def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Blur float images [B, C, H, W] with a per-sample sigma [B] (0 = no blur), reflect padding.
-
-    The kernel g(x) = exp(-x^2 / (2 sigma^2)) / sum_x g, x = -(k-1)/2 .. (k-1)/2, is applied as two 1-D
-    depthwise convolutions (rows, then columns) over all B*C channels at once.
-    """
-    batch, channels, height, width = images.shape
-    half = (kernel_size - 1) / 2
-    x = torch.linspace(-half, half, kernel_size, device=images.device, dtype=images.dtype)
-    safe_sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma)).view(-1, 1)
-    kernels = torch.exp(-0.5 * (x / safe_sigma) ** 2)
-    kernels = kernels / kernels.sum(1, keepdim=True)
-    delta = (x == 0).to(images.dtype).expand_as(kernels)
-    kernels = torch.where((sigma > 0).view(-1, 1), kernels, delta).repeat_interleave(channels, 0)
-    pad = kernel_size // 2
-    out = torch.nn.functional.pad(images.reshape(1, batch * channels, height, width), (pad,) * 4, mode="reflect")
-    out = torch.nn.functional.conv2d(out, kernels.view(-1, 1, 1, kernel_size), groups=batch * channels)
-    out = torch.nn.functional.conv2d(out, kernels.view(-1, 1, kernel_size, 1), groups=batch * channels)
-    return out.view(batch, channels, height, width)
-
-
-class SeparableGaussianBlur(torch.nn.Module):
-    """Gaussian blur with sigma ~ U[sigma_min, sigma_max], as two 1-D convolutions (reflect padding).
-
-    torchvision's GaussianBlur convolves with the full k x k kernel; the separable form gives the same image
-    (up to float rounding) with 2k instead of k^2 multiplies per pixel: at k = 23 it was 8x faster here
-    (bench/data_pipeline.py). Takes and returns uint8 or float images [..., C, H, W].
-    """
-
-    def __init__(self, kernel_size: int, sigma: tuple[float, float]):
-        super().__init__()
-        self.kernel_size, self.sigma = kernel_size, tuple(sigma)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        images = image.float().reshape(-1, *image.shape[-3:])
-        sigma = torch.empty(1).uniform_(*self.sigma).expand(len(images))
-        out = gaussian_blur(images, sigma, self.kernel_size)
-        out = out.reshape(image.shape)
-        if image.dtype == torch.uint8:
-            out = out.round_().clamp_(0, 255).to(torch.uint8)
-        return tv_tensors.wrap(out, like=image) if isinstance(image, tv_tensors.Image) else out
 
 
 def byol_crop_transform(config: AugmentConfig, image_size: int) -> v2.Compose:
@@ -71,19 +24,20 @@ def byol_crop_transform(config: AugmentConfig, image_size: int) -> v2.Compose:
     ])
 
 
+class OneImagePhotometric:
+    """The photometric part of one view on one uint8 image [3, H, W], from torch's global generator (which
+    pretrain.data.Augmented seeds per image)."""
+
+    def __init__(self, config: AugmentConfig, image_size: int, view: int):
+        self.photometric = BatchPhotometric(config, image_size, view)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.photometric(image.as_subclass(torch.Tensor)[None], None)[0]
+
+
 def byol_view_transform(config: AugmentConfig, image_size: int, view: int) -> v2.Compose:
     """The transform of view 1 (view=0: blur always, no solarize) or view 2 (view=1: blur 0.1, solarize 0.2)."""
-    return v2.Compose([
-        byol_crop_transform(config, image_size),
-        v2.RandomApply([v2.ColorJitter(config.brightness, config.contrast, config.saturation, config.hue)],
-                       p=config.jitter_p),  # ColorJitter applies its four parts in a random order
-        v2.RandomGrayscale(config.grayscale_p),
-        v2.RandomApply([SeparableGaussianBlur(blur_kernel_size(image_size), tuple(config.blur_sigma))],
-                       p=config.blur_p[view]),
-        v2.RandomSolarize(threshold=128, p=config.solarize_p[view]),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(config.mean), list(config.std)),
-    ])
+    return v2.Compose([byol_crop_transform(config, image_size), OneImagePhotometric(config, image_size, view)])
 
 
 class TwoCrops:

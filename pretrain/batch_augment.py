@@ -1,32 +1,60 @@
-"""BYOL's photometric augmentations applied to a whole batch at once, on the batch's device.
+"""BYOL's photometric augmentations as the official code computes them (byol/utils/augmentations.py, which
+follows TensorFlow's image ops), on a whole batch at once, on the batch's device; the per-image pipeline
+(pretrain/augment.py) runs the same code on a batch of one.
 
-The per-image pipeline (pretrain/augment.py) spends most of its time in colour jitter (hue) and blur, one
-small image at a time. Here the data workers only decode, crop and flip (uint8, `image_size`), and the
-colour jitter, grayscale, blur, solarize and normalisation run as a few batched tensor ops: on the GPU
-during training, or on the CPU's compute threads where the per-image overhead is gone.
+Each image draws its own parameters, and the colour jitter's four operations run in an order drawn per image;
+after each, x is clipped to [0, 1]. On x in [0, 1], per image:
 
-Each sample draws its own factors, as torchvision's ColorJitter does, with these formulas on x in [0, 1]:
+    brightness:  x -> x + delta,                       delta ~ U[-b, b]          (an added shift)
+    contrast:    x_c -> f (x_c - mean(x_c)) + mean(x_c), f ~ U[1 - c, 1 + c]       (each channel's own mean)
+    saturation:  hsv(x) -> (h, clip(f s, 0, 1), v),     f ~ U[1 - s, 1 + s]
+    hue:         hsv(x) -> ((h + delta) mod 1, s, v),   delta ~ U[-h, h]
+    grayscale:   x -> 0.2989 r + 0.587 g + 0.114 b on all three channels
+    blur:        separable Gaussian, sigma ~ U[sigma_min, sigma_max], kernel 23 px at 224 px, reflect padding
+    solarize:    x -> x if x < 0.5 else 1 - x
 
-    brightness b:  x -> clamp(b x)
-    contrast c:    x -> clamp(c x + (1 - c) mean(gray(x)))        (mean over the image)
-    saturation s:  x -> clamp(s x + (1 - s) gray(x))
-    hue h:         x -> hsv^-1(hsv(x) + (h, 0, 0) mod 1)
-    gray(x) = 0.2989 r + 0.587 g + 0.114 b
-    blur sigma:    separable Gaussian, kernel k = blur_kernel_size(image_size), reflect padding
-    solarize:      x -> 1 - x where x >= 128/255
-
-The four jitter operations run in one random order per batch (torchvision draws one per image). A sample
-that skips the jitter gets the identity factors (1, 1, 1, 0); one that skips the blur gets a delta kernel.
+The jitter is applied with probability jitter_p, grayscale with grayscale_p (independently), blur and solarize
+with their view's probabilities. A batch's draws can be those of a larger global batch, sliced (`offset`,
+`total`): then an image's views depend on its place in the global batch only, not on how many processes
+share it.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from pretrain.augment import blur_kernel_size, gaussian_blur
 from pretrain.schema import AugmentConfig
 
-GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2, as torchvision's rgb_to_grayscale
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2, as the official code and torchvision
+SOLARIZE_THRESHOLD = 0.5
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """BYOL's 23 px kernel at 224 px, scaled to `image_size`, odd and at least 3."""
+    size = max(3, round(image_size * 23 / 224))
+    return size if size % 2 else size + 1
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Blur float images [B, C, H, W] with a per-sample sigma [B] (0 = no blur), reflect padding.
+
+    The kernel g(x) = exp(-x^2 / (2 sigma^2)) / sum_x g, x = -(k-1)/2 .. (k-1)/2, is applied as two 1-D
+    depthwise convolutions (rows, then columns) over all B*C channels at once: 2k instead of k^2 multiplies per
+    pixel.
+    """
+    batch, channels, height, width = images.shape
+    half = (kernel_size - 1) / 2
+    x = torch.linspace(-half, half, kernel_size, device=images.device, dtype=images.dtype)
+    safe_sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma)).view(-1, 1)
+    kernels = torch.exp(-0.5 * (x / safe_sigma) ** 2)
+    kernels = kernels / kernels.sum(1, keepdim=True)
+    delta = (x == 0).to(images.dtype).expand_as(kernels)
+    kernels = torch.where((sigma > 0).view(-1, 1), kernels, delta).repeat_interleave(channels, 0)
+    pad = kernel_size // 2
+    out = torch.nn.functional.pad(images.reshape(1, batch * channels, height, width), (pad,) * 4, mode="reflect")
+    out = torch.nn.functional.conv2d(out, kernels.view(-1, 1, 1, kernel_size), groups=batch * channels)
+    out = torch.nn.functional.conv2d(out, kernels.view(-1, 1, kernel_size, 1), groups=batch * channels)
+    return out.view(batch, channels, height, width)
 
 
 def grayscale(images: torch.Tensor) -> torch.Tensor:
@@ -39,19 +67,19 @@ def _per_sample(factor: torch.Tensor) -> torch.Tensor:
     return factor.view(-1, 1, 1, 1)
 
 
-def adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (images * _per_sample(factor)).clamp_(0, 1)
+def adjust_brightness(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    return (images + _per_sample(delta)).clamp_(0, 1)
 
 
 def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    mean = grayscale(images).mean(dim=(1, 2, 3), keepdim=True)
-    factor = _per_sample(factor)
-    return (factor * images + (1 - factor) * mean).clamp_(0, 1)
+    mean = images.mean(dim=(2, 3), keepdim=True)
+    return (_per_sample(factor) * (images - mean) + mean).clamp_(0, 1)
 
 
 def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    factor = _per_sample(factor)
-    return (factor * images + (1 - factor) * grayscale(images)).clamp_(0, 1)
+    hue, saturation, value = rgb_to_hsv(images).unbind(1)
+    saturation = (saturation * factor.view(-1, 1, 1)).clamp(0, 1)
+    return hsv_to_rgb(torch.stack((hue, saturation, value), 1)).clamp_(0, 1)
 
 
 def rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
@@ -87,15 +115,39 @@ def adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def solarize(images: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
-    flip = (images >= 128 / 255) & apply.view(-1, 1, 1, 1)
+    flip = (images >= SOLARIZE_THRESHOLD) & apply.view(-1, 1, 1, 1)
     return torch.where(flip, 1 - images, images)
+
+
+JITTER = (("brightness", adjust_brightness, 0.0), ("contrast", adjust_contrast, 1.0),
+          ("saturation", adjust_saturation, 1.0), ("hue", adjust_hue, 0.0))  # (name, op, identity), in slot order
+
+
+def colour_jitter(images: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The four jitter operations on float images [B, 3, H, W] in [0, 1], each image in its own order.
+
+    `draws` holds each operation's per-image parameter (identity where an image skips it) and "order" [B, 4],
+    a permutation of the slots per image, on the CPU. At position j every operation runs on the images whose
+    j-th slot it is (and whose parameter is not the identity): as much work as one pass of the four over the
+    batch."""
+    order = draws["order"]
+    x = images
+    for position in range(4):
+        for slot, (name, adjust, identity) in enumerate(JITTER):
+            chosen = torch.nonzero((order[:, position] == slot) & (draws[name] != identity)).squeeze(1)
+            if len(chosen) == 0:  # e.g. the HSV round trip, the costliest op, is skipped when no image needs it
+                continue
+            rows = chosen.to(x.device, non_blocking=True)
+            parameter = draws[name][chosen].to(x.device, non_blocking=True)
+            x = x.index_copy(0, rows, adjust(x.index_select(0, rows), parameter))
+    return x
 
 
 class BatchPhotometric(nn.Module):
     """One view's colour jitter, grayscale, blur, solarize and normalisation: uint8 [B, 3, H, W] -> float.
 
-    `view` 0 or 1 picks the blur and solarize probabilities of BYOL's view 1 or view 2. Random draws come
-    from `generator` (CPU), so a run's views are a function of its seed and step.
+    `view` 0 or 1 picks the blur and solarize probabilities of BYOL's view 1 or view 2. Random draws come from
+    `generator` (CPU; None: torch's global generator), so a run's views are a function of its seed and step.
     """
 
     def __init__(self, config: AugmentConfig, image_size: int, view: int):
@@ -105,8 +157,8 @@ class BatchPhotometric(nn.Module):
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
 
-    def draw(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """The per-sample factors, identity where a step is skipped, and the jitter order."""
+    def draw(self, batch: int, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        """The per-image parameters, identity where a step is skipped, and each image's jitter order."""
         c = self.config
 
         def uniform(low: float, high: float) -> torch.Tensor:
@@ -116,32 +168,26 @@ class BatchPhotometric(nn.Module):
             return torch.rand(batch, generator=generator) < p
 
         jitter = coin(c.jitter_p)
-        draws = {
-            "brightness": torch.where(jitter, uniform(max(0.0, 1 - c.brightness), 1 + c.brightness), 1.0),
-            "contrast": torch.where(jitter, uniform(max(0.0, 1 - c.contrast), 1 + c.contrast), 1.0),
-            "saturation": torch.where(jitter, uniform(max(0.0, 1 - c.saturation), 1 + c.saturation), 1.0),
+        return {
+            "brightness": torch.where(jitter, uniform(-c.brightness, c.brightness), 0.0),
+            "contrast": torch.where(jitter, uniform(1 - c.contrast, 1 + c.contrast), 1.0),
+            "saturation": torch.where(jitter, uniform(1 - c.saturation, 1 + c.saturation), 1.0),
             "hue": torch.where(jitter, uniform(-c.hue, c.hue), 0.0),
-            "order": torch.randperm(4, generator=generator),
+            "order": torch.rand(batch, 4, generator=generator).argsort(1),  # a uniform permutation per image
             "grayscale": coin(c.grayscale_p),
             "sigma": torch.where(coin(c.blur_p[self.view]), uniform(*c.blur_sigma), 0.0),
             "solarize": coin(c.solarize_p[self.view]),
         }
-        return draws
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        draws = self.draw(len(images), generator)
-        order = draws.pop("order").tolist()
-        identity = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
-        active = {name: bool((draws[name] != value).any()) for name, value in identity.items()}  # on the CPU
-        draws = {k: v.to(images.device, non_blocking=True) for k, v in draws.items()}
-        x = images.float().div_(255)
-        jitter = (("brightness", adjust_brightness), ("contrast", adjust_contrast),
-                  ("saturation", adjust_saturation), ("hue", adjust_hue))
-        for slot in order:
-            name, adjust = jitter[slot]
-            if active[name]:  # e.g. the HSV round trip, the costliest op, is skipped when no hue shift is drawn
-                x = adjust(x, draws[name])
-        x = torch.where(draws["grayscale"].view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
-        x = gaussian_blur(x, draws["sigma"], self.kernel_size)
-        x = solarize(x, draws["solarize"])
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None, offset: int = 0,
+                total: int | None = None) -> torch.Tensor:
+        """Augment `images`, the rows offset .. offset + B - 1 of a batch of `total` (default: B) whose
+        parameters are drawn together."""
+        draws = self.draw(total or len(images), generator)
+        draws = {k: v[offset:offset + len(images)] for k, v in draws.items()}
+        x = colour_jitter(images.float().div_(255), draws)
+        device = {k: draws[k].to(images.device, non_blocking=True) for k in ("grayscale", "sigma", "solarize")}
+        x = torch.where(device["grayscale"].view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
+        x = gaussian_blur(x, device["sigma"], self.kernel_size)
+        x = solarize(x, device["solarize"])
         return (x - self.mean) / self.std

@@ -219,14 +219,33 @@ def hsic_xx_rff(hiddens: Sequence[Tensor], scale: Tensor | float, kernel: str = 
 # ---------------------------------------------------------------------------------------------- loss
 
 
+def draw_seed(seed: int, step: int, draw: int) -> int:
+    """The seed of one random draw (features and bandwidth pairs): a function of (run seed, step, draw index).
+
+    Draw index = rank * draws_per_process + k, so that W processes with one draw each use the same draws as
+    one process with W draws."""
+    return ((seed * 1_000_003 + step) * 65_537 + draw) % (2 ** 63)
+
+
+def draw_generators(seed: int, step: int, first: int, count: int) -> list[torch.Generator]:
+    """CPU generators for draws first .. first + count - 1 of a step."""
+    return [torch.Generator().manual_seed(draw_seed(seed, step, first + k)) for k in range(count)]
+
+
 class SSLHSICLoss(nn.Module):
     """loss = gamma * sqrt(HSIC(Z, Z)) - HSIC(Z, Y), over M views of B images, plus the bandwidth's objective.
 
-    forward(hiddens) takes M tensors [B, d] (for the with-target variant: online predictions of views 1 and
-    2, then target projections of views 2 and 1), L2-normalises them, and returns (loss, stats). The HSIC
-    terms see the kernel bandwidth `scale` detached; `bandwidth_loss(hiddens)` is the only thing that
-    trains it (give it its own optimizer, Adam at 3e-4 in the paper). `generator` (a CPU torch.Generator)
-    makes the random draws reproducible: seed it the same on every rank so that all ranks agree.
+    forward(hiddens, generators) takes M tensors [B, d] (for the with-target variant: online predictions of
+    views 1 and 2, then target projections of views 2 and 1), L2-normalises them, and returns (loss, stats).
+    With the RFF estimator each generator gives one independent draw of the random features and the loss is
+    the mean over draws,
+
+        loss = (1/K) sum_k [gamma * sqrt(HSIC_xx^(k)) - HSIC_xy^(k)],
+
+    which is what K devices of the official code average between them (each draws its own features for the
+    all-gathered batch, and the gradients are averaged). The HSIC terms see the kernel bandwidth `scale`
+    detached; `bandwidth_loss(hiddens, generators)` (the mean of the bandwidth objective over the same
+    generators' pair draws) is the only thing that trains it (its own optimizer: Adam at 3e-4 in the paper).
 
     The loss runs in float32 under autocast. sqrt(HSIC_xx) is taken of max(HSIC_xx, 1e-12) so that
     identical features give a finite gradient.
@@ -256,38 +275,48 @@ class SSLHSICLoss(nn.Module):
 
     def hsic_terms(self, hiddens: Sequence[Tensor], generator: torch.Generator | None = None
                    ) -> tuple[Tensor, Tensor]:
-        """(HSIC_xy, HSIC_xx) of prepared float32 views, with the bandwidth detached."""
+        """(HSIC_xy, HSIC_xx) of prepared float32 views under one draw, with the bandwidth detached."""
         scale = self.scale.detach()
         if self.estimator == "exact":
             return hsic_xy_exact(hiddens, scale, self.kernel), hsic_xx_exact(hiddens, scale, self.kernel)
         options = dict(kernel=self.kernel, num_features=self.num_features, generator=generator)
         return hsic_xy_rff(hiddens, scale, **options), hsic_xx_rff(hiddens, scale, **options)
 
-    def forward(self, hiddens: Sequence[Tensor], generator: torch.Generator | None = None
+    def forward(self, hiddens: Sequence[Tensor], generators: Sequence[torch.Generator | None] = (None,)
                 ) -> tuple[Tensor, dict[str, float]]:
+        if isinstance(generators, torch.Generator):
+            generators = [generators]
+        if len(generators) < 1:
+            raise ValueError("SSL-HSIC needs at least one generator (one random draw)")
         with torch.autocast(device_type=hiddens[0].device.type, enabled=False):
             hiddens = self._prepare(hiddens)
-            hsic_xy, hsic_xx = self.hsic_terms(hiddens, generator)
-            loss = self.gamma * torch.sqrt(hsic_xx.clamp_min(1e-12)) - hsic_xy
-        stats = {"loss": loss.item(), "hsic_xy": hsic_xy.item(), "hsic_xx": hsic_xx.item(),
+            # the exact estimator has nothing random: one evaluation stands for every draw
+            terms = [self.hsic_terms(hiddens, g) for g in (generators if self.estimator == "rff" else generators[:1])]
+            hsic_xy = torch.stack([xy for xy, _ in terms])
+            hsic_xx = torch.stack([xx for _, xx in terms])
+            loss = (self.gamma * torch.sqrt(hsic_xx.clamp_min(1e-12)) - hsic_xy).mean()
+        stats = {"loss": loss.item(), "hsic_xy": hsic_xy.mean().item(), "hsic_xx": hsic_xx.mean().item(),
                  "scale": self.scale.item()}
         return loss, stats
 
-    def bandwidth_loss(self, hiddens: Sequence[Tensor], generator: torch.Generator | None = None) -> Tensor:
-        """`bandwidth_objective` on sampled pairs: a function of the scale alone (the features are detached).
-
-        Each side takes bandwidth_pairs / M random rows of every view; all pairs across the two sides count.
-        """
+    def bandwidth_loss(self, hiddens: Sequence[Tensor], generators: Sequence[torch.Generator | None] = (None,)
+                       ) -> Tensor:
+        """The mean over generators of `bandwidth_objective` on sampled pairs: a function of the scale alone (the
+        features are detached). Each side takes bandwidth_pairs / M random rows of every view; all pairs across
+        the two sides count."""
+        if isinstance(generators, torch.Generator):
+            generators = [generators]
         with torch.autocast(device_type=hiddens[0].device.type, enabled=False):
             hiddens = [h.detach() for h in self._prepare(hiddens)]
             rows = max(1, self.bandwidth_pairs // len(hiddens))
             batch = hiddens[0].shape[0]
 
-            def side() -> Tensor:
+            def side(generator) -> Tensor:
                 picks = [h[torch.randint(batch, (rows,), generator=generator).to(h.device)] for h in hiddens]
                 return torch.cat(picks)
 
-            return bandwidth_objective(squared_distances(side(), side()), self.scale, self.kernel)
+            return torch.stack([bandwidth_objective(squared_distances(side(g), side(g)), self.scale, self.kernel)
+                                for g in generators]).mean()
 
 
 def bandwidth_objective(dist2: Tensor, scale: Tensor, kernel: str = "imq") -> Tensor:

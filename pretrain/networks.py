@@ -26,23 +26,27 @@ def feature_width(arch: str) -> int:
     return ARCHITECTURES[arch][2]
 
 
-def build_resnet(arch: str, state_dict: dict[str, Tensor] | None = None) -> nn.Module:
-    """A torchvision ResNet without its classifier (fc = Identity), optionally loaded strictly."""
+def build_resnet(arch: str, state_dict: dict[str, Tensor] | None = None, zero_init_residual: bool = False
+                 ) -> nn.Module:
+    """A torchvision ResNet without its classifier (fc = Identity), optionally loaded strictly.
+
+    `zero_init_residual` starts the scale of the last BatchNorm of every residual block at 0, so that each
+    block starts as the identity, as the official (haiku) ResNet does; torchvision's default starts it at 1."""
     if arch not in ARCHITECTURES:
         raise UserError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHITECTURES)}")
     import torchvision
-    model = getattr(torchvision.models, arch)(weights=None)
+    model = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
     model.fc = nn.Identity()
     if state_dict is not None:
         model.load_state_dict(state_dict, strict=True)
     return model
 
 
-def build_backbone(name: str) -> tuple[nn.Module, int]:
+def build_backbone(name: str, zero_init_residual: bool = False) -> tuple[nn.Module, int]:
     """A pretraining backbone (fc = Identity) and its feature width."""
     if name not in BACKBONES:
         raise UserError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)} (model.backbone)")
-    return build_resnet(name), feature_width(name)
+    return build_resnet(name, zero_init_residual=zero_init_residual), feature_width(name)
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -54,9 +58,9 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
 class Encoder(nn.Module):
     """backbone -> projector: what the target network copies. forward returns (features, projection)."""
 
-    def __init__(self, backbone: str, projector_hidden: int, embedding_dim: int):
+    def __init__(self, backbone: str, projector_hidden: int, embedding_dim: int, zero_init_residual: bool = False):
         super().__init__()
-        self.backbone, width = build_backbone(backbone)
+        self.backbone, width = build_backbone(backbone, zero_init_residual)
         self.projector = mlp(width, projector_hidden, embedding_dim)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -64,21 +68,39 @@ class Encoder(nn.Module):
         return features, self.projector(features)
 
 
-class OnlineNetwork(nn.Module):
-    """The trained network: an Encoder and, in the with-target variant, a predictor on its projection.
+def linear_probe(in_dim: int, num_classes: int, seed: int) -> nn.Linear:
+    """The online probe's classifier: weights from a truncated normal with std 1/sqrt(in_dim) (haiku's Linear),
+    drawn from their own generator so that adding the probe leaves every other random draw of the run as it
+    was; bias 0."""
+    probe = nn.Linear(in_dim, num_classes)
+    std = in_dim ** -0.5
+    with torch.no_grad():
+        nn.init.trunc_normal_(probe.weight, std=std, a=-2 * std, b=2 * std,
+                              generator=torch.Generator().manual_seed(seed))
+        probe.bias.zero_()
+    return probe
 
-    forward returns (backbone features, projection, prediction); without a predictor, prediction = projection.
+
+class OnlineNetwork(nn.Module):
+    """The trained network: an Encoder, in the with-target variant a predictor on its projection, and optionally
+    an online linear probe (`num_classes` > 0) on the detached backbone features.
+
+    forward returns (backbone features, projection, prediction, probe logits); without a predictor, prediction =
+    projection; without a probe, logits = None. The probe sees the features through detach(), so its loss never
+    reaches the backbone (as the official code's stop_gradient).
     """
 
     def __init__(self, backbone: str, projector_hidden: int, embedding_dim: int, predictor_hidden: int,
-                 use_predictor: bool):
+                 use_predictor: bool, zero_init_residual: bool = False, num_classes: int = 0, probe_seed: int = 0):
         super().__init__()
-        self.encoder = Encoder(backbone, projector_hidden, embedding_dim)
+        self.encoder = Encoder(backbone, projector_hidden, embedding_dim, zero_init_residual)
         self.predictor = mlp(embedding_dim, predictor_hidden, embedding_dim) if use_predictor else nn.Identity()
+        self.probe = linear_probe(feature_width(backbone), num_classes, probe_seed) if num_classes else None
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         features, projection = self.encoder(images)
-        return features, projection, self.predictor(projection)
+        logits = self.probe(features.detach()) if self.probe is not None else None
+        return features, projection, self.predictor(projection), logits
 
 
 @torch.no_grad()

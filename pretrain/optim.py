@@ -85,8 +85,12 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
-    """Linear warmup from 0 to peak_lr over warmup_steps, then cosine decay to 0 at total_steps."""
+    """BYOL's schedule (byol/utils/schedules.py), which SSL-HSIC trains with:
+
+        lr_k = peak_lr * k / W                                            for k < W (0 at step 0)
+        lr_k = peak_lr * (1 + cos(pi * min(k - W, K - W) / (K - W))) / 2   after, 0 at step K
+    """
     if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
+        return peak_lr * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return peak_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))

@@ -50,7 +50,10 @@ class ModelConfig:
     embedding_dim: int = checked(256, POSITIVE_INT)  # d: the projection the loss sees
     predictor_hidden: int = checked(4096, POSITIVE_INT)
     use_target: bool = True                 # False: the paper's no-target variant (no predictor, no EMA target)
-    sync_bn: bool = True                    # SyncBatchNorm when distributed
+    sync_bn: bool = True                    # BatchNorm over the global batch when distributed (online and target)
+    zero_init_residual: bool = True         # last BN scale of each residual block starts at 0 (the official ResNet)
+    online_probe: bool = True               # a linear classifier on the detached features, trained alongside
+    #                                         (when the dataset has labels); its running top-1 is logged
 
 
 @dataclass
@@ -61,6 +64,8 @@ class LossConfig:
     estimator: str = checked("rff", one_of("rff", "exact"))
     init_scale: float = checked(1.0, greater_than(0))
     scale_lr: float = checked(3e-4, NON_NEGATIVE)  # Adam on the kernel bandwidth
+    draws: int = checked(1, POSITIVE_INT)  # independent random-feature draws averaged per process; every process
+    #                                        draws its own, so W processes average W x draws (docs/loss.md)
 
 
 @dataclass
@@ -79,7 +84,7 @@ class OptimConfig:
 @dataclass
 class EmaConfig:
     target_tau: float = checked(0.99, PROBABILITY)  # tau_k = 1 - (1 - tau) (cos(pi k / K) + 1) / 2
-    eval_tau: float = checked(0.999, PROBABILITY)  # the EMA of the online network that gets exported
+    eval_tau: float = checked(0.999, PROBABILITY)  # the zero-debiased EMA of the online network that gets exported
 
 
 @dataclass

@@ -6,11 +6,18 @@ Per step, for images x with views x1, x2 (with-target variant, M = 4):
     loss = SSLHSICLoss([p1, p2, t2, t1]) over the all-gathered global batch
 The no-target variant uses the online projections [h(f(x1)), h(f(x2))] (M = 2), with no predictor and no EMA
 target. The kernel bandwidth is stepped by its own Adam on the bandwidth objective. The exported network
-is a slower EMA (train.eval_tau) of the online network.
+is a zero-debiased EMA (ema.eval_tau) of the online network, with the online network's BatchNorm statistics.
+
+Across processes, as the official code on many devices: every rank draws its own random features and bandwidth
+pairs (seeded by seed, step and rank) for the gathered batch, the gradients are averaged (DDP; the bandwidth's
+by an all-reduce), and BatchNorm runs over the global batch in the online and the target networks. W processes
+thus follow one process with loss.draws = W. An online linear probe on the detached features of view 1 trains
+alongside (model.online_probe), as in the official code; it does not touch the backbone's gradient.
 
 Run directory: config.yaml, checkpoints/last.pt (atomic), events (TensorBoard), history.jsonl, log.txt,
 metrics.json. Rerunning resumes from checkpoints/last.pt and ends with the same weights as an uninterrupted
-run: data order and augmentations are functions of (seed, epoch, index), the random features of (seed, step).
+run: data order and augmentations are functions of (seed, epoch, index) (the batched path: of (seed, step, place in
+the global batch)), the random features of (seed, step, draw).
 """
 from __future__ import annotations
 
@@ -72,7 +79,7 @@ class Pretrainer:
     def __init__(self, config: DictConfig):
         from pretrain.data import build_dataset
         from pretrain.hsic import SSLHSICLoss
-        from pretrain.distributed import init_distributed, match_threads_to_allocation
+        from pretrain.distributed import detect, init_distributed, match_threads_to_allocation
         from pretrain.networks import Encoder, OnlineNetwork
 
         self.config = config  # its values were checked when it loaded (pretrain.checks)
@@ -91,6 +98,11 @@ class Pretrainer:
             raise UserError(f"the dataset has {len(self.dataset)} images, fewer than one batch of {batch}; "
                             "lower optim.batch_size or add data")
 
+        world = detect().world_size  # from the environment, before joining the other processes
+        if batch % world:
+            raise UserError(f"optim.batch_size={batch} (the global batch) does not divide among the {world} "
+                            f"processes; choose a multiple of {world}")
+        self.local_batch = batch // world
         self.dist = init_distributed()
         match_threads_to_allocation()
         self.is_main = self.dist.rank == 0
@@ -100,12 +112,19 @@ class Pretrainer:
             torch.use_deterministic_algorithms(True)
 
         m = config.model
+        classes = len(getattr(self.dataset, "classes", ())) if m.online_probe else 0
         self.online = OnlineNetwork(m.backbone, m.projector_hidden, m.embedding_dim, m.predictor_hidden,
-                                    use_predictor=m.use_target).to(self.device)
+                                    use_predictor=m.use_target, zero_init_residual=m.zero_init_residual,
+                                    num_classes=classes, probe_seed=config.seed).to(self.device)
         self.target: Encoder | None = copy.deepcopy(self.online.encoder) if m.use_target else None
         self.ema = copy.deepcopy(self.online)  # the exported network
+        if self.dist.is_distributed and m.sync_bn:  # the target too: the official code syncs both
+            from pretrain.sync_batchnorm import convert_sync_batchnorm
+            self.online = convert_sync_batchnorm(self.online, self.device)
+            self.target = convert_sync_batchnorm(self.target, self.device) if self.target is not None else None
         for frozen in filter(None, (self.target, self.ema)):
             frozen.requires_grad_(False)
+        self._probe_window = torch.zeros(2, dtype=torch.float64)  # (correct, seen) since the last log
         cuda = self.device.type == "cuda"
         cpu_amp = self._cpu_amp()
         self.memory_format = torch.channels_last if (cuda and config.train.channels_last) or cpu_amp \
@@ -120,9 +139,6 @@ class Pretrainer:
                                              for view in (0, 1)).to(self.device)
         self.forward_views: nn.Module = TwoViews(self.online)
         if self.dist.is_distributed:
-            if cuda and m.sync_bn:
-                self.forward_views = nn.SyncBatchNorm.convert_sync_batchnorm(self.forward_views)
-                self.online = self.forward_views.online
             self.forward_views = nn.parallel.DistributedDataParallel(
                 self.forward_views, device_ids=[self.device.index] if cuda else None)
         if config.train.compile:
@@ -135,8 +151,10 @@ class Pretrainer:
         lc = config.loss
         self.loss_fn = SSLHSICLoss(lc.num_features, lc.gamma, lc.kernel, lc.estimator, lc.init_scale).to(self.device)
         self.scale_optimizer = torch.optim.Adam(self.loss_fn.parameters(), lr=lc.scale_lr)
-        self.total_steps = o.epochs * self.steps_per_epoch
-        self.warmup_steps = round(o.warmup_epochs * self.steps_per_epoch)
+        # as the official config: int(epochs * N // B) (312,784 for 1000 epochs of ImageNet at 4096), so the
+        # last epoch may end mid-way
+        self.total_steps = int(o.epochs * len(self.dataset) // batch)
+        self.warmup_steps = int(o.warmup_epochs * len(self.dataset) // batch)
         self.stop_step = min(self.total_steps, o.max_steps) if o.max_steps else self.total_steps
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if (cuda and config.train.amp) or cpu_amp else nullcontext())
@@ -271,51 +289,74 @@ class Pretrainer:
         return DataLoader(dataset, batch_sampler=sampler, num_workers=c.data.num_workers,
                           collate_fn=collate_views, pin_memory=self.device.type == "cuda")
 
-    def _views(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _views(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(view 1, view 2, labels) on the device. The batched photometric draws are those of the whole global
+        batch, sliced at this rank's place, so that a view does not depend on the number of processes."""
         views = [batch[k].to(self.device, non_blocking=True) for k in ("view1", "view2")]
         if self.photometric is not None:  # the colour, blur and solarize steps, batch-wise on the device
-            draws = torch.Generator().manual_seed((self.config.seed * 1_000_003 + self.step) * 1009 + self.dist.rank)
-            views = [augment(view, draws) for augment, view in zip(self.photometric, views)]
-        return tuple(view.contiguous(memory_format=self.memory_format) for view in views)
+            draws = torch.Generator().manual_seed((self.config.seed * 1_000_003 + self.step) * 1009)
+            place = dict(offset=self.dist.rank * self.local_batch, total=self.config.optim.batch_size)
+            views = [augment(view, draws, **place) for augment, view in zip(self.photometric, views)]
+        views = [view.contiguous(memory_format=self.memory_format) for view in views]
+        return views[0], views[1], batch["labels"].to(self.device, non_blocking=True)
 
-    def hiddens(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The M views the loss sees, gathered over processes, and the local backbone features of view 1."""
+    def hiddens(self, view1: torch.Tensor, view2: torch.Tensor
+                ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        """The M views the loss sees, gathered over processes; the local backbone features of view 1 and the
+        probe's logits for them (None without a probe)."""
         with self.autocast:
-            (f1, z1, p1), (_, z2, p2) = self.forward_views(view1, view2)
+            (f1, z1, p1, logits), (_, z2, p2, _) = self.forward_views(view1, view2)
             if self.target is None:
-                return [gather(z1), gather(z2)], f1
+                return [gather(z1), gather(z2)], f1, logits
             with torch.no_grad():
                 _, t1 = self.target(view1)
                 _, t2 = self.target(view2)
-        return [gather(p1), gather(p2), gather(t2), gather(t1)], f1
+        return [gather(p1), gather(p2), gather(t2), gather(t1)], f1, logits
 
-    def train_step(self, view1: torch.Tensor, view2: torch.Tensor) -> dict[str, float]:
-        from pretrain.ema import ema_update_, target_tau
+    def train_step(self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None = None
+                   ) -> dict[str, float]:
+        from pretrain.ema import debiased_ema_update_, ema_update_, target_tau
+        from pretrain.hsic import NonFiniteFeatures, draw_generators
         from pretrain.networks import effective_rank
         from pretrain.optim import warmup_cosine
         lr = warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.peak_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        from pretrain.hsic import NonFiniteFeatures
-        hiddens, features = self.hiddens(view1, view2)
-        draws = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step)
+        hiddens, features, logits = self.hiddens(view1, view2)
+        draws = self.config.loss.draws  # this rank's draws: rank * draws .. (rank + 1) * draws - 1
+        generators = draw_generators(self.config.seed, self.step, self.dist.rank * draws, draws)
         try:  # the loss checks its inputs once; a non-finite embedding means the run diverged
-            loss, stats = self.loss_fn(hiddens, generator=draws)
+            loss, stats = self.loss_fn(hiddens, generators)
         except NonFiniteFeatures:
             self._diverged("the embeddings")
         if not math.isfinite(stats["loss"]):
             self._diverged("the loss")
-        bandwidth_loss = self.loss_fn.bandwidth_loss(hiddens, generator=draws)
+        bandwidth_loss = self.loss_fn.bandwidth_loss(hiddens, generators)
+        total = loss
+        if logits is not None:
+            if labels is None:
+                raise ValueError("the online probe needs the batch's labels: train_step(view1, view2, labels)")
+            probe_loss = nn.functional.cross_entropy(logits.float(), labels)
+            total = loss + probe_loss
+            with torch.no_grad():
+                correct = (logits.argmax(1) == labels).sum().item()
+            self._probe_window += torch.tensor([correct, len(labels)], dtype=torch.float64)
+            stats["probe_loss"] = probe_loss.item()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         self.optimizer.step()
         self.scale_optimizer.zero_grad(set_to_none=True)
         bandwidth_loss.backward()
+        if self.dist.is_distributed:  # every rank drew its own pairs: average, so that all keep one bandwidth
+            grad = self.loss_fn.scale.grad
+            torch.distributed.all_reduce(grad)
+            grad.div_(self.dist.world_size)
         self.scale_optimizer.step()
         tau = target_tau(self.step, self.total_steps, self.config.ema.target_tau)
         if self.target is not None:
             ema_update_(self.target, self.online.encoder, tau, buffers=False)
-        ema_update_(self.ema, self.online, self.config.ema.eval_tau)
+        # the EMA started as a copy of the initial network (its first update), so this is update step + 2
+        debiased_ema_update_(self.ema, self.online, self.config.ema.eval_tau, self.step + 2)
         stats.update(lr=lr, tau=tau)
         every = self.config.train.rankme_every
         if every and (self.step + 1) % every == 0:  # on the step that ends at a multiple, so that it gets logged
@@ -406,6 +447,7 @@ class Pretrainer:
                     if self.step % self.config.train.log_every == 0 or self.step == self.stop_step:
                         stats["images_per_s"] = window_images / max(1e-9, time.time() - window_start)
                         window_start, window_images = time.time(), 0
+                        stats.update(self._probe_accuracy())
                         self._log(stats, epoch)
                     if self.step % self.config.train.checkpoint_every == 0:
                         self.save_checkpoint()
@@ -432,6 +474,18 @@ class Pretrainer:
             self._write_metrics(stats, skipped)
         return stats
 
+    def _probe_accuracy(self) -> dict[str, float]:
+        """The online probe's top-1 over the global batches since the last log (on the training views); resets."""
+        if self.online.probe is None:
+            return {}
+        window = self._probe_window.clone()
+        if self.dist.is_distributed:
+            window = window.to(self.device)
+            torch.distributed.all_reduce(window)
+        self._probe_window.zero_()
+        correct, seen = window.tolist()
+        return {"probe_top1": correct / seen} if seen else {}
+
     def _check_corrupt(self, batch: dict) -> int:
         for bad in batch["corrupt"]:
             if self.config.data.on_corrupt == "error":
@@ -457,7 +511,8 @@ class Pretrainer:
         if not stats and history.exists():  # resumed at the very end: report the last logged step
             lines = history.read_text().splitlines()
             stats = json.loads(lines[-1]) if lines else {}
-        final = {k: stats[k] for k in ("loss", "hsic_xy", "hsic_xx", "scale", "images_per_s") if k in stats}
+        final = {k: stats[k] for k in ("loss", "hsic_xy", "hsic_xx", "scale", "images_per_s", "probe_top1")
+                 if k in stats}
         write_metrics(self.run_dir, task="pretrain", dataset=c.data.dataset, backbone=file_record(self.checkpoint_path),
                       protocol="ssl-hsic" if c.model.use_target else "ssl-hsic-no-target", metrics=final,
                       seed=c.seed, config=OmegaConf.to_container(c, resolve=True), wall_time_s=self.elapsed(),

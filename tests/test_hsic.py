@@ -138,7 +138,7 @@ def test_seeded_draws_are_reproducible():
 def test_loss_combines_the_terms_and_reaches_every_view(estimator, m):
     loss_fn = SSLHSICLoss(num_features=256, estimator=estimator)
     hiddens = [h.float().requires_grad_(True) for h in views(m, 16, 8, seed=1)]
-    loss, stats = loss_fn(hiddens, generator=torch.Generator().manual_seed(0))
+    loss, stats = loss_fn(hiddens, [torch.Generator().manual_seed(0)])
     assert loss.item() == pytest.approx(3.0 * math.sqrt(stats["hsic_xx"]) - stats["hsic_xy"], rel=1e-5)
     assert stats["scale"] == 1.0
     loss.backward()
@@ -158,7 +158,7 @@ def test_loss_runs_in_float32_under_autocast():
     loss_fn = SSLHSICLoss(num_features=128)
     hiddens = [h.to(torch.bfloat16) for h in views(4, 8, 16)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = loss_fn(hiddens, generator=torch.Generator().manual_seed(0))
+        loss, _ = loss_fn(hiddens, [torch.Generator().manual_seed(0)])
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
@@ -209,7 +209,7 @@ def test_bandwidth_loss_drives_the_scale_to_its_stationary_point():
     optimizer = torch.optim.Adam([loss_fn.scale], lr=0.01)
     for _ in range(1500):  # the same pairs every step: a deterministic objective
         optimizer.zero_grad()
-        loss_fn.bandwidth_loss(hiddens, generator=torch.Generator().manual_seed(0)).backward()
+        loss_fn.bandwidth_loss(hiddens, [torch.Generator().manual_seed(0)]).backward()
         optimizer.step()
     # Rebuild the sampled pairs independently: bandwidth_pairs / M rows of each view per side, same seed.
     g, rows = torch.Generator().manual_seed(0), 256 // 4

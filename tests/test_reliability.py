@@ -29,6 +29,7 @@ BAD_VALUES = [
     ("pretrain", "augment.flip_p", "2"), ("pretrain", "augment.std", "[0.2,0.2,0]"), ("pretrain", "ema.target_tau", "1.1"),
     ("pretrain", "data.dataset", "cifar"), ("pretrain", "data.num_workers", "-2"), ("pretrain", "device", "tpu"),
     ("pretrain", "train.log_every", "0"), ("pretrain", "model.backbone", "vit_b16"), ("pretrain", "seed", "-3"),
+    ("pretrain", "loss.draws", "0"),
     ("linear", "linear.epochs", "0"), ("linear", "linear.optimizer", "lbfgs"), ("linear", "linear.lr", "-0.1"),
     ("knn", "knn.k", "0"), ("knn", "knn.temperature", "0"), ("linear", "data.resize_ratio", "0.5"),
     ("segmentation", "schedule.iterations", "0"), ("segmentation", "data.dataset", "ade20k"),

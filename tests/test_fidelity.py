@@ -145,7 +145,9 @@ def test_zero_init_residual_makes_every_block_start_as_the_identity(arch, last_n
 
 def test_the_pretraining_network_follows_model_zero_init_residual(tmp_path):
     from pretrain.trainer import Pretrainer
-    on = Pretrainer(tiny_config(tmp_path / "on")).online.encoder.backbone
+    from pretrain.schema import ModelConfig
+    assert ModelConfig().zero_init_residual  # the official network's init is the default
+    on = Pretrainer(tiny_config(tmp_path / "on", "model.zero_init_residual=true")).online.encoder.backbone
     off = Pretrainer(tiny_config(tmp_path / "off", "model.zero_init_residual=false")).online.encoder.backbone
     assert torch.count_nonzero(on.layer3[0].bn2.weight) == 0 and (off.layer3[0].bn2.weight == 1).all()
 

@@ -129,11 +129,32 @@ def print_status(run_root: str) -> int:
 # python -m slurm status RUN_ROOT: the state of every job of a sweep; failed ones with their log tail.
 
 def status_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_root", help="the run_root of a submitted sweep")
+    parser.add_argument("run_root", help="the run_root of a submitted sweep, or the root of a pipeline submitted to SLURM")
+
+
+def print_graph_status(root: str) -> int:
+    """Every step of a pipeline submitted to SLURM: DONE, FAILED with its log, NEVER naming the failed step it
+    waits for, or the scheduler's state; return how many failed or can never run."""
+    from slurm import graph
+    nodes = graph.load(root)
+    states = graph.states(nodes)
+    width = max(len(n.name) for n in nodes)
+    bad = 0
+    for node in nodes:
+        state, detail = states[node.name]
+        bad += state in graph.FINISHED_BAD or state == "NEVER"
+        shown = detail if state != "DONE" else ""
+        print(f"{node.name:{width}s}  {node.job_id or '-':>12s}  {state:14s} {shown}".rstrip())
+    return bad
 
 
 def run_status(args: argparse.Namespace) -> None:
-    print_status(args.run_root)
+    from pathlib import Path
+    from slurm import graph
+    if (Path(args.run_root) / graph.MANIFEST).exists():
+        print_graph_status(args.run_root)
+    else:
+        print_status(args.run_root)
 
 
 # ------------------------------------------------------------------------------------------ collect

@@ -1,5 +1,15 @@
 """The executor config (configs/slurm/*.yaml), the submitit executor it builds, the sbatch script it would
-submit (dry runs) and a failed job's log tail."""
+submit (dry runs) and a failed job's log tail.
+
+One config serves every step of a pipeline: its top-level keys are the defaults, and `profiles` gives each step
+(pretrain, export, verify, scenes, each transfer task, report) its own resources over them, e.g.
+
+    profiles:
+      pretrain: {nodes: 4, gpus_per_node: 8, tasks_per_node: 8, timeout_min: 4320}
+      export: {gpus_per_node: 0, tasks_per_node: 1, cpus_per_task: 8, mem_gb: 32, timeout_min: 60}
+
+`for_step(config, step)` is the config a step's job gets.
+"""
 from __future__ import annotations
 
 import shlex
@@ -8,9 +18,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from pretrain.checks import NON_NEGATIVE, POSITIVE_INT, checked, greater_than, one_of, optional
+from pretrain.checks import NON_NEGATIVE, POSITIVE_INT, Rule, checked, greater_than, one_of, optional
 
 CLUSTERS = ("local", "slurm", "debug")
+# What a profile may set: the resources of a job (not where its files go, nor which kind of cluster runs it).
+PROFILE_KEYS = ("timeout_min", "partition", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb",
+                "account", "qos", "constraint", "signal_delay_s", "max_num_timeout", "array_parallelism",
+                "additional", "setup")
+
+
+def profile_steps() -> tuple[str, ...]:
+    """The steps a profile can name: every job step, and the report."""
+    from slurm.jobs import steps
+    return steps()
+
+
+def _profiles(value) -> bool:
+    return (isinstance(value, dict) and all(step in profile_steps() for step in value)
+            and all(isinstance(p, dict) and set(p) <= set(PROFILE_KEYS) for p in value.values()))
+
+
+PROFILES = Rule("a mapping of steps (pretrain, export, verify, scenes, report, or a task) to mappings of "
+                f"{', '.join(PROFILE_KEYS)}", _profiles)
 
 
 @dataclass
@@ -34,6 +63,26 @@ class ExecutorConfig:
     array_parallelism: int = checked(64, POSITIVE_INT)
     additional: dict = field(default_factory=dict)   # extra sbatch flags, e.g. {exclude: node12}
     setup: list = field(default_factory=list)        # shell lines before the job (module load ...)
+    profiles: dict = checked({}, PROFILES)              # step -> resources over the keys above (see the docstring)
+
+
+def for_step(config, step: str):
+    """The executor config of one step's job: the defaults with the step's profile over them, checked."""
+    from omegaconf import OmegaConf
+    from pretrain.checks import check_config
+    from pretrain.errors import UserError
+    if step not in profile_steps():
+        raise UserError(f"unknown step '{step}'; choose one of {', '.join(profile_steps())}")
+    from omegaconf.errors import OmegaConfBaseException
+    profile = (config.profiles or {}).get(step) or {}
+    profile = OmegaConf.to_container(profile) if OmegaConf.is_config(profile) else dict(profile)
+    try:
+        merged = OmegaConf.merge(config, profile)
+        check_config(merged, ExecutorConfig)
+    except (UserError, OmegaConfBaseException) as error:
+        message = str(error).splitlines()[0].removeprefix("error: ")
+        raise UserError(f"executor profile '{step}': {message}") from None
+    return merged
 
 
 def slurm_parameters(config: ExecutorConfig) -> dict:

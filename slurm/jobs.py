@@ -12,7 +12,7 @@ import os
 import signal
 from typing import Any
 
-TOOLS = ("export", "verify", "scenes")
+TOOLS = ("export", "verify", "scenes", "report")
 
 
 def steps() -> tuple[str, ...]:

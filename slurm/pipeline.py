@@ -63,6 +63,9 @@ def scene_overrides(task: str, scenes: Path) -> list[str]:
 
 
 class Pipeline:
+    """Plans the main job's steps; runs them one after another (local executor) or submits them to SLURM as one
+    dependency graph (slurm.graph) and returns."""
+
     def __init__(self, config: PipelineConfig, dry_run: bool = False):
         from slurm.executor import load_executor_config
         self.config = config
@@ -72,67 +75,114 @@ class Pipeline:
         self.timings: dict[str, float] = {}
         self.dry_run = dry_run
 
-    def _job(self, name: str, step: str, argv: list[str], done: Path | None) -> None:
-        """Run one step as a job and wait for it; skip it when `done` exists."""
-        from slurm.executor import build_executor, describe, report_failure
-        from slurm.jobs import StepJob
-        if self.dry_run:
-            for line in describe(self.executor_config, name, step, argv).splitlines():
-                print(f"[pipeline] {line}")
-            return
-        if done is not None and done.exists():
-            print(f"[pipeline] {name}: done before, skipped")
-            return
-        started = time.time()
-        job = build_executor(self.executor_config).submit(StepJob(step, argv, self.executor_config.signal_delay_s))
-        print(f"[pipeline] {name}: job {job.job_id} ({self.executor_config.cluster})", flush=True)
-        try:
-            job.result()
-        except Exception:
-            raise UserError(f"pipeline step {name} failed: " + report_failure(job).replace("\n", " |")) from None
-        self.timings[name] = time.time() - started
-        print(f"[pipeline] {name}: finished in {self.timings[name]:.0f} s", flush=True)
+    # ------------------------------------------------------------------------------------ the plan
 
-    def run(self) -> dict:
+    def _pretrain_config(self):
+        from pretrain.config import load_config
+        from pretrain.schema import PretrainConfig
+        return load_config(PretrainConfig, self.config.pretrain_config, list(self.config.pretrain_overrides))
+
+    def plan(self) -> list:
+        """Every step as a graph node, in an order where each comes after what it needs. Checks before
+        anything runs: the pretraining config, its data, and that its global batch divides among its processes."""
+        from slurm.executor import for_step
+        from slurm.graph import Node
         c, root = self.config, self.root
-        started = time.time()
-        pretrain_dir = root / "pretrain"
-        self._job("pretrain", "pretrain", ["--config", c.pretrain_config, f"run_dir={pretrain_dir}",
-                                           *c.pretrain_overrides], pretrain_dir / "metrics.json")
+        pretrain = self._pretrain_config()
+        processes = for_step(self.executor_config, "pretrain")
+        processes = processes.nodes * processes.tasks_per_node if self.executor_config.cluster == "slurm" else 1
+        if pretrain.optim.batch_size % processes:
+            raise UserError(f"optim.batch_size={pretrain.optim.batch_size} (the global batch) does not divide among "
+                            f"the pretrain profile's {processes} processes (nodes x tasks_per_node); choose a "
+                            f"multiple of {processes}")
+        data = Path(pretrain.data.root) / (pretrain.data.split if pretrain.data.dataset == "imagefolder" else "")
+        if not data.exists():
+            raise UserError(f"pretraining data {data} does not exist; set data.root in {c.pretrain_config} or "
+                            "pretrain_overrides")
+        arch = pretrain.model.backbone
+        pretrain_dir, scenes, export_dir = root / "pretrain", root / "scenes", root / "export"
         checkpoint = pretrain_dir / "checkpoints" / "last.pt"
-        s = c.scenes
-        scenes = root / "scenes"
+        nodes = [Node("pretrain", "pretrain", ["--config", c.pretrain_config, f"run_dir={pretrain_dir}",
+                                               *c.pretrain_overrides], str(pretrain_dir / "metrics.json"))]
         if c.use_scenes:
-            self._job("scenes", "scenes", ["--out", str(scenes), "--train", str(s["train"]), "--test",
-                                           str(s["test"]), "--size", str(s["size"]), "--seed", str(s["seed"])],
-                      scenes / "classes.json")
-        export_dir = root / "export"
-        self._job("export", "export", ["--checkpoint", str(checkpoint), "--format", "all", "--out", str(export_dir),
-                                       "--weights", c.weights], export_dir / f"backbone_{c.weights}.pkl.json")
-        self._job("verify", "verify", ["--checkpoint", str(checkpoint), "--weights", c.weights],
-                  root / "export" / "verified")
-        if self.dry_run:
-            arch = "ARCH"
-        else:
-            (root / "export" / "verified").touch()
-            arch = json.loads((export_dir / f"backbone_{c.weights}.pkl.json").read_text())["arch"]
-        run_dirs = [pretrain_dir]
+            s = c.scenes
+            nodes.append(Node("scenes", "scenes", ["--out", str(scenes), "--train", str(s["train"]), "--test",
+                                                   str(s["test"]), "--size", str(s["size"]), "--seed", str(s["seed"])],
+                              str(scenes / "classes.json")))
+        nodes.append(Node("export", "export", ["--checkpoint", str(checkpoint), "--format", "all", "--out",
+                                               str(export_dir), "--weights", c.weights],
+                          str(export_dir / f"backbone_{c.weights}.pkl.json"), needs=["pretrain"]))
+        nodes.append(Node("verify", "verify", ["--checkpoint", str(checkpoint), "--weights", c.weights, "--record",
+                                               str(export_dir / "verified.json")],
+                          str(export_dir / "verified.json"), needs=["pretrain"]))
+        task_dirs = []
         for task, task_config in c.tasks.items():
             for kind, backbone in (("pretrained", str(checkpoint)), ("random", f"random:{arch}")):
+                needs = (["verify"] if kind == "pretrained" else []) + (["scenes"] if c.use_scenes and
+                                                                         scene_overrides(task, scenes) else [])
                 for seed in c.seeds:
                     run_dir = root / task / kind / f"seed{seed}"
                     argv = ["--backbone", backbone, "--weights", c.weights, "--config", task_config,
                             f"run_dir={run_dir}", f"seed={seed}",
                             *(scene_overrides(task, scenes) if c.use_scenes else []),
                             *c.task_overrides.get(task, [])]
-                    self._job(f"{task}/{kind}/seed{seed}", task, argv, run_dir / "metrics.json")
-                    run_dirs.append(run_dir)
+                    nodes.append(Node(f"{task}/{kind}/seed{seed}", task, argv, str(run_dir / "metrics.json"),
+                                      needs=list(needs), group=f"{task}/{kind}"))
+                    task_dirs.append(str(run_dir))
+        nodes.append(Node("report", "report", [str(pretrain_dir), *task_dirs, "--out", str(root / "report")],
+                          str(root / "report" / "report.md"), needs=[n.name for n in nodes if n.step in TASKS]))
+        for step in {node.step for node in nodes}:  # every profile in use is valid
+            for_step(self.executor_config, step)
+        return nodes
+
+    # ------------------------------------------------------------------------------------- running
+
+    def _job(self, node) -> None:
+        """Run one step as a job here and wait for it; skip it when it is done."""
+        from slurm.executor import build_executor, report_failure
+        from slurm.jobs import StepJob
+        if node.is_done:
+            print(f"[pipeline] {node.name}: done before, skipped")
+            return
+        started = time.time()
+        job = build_executor(self.executor_config).submit(StepJob(node.step, node.argv,
+                                                                  self.executor_config.signal_delay_s))
+        print(f"[pipeline] {node.name}: job {job.job_id} ({self.executor_config.cluster})", flush=True)
+        try:
+            job.result()
+        except Exception:
+            raise UserError(f"pipeline step {node.name} failed: " + report_failure(job).replace("\n", " |")) from None
+        self.timings[node.name] = time.time() - started
+        print(f"[pipeline] {node.name}: finished in {self.timings[node.name]:.0f} s", flush=True)
+
+    def describe(self, nodes) -> None:
+        """The dry run: each job, what it waits for, its resources on SLURM and its command line."""
+        from slurm.executor import describe, for_step
+        for node in nodes:
+            print(f"[pipeline] {node.name}: after {', '.join(node.needs) or 'nothing'}")
+            for line in describe(for_step(self.executor_config, node.step), node.name, node.step, node.argv).splitlines():
+                print(f"[pipeline] {line}")
+
+    def run(self) -> dict:
+        nodes = self.plan()
         if self.dry_run:
+            self.describe(nodes)
             return {}
+        if self.executor_config.cluster == "slurm":
+            from slurm import graph
+            graph.submit(nodes, self.executor_config, self.root)
+            print(f"[pipeline] submitted to SLURM as one dependency graph; manifest {self.root / graph.MANIFEST}\n"
+                  f"[pipeline] follow it with: python -m slurm status {self.root}")
+            return {}
+        started = time.time()
+        for node in nodes[:-1]:
+            self._job(node)
         from transfer.report import build_report
-        report = build_report(run_dirs, root / "report")
+        report_node = nodes[-1]
+        run_dirs = [report_node.argv[0], *report_node.argv[1:-2]]
+        report = build_report(run_dirs, self.root / "report")
         total = time.time() - started
         timing = {"total_s": round(total, 1), **{k: round(v, 1) for k, v in self.timings.items()}}
-        (root / "report" / "timings.json").write_text(json.dumps(timing, indent=2))
-        print(f"[pipeline] done in {total / 60:.1f} min; report: {root / 'report' / 'report.md'}")
+        (self.root / "report" / "timings.json").write_text(json.dumps(timing, indent=2))
+        print(f"[pipeline] done in {total / 60:.1f} min; report: {self.root / 'report' / 'report.md'}")
         return report

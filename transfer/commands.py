@@ -41,6 +41,7 @@ def verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default="ema", choices=["ema", "online", "target"])
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference per stage (default 1e-4)")
     parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--record", help="on success, write what was verified to this JSON file (a pipeline's marker)")
 
 
 def run_verify(args: argparse.Namespace) -> None:
@@ -51,6 +52,12 @@ def run_verify(args: argparse.Namespace) -> None:
     print(f"{backbone.arch} from {backbone.source} ({backbone.layout}), max abs difference to torchvision:")
     print(report.table())
     print(f"ok: every weight used, worst stage difference {report.worst():.2e} <= {args.tolerance:g}")
+    if args.record:
+        import json
+        from pretrain.io import atomic_write_bytes
+        record = {"checkpoint": str(args.checkpoint), "weights": args.weights, "arch": backbone.arch,
+                  "worst_difference": report.worst(), "tolerance": args.tolerance}
+        atomic_write_bytes(args.record, json.dumps(record, indent=2).encode())
 
 
 # ------------------------------------------------------------------------------------------ scenes

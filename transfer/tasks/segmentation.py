@@ -44,7 +44,7 @@ class SegmentationData:
 @dataclass
 class SegmentationSchedule:
     iterations: int = checked(300, POSITIVE_INT)
-    batch_size: int = checked(8, POSITIVE_INT)  # per GPU
+    batch_size: int = checked(8, POSITIVE_INT)  # global: over all processes, each takes its share
     lr: float = checked(0.01, greater_than(0))
     momentum: float = checked(0.9, between(0, 1, open_high=True))
     weight_decay: float = checked(1e-4, NON_NEGATIVE)
@@ -80,9 +80,13 @@ def _dataset(c: SegmentationData, split: str, pipeline: list) -> dict:
 
 
 def mmseg_config(config: Config, backbone: Backbone, weights_file: Path, num_classes: int,
-                 distributed: bool) -> dict:
-    """The complete mmengine config of this protocol, as a plain dict."""
+                 distributed: bool, world_size: int = 1) -> dict:
+    """The complete mmengine config of this protocol, as a plain dict. schedule.batch_size is the global batch:
+    each of the `world_size` processes loads batch_size / world_size images per iteration."""
     d, s = config.data, config.schedule
+    if s.batch_size % world_size:
+        raise UserError(f"schedule.batch_size={s.batch_size} (the global batch) does not divide among the "
+                        f"{world_size} processes; choose a multiple of {world_size}")
     norm = dict(type="SyncBN" if distributed and config.sync_bn else "BN", requires_grad=True)
     width = feature_width(backbone.arch)
     train_pipeline = [
@@ -114,7 +118,7 @@ def mmseg_config(config: Config, backbone: Backbone, weights_file: Path, num_cla
                              loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0,
                                               avg_non_ignore=True)),
             train_cfg=dict(), test_cfg=dict(mode="whole")),
-        train_dataloader=dict(batch_size=s.batch_size, num_workers=d.num_workers,
+        train_dataloader=dict(batch_size=s.batch_size // world_size, num_workers=d.num_workers,
                               persistent_workers=d.num_workers > 0, sampler=dict(type="InfiniteSampler", shuffle=True),
                               dataset=_dataset(d, "train", train_pipeline)),
         val_dataloader=dict(batch_size=1, num_workers=d.num_workers, persistent_workers=False,
@@ -151,6 +155,11 @@ Keys and defaults: transfer/tasks/segmentation.py (Config). mmseg's logs and che
 
 
 def prepare(task: str, config: Config) -> None:
+    from pretrain.distributed import detect
+    world = detect().world_size
+    if config.schedule.batch_size % world:
+        raise UserError(f"schedule.batch_size={config.schedule.batch_size} (the global batch) does not divide among "
+                        f"the {world} processes; choose a multiple of {world}")
     _dataset(config.data, "train", []), _dataset(config.data, "val", [])
 
 
@@ -159,10 +168,11 @@ def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskRe
     from pretrain.distributed import detect
     from transfer import export, mmseg_glue
     from transfer.scenes import CLASSES
-    distributed = detect().is_distributed
+    processes = detect()
+    distributed = processes.is_distributed
     weights_file = export.write(backbone, "mmseg", task_run.run_dir / "backbone.mmseg.pth")
     num_classes = len(CLASSES) if config.data.dataset == "scenes" else 21
-    cfg = mmseg_config(config, backbone, weights_file, num_classes, distributed)
+    cfg = mmseg_config(config, backbone, weights_file, num_classes, distributed, processes.world_size)
     gloo = config.device == "cpu" or not torch.cuda.is_available()
     metrics = mmseg_glue.train_and_evaluate(cfg, distributed, gloo)
     return TaskResult(metrics, config.data.dataset, f"fcn dilated-c5, {config.schedule.iterations} iterations")

@@ -49,6 +49,14 @@ def _config_error(error: OmegaConfBaseException, schema: type, source: str) -> U
     return UserError(f"bad config in {source} at '{key}': {first_line}")
 
 
+def _replaced_mappings(schema: type, raw: dict) -> list[str]:
+    """Top-level keys of `raw` that `schema` types as a plain dict (e.g. a pipeline's tasks), not a nested config."""
+    import dataclasses
+    import typing
+    hints = typing.get_type_hints(schema)
+    return [f.name for f in dataclasses.fields(schema) if isinstance(raw.get(f.name), dict) and hints.get(f.name) is dict]
+
+
 def load_config(schema: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Build a config: the schema's defaults, then the YAML file at `path`, then `key=value` overrides."""
     config = OmegaConf.structured(schema)
@@ -64,6 +72,8 @@ def load_config(schema: type, path: str | Path | None = None, overrides: Sequenc
         if not isinstance(raw, dict):
             raise UserError(f"config file {path} must hold a mapping of keys, not a {type(raw).__name__}")
         from_file = OmegaConf.load(path)
+        for key in _replaced_mappings(schema, raw):  # a mapping the file gives replaces the default, not adds to it
+            config[key] = {}
         try:
             config = OmegaConf.merge(config, from_file)
         except OmegaConfBaseException as error:

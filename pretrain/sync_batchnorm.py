@@ -2,12 +2,14 @@
 
 torch's SyncBatchNorm runs on GPUs only; `GlobalBatchNorm` does the same on the CPU (gloo), so that a
 multi-process CPU run normalises exactly as one process with the whole batch does. Per channel, over the
-n = sum_r n_r values of all ranks,
+n = sum_r n_r values of all ranks, from each rank's count n_r, mean m_r and sum of squared deviations Q_r
+(Chan et al.'s pairwise combination, stable where E[x^2] - E[x]^2 is not):
 
-    mean = sum_r S1_r / n,   var = sum_r S2_r / n - mean^2,   y = (x - mean) / sqrt(var + eps) * weight + bias,
+    mean = sum_r n_r m_r / n,   var = sum_r (Q_r + n_r (m_r - mean)^2) / n,
+    y = (x - mean) / sqrt(var + eps) * weight + bias,
 
-with S1_r, S2_r the per-rank sums of x and x^2, all-reduced with autograd (the gradient flows to every rank's
-inputs, as in SyncBatchNorm). The running statistics move by momentum towards (mean, var * n / (n - 1)).
+the per-rank statistics all-gathered with autograd (the gradient flows to every rank's inputs, as in
+SyncBatchNorm). The running statistics move by momentum towards (mean, var * n / (n - 1)).
 `convert_sync_batchnorm` picks torch's SyncBatchNorm on CUDA and this elsewhere.
 """
 from __future__ import annotations
@@ -30,19 +32,21 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         import torch.distributed.nn.functional as dist_fn
         channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
-        local = torch.cat([x.sum(dims), x.square().sum(dims),
-                           torch.tensor([x.numel() // channels], dtype=x.dtype, device=x.device)])
-        total = dist_fn.all_reduce(local)
-        count = total[-1]
-        mean = total[:channels] / count
-        var = (total[channels:2 * channels] / count - mean.square()).clamp_min(0)
+        local_mean = x.mean(dims)
+        shape = (1, channels) + (1,) * (x.dim() - 2)
+        local_q = (x - local_mean.view(shape)).square().sum(dims)
+        local_n = torch.full((channels,), x.numel() // channels, dtype=x.dtype, device=x.device)
+        counts, means, qs = torch.stack(dist_fn.all_gather(torch.stack([local_n, local_mean, local_q]))).unbind(1)
+        count = counts.sum(0)
+        mean = (counts * means).sum(0) / count
+        var = (qs + counts * (means - mean).square()).sum(0) / count
+        count = count[0]
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 momentum = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
                 self.running_mean.lerp_(mean.detach(), momentum)
                 self.running_var.lerp_(var.detach() * count / (count - 1).clamp_min(1), momentum)
-        shape = (1, channels) + (1,) * (x.dim() - 2)
         y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)

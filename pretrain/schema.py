@@ -40,7 +40,7 @@ class AugmentConfig:
     std: tuple[float, float, float] = checked((0.229, 0.224, 0.225), each(greater_than(0), 3))
     batched: bool = False                   # colour, blur, solarize per batch on the training device (the
     #                                         workers only crop and flip): pretrain/batch_augment.py. For GPUs
-    #                                         and small images; on a CPU at 224 the per-image path is faster
+    #                                         and small images; false: the same ops per image in the workers
 
 
 @dataclass

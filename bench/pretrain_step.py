@@ -37,7 +37,7 @@ def ssl_hsic_step_fn(arch: str, batch: int, size: int, device: str, bf16: bool):
 
     def run():
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            (_, _, p1, _), (_, _, p2, _) = online(x1), online(x2)
+            (_, _, p1), (_, _, p2) = online(x1), online(x2)
             with torch.no_grad():
                 t1, t2 = target(x1)[1], target(x2)[1]
         generator = torch.Generator().manual_seed(step[0])

@@ -6,6 +6,7 @@ and all 10,000 test images, on the EMA network and on the same ResNet-18 at rand
 separate the backbones far more than all 60,000 (BENCHMARKS.md), at a quarter of the pretraining cost.
 
     .venv/bin/python bench/test_recipe_margins.py [--seeds 0 1 2] [--out runs/test_recipe]
+        [--pretrain key=value ...]     (pretraining overrides, e.g. loss.estimator=exact; use another --out)
 
 Prints one row per (task, seed) and the smallest margin per task; the test asserts about half of it.
 """
@@ -25,9 +26,9 @@ def run(*args: str) -> None:
     subprocess.run([sys.executable, "-m", *args], check=True)
 
 
-def margins(seed: int, out: Path) -> dict[str, tuple[float, float]]:
+def margins(seed: int, out: Path, overrides: list[str] = ()) -> dict[str, tuple[float, float]]:
     root = out / f"seed{seed}"
-    run("pretrain", *PRETRAIN, f"run_dir={root / 'pretrain'}", f"seed={seed}")
+    run("pretrain", *PRETRAIN, f"run_dir={root / 'pretrain'}", f"seed={seed}", *overrides)
     scores = {}
     for task in ("linear", "knn"):
         for name, backbone in (("pretrained", str(root / "pretrain" / "checkpoints" / "last.pt")),
@@ -43,8 +44,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/test_recipe"))
+    parser.add_argument("--pretrain", nargs="*", default=[], metavar="key=value", help="pretraining overrides")
     args = parser.parse_args()
-    results = {seed: margins(seed, args.out) for seed in args.seeds}
+    results = {seed: margins(seed, args.out, args.pretrain) for seed in args.seeds}
     print("| task | seed | top-1 pretrained | top-1 random init | margin |\n|---|---|---|---|---|")
     for task in ("linear", "knn"):
         for seed, by_task in results.items():

@@ -284,8 +284,6 @@ class SSLHSICLoss(nn.Module):
 
     def forward(self, hiddens: Sequence[Tensor], generators: Sequence[torch.Generator | None] = (None,)
                 ) -> tuple[Tensor, dict[str, float]]:
-        if isinstance(generators, torch.Generator):
-            generators = [generators]
         if len(generators) < 1:
             raise ValueError("SSL-HSIC needs at least one generator (one random draw)")
         with torch.autocast(device_type=hiddens[0].device.type, enabled=False):
@@ -304,8 +302,6 @@ class SSLHSICLoss(nn.Module):
         """The mean over generators of `bandwidth_objective` on sampled pairs: a function of the scale alone (the
         features are detached). Each side takes bandwidth_pairs / M random rows of every view; all pairs across
         the two sides count."""
-        if isinstance(generators, torch.Generator):
-            generators = [generators]
         with torch.autocast(device_type=hiddens[0].device.type, enabled=False):
             hiddens = [h.detach() for h in self._prepare(hiddens)]
             rows = max(1, self.bandwidth_pairs // len(hiddens))

@@ -72,7 +72,8 @@ def linear_probe(in_dim: int, num_classes: int, seed: int) -> nn.Linear:
     """The online probe's classifier: weights from a truncated normal with std 1/sqrt(in_dim) (haiku's Linear),
     drawn from their own generator so that adding the probe leaves every other random draw of the run as it
     was; bias 0."""
-    probe = nn.Linear(in_dim, num_classes)
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's own init would draw from the global generator
+        probe = nn.Linear(in_dim, num_classes)
     std = in_dim ** -0.5
     with torch.no_grad():
         nn.init.trunc_normal_(probe.weight, std=std, a=-2 * std, b=2 * std,
@@ -83,11 +84,10 @@ def linear_probe(in_dim: int, num_classes: int, seed: int) -> nn.Linear:
 
 class OnlineNetwork(nn.Module):
     """The trained network: an Encoder, in the with-target variant a predictor on its projection, and optionally
-    an online linear probe (`num_classes` > 0) on the detached backbone features.
+    an online linear probe (`num_classes` > 0) for the detached backbone features (the trainer applies it to
+    view 1 only, behind detach(), so its loss never reaches the backbone: the official code's stop_gradient).
 
-    forward returns (backbone features, projection, prediction, probe logits); without a predictor, prediction =
-    projection; without a probe, logits = None. The probe sees the features through detach(), so its loss never
-    reaches the backbone (as the official code's stop_gradient).
+    forward returns (backbone features, projection, prediction); without a predictor, prediction = projection.
     """
 
     def __init__(self, backbone: str, projector_hidden: int, embedding_dim: int, predictor_hidden: int,
@@ -97,10 +97,9 @@ class OnlineNetwork(nn.Module):
         self.predictor = mlp(embedding_dim, predictor_hidden, embedding_dim) if use_predictor else nn.Identity()
         self.probe = linear_probe(feature_width(backbone), num_classes, probe_seed) if num_classes else None
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         features, projection = self.encoder(images)
-        logits = self.probe(features.detach()) if self.probe is not None else None
-        return features, projection, self.predictor(projection), logits
+        return features, projection, self.predictor(projection)
 
 
 @torch.no_grad()

@@ -63,7 +63,7 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
                                     module.track_running_stats)
         converted.load_state_dict(module.state_dict())
         converted.train(module.training)
-        return converted.to(device=next(module.buffers(), torch.empty(0)).device)
+        return converted.to(device)
     for name, child in module.named_children():
         module.add_module(name, convert_sync_batchnorm(child, device))
     return module

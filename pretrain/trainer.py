@@ -70,7 +70,11 @@ class TwoViews(nn.Module):
         self.online = online
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor):
-        return self.online(view1), self.online(view2)
+        """(features, projection, prediction) of each view, and the online probe's logits for view 1 (None
+        without a probe), inside the one module call so that DDP averages the probe's gradient too."""
+        first, second = self.online(view1), self.online(view2)
+        probe = getattr(self.online, "probe", None)  # any online module; OnlineNetwork may carry one
+        return first, second, probe(first[0].detach()) if probe is not None else None
 
 
 class Pretrainer:
@@ -305,7 +309,7 @@ class Pretrainer:
         """The M views the loss sees, gathered over processes; the local backbone features of view 1 and the
         probe's logits for them (None without a probe)."""
         with self.autocast:
-            (f1, z1, p1, logits), (_, z2, p2, _) = self.forward_views(view1, view2)
+            (f1, z1, p1), (_, z2, p2), logits = self.forward_views(view1, view2)
             if self.target is None:
                 return [gather(z1), gather(z2)], f1, logits
             with torch.no_grad():

@@ -150,11 +150,10 @@ def submit(nodes: list[Node], executor_config, root: str | Path, signal_delay_s:
     check_partitions(configs.values())
     by_name = {n.name: n for n in nodes}
     resubmitted: set[str] = set()
-    order = {n.name: i for i, n in enumerate(nodes)}
-    groups: dict[str, list[Node]] = {}
+    groups: dict[str, list[Node]] = {}  # in the plan's order: what a node needs comes before it
     for node in nodes:
         groups.setdefault(node.group or node.name, []).append(node)
-    for group in sorted(groups.values(), key=lambda g: order[g[0].name]):  # needs come before their users
+    for group in groups.values():
         todo = []
         for node in group:
             state, _ = current[node.name]

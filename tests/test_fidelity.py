@@ -234,7 +234,7 @@ def test_the_probe_trains_with_the_backbones_optimizer_and_its_gradient_stays_ou
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert {id(trainer.online.probe.weight), id(trainer.online.probe.bias)} <= optimised
     view1, view2, labels = trainer._views(next(iter(trainer._loader(0, 0))))
-    _, _, _, logits = trainer.online(view1)
+    _, _, logits = trainer.forward_views(view1, view2)
     torch.nn.functional.cross_entropy(logits, labels).backward()
     assert trainer.online.probe.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in trainer.online.encoder.parameters())

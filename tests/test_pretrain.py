@@ -103,7 +103,7 @@ def _loss_and_grads(view1, view2, distributed):
     model = TwoViews(online)
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(model)
-    z1, z2 = model(view1, view2)
+    z1, z2, _ = model(view1, view2)  # no probe: no logits
     loss, _ = SSLHSICLoss(num_features=32)([gather(z1), gather(z2)], [torch.Generator().manual_seed(3)])
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in online.parameters()]

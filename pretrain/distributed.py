@@ -81,3 +81,14 @@ def match_threads_to_allocation(environ: dict[str, str] | None = None) -> int | 
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group together: a barrier, then destroy it.
+
+    Without the barrier a rank that tears its gloo connections down first can abort a peer still inside the
+    last collective ("terminate called without an active exception", SIGABRT)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -524,4 +524,7 @@ class Pretrainer:
 
 
 def train(config: DictConfig) -> dict[str, Any]:
-    return Pretrainer(config).run()
+    from pretrain.distributed import shutdown_distributed
+    metrics = Pretrainer(config).run()
+    shutdown_distributed()
+    return metrics

@@ -64,6 +64,8 @@ class StepJob:
             import logging
             logging.shutdown()
             os._exit(143)
+        from pretrain.distributed import shutdown_distributed
+        shutdown_distributed()
         return {"stats": stats, **(self._metrics() or {})}
 
     def _metrics(self) -> Any:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from pretrain.distributed import shutdown_distributed
 from tests.conftest import final_state, tiny_config
 
 
@@ -40,7 +41,7 @@ def _pretrain_worker(rank, world, port, run_dir, out_dir):
     trainer.run()
     torch.save({"scale": trainer.loss_fn.scale.detach().clone(), "online": trainer.online.state_dict()},
                Path(out_dir) / f"rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 def test_two_processes_follow_one_process_with_two_draws(tmp_path):
@@ -89,7 +90,7 @@ def _batchnorm_worker(rank, world, port, inputs, out_dir):
     (out * torch.arange(out.numel()).view_as(out)[:, :, :, :] / out.numel()).sum().backward()
     torch.save({"out": out.detach(), "x_grad": x.grad, "w_grad": norm[0].weight.grad, "state": norm[0].state_dict(),
                 "kind": type(norm[0]).__name__}, Path(out_dir) / f"rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 def test_global_batchnorm_on_two_processes_equals_batchnorm_on_the_whole_batch(tmp_path):

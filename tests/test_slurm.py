@@ -113,13 +113,13 @@ overrides: [[data.limit_train=300, data.limit_test=100, data.num_workers=0, cach
 
 def _distributed_probe():
     import torch.distributed as dist
-    from pretrain.distributed import detect, init_distributed
+    from pretrain.distributed import detect, init_distributed, shutdown_distributed
     info = init_distributed("gloo")
     total = torch.tensor([float(info.rank + 1)])
     dist.all_reduce(total)
     result = {"rank": info.rank, "world": info.world_size, "local": info.local_rank, "master": info.master_addr,
               "sum": total.item(), "detected": detect().rank}
-    dist.destroy_process_group()
+    shutdown_distributed()
     return result
 
 

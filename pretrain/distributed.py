@@ -92,3 +92,21 @@ def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every process (nothing under one process)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def rank0_decides(flag: bool) -> bool:
+    """Rank 0's value of `flag` on every rank (the ranks must take the same branch before a collective)."""
+    import torch
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.broadcast(value, 0)
+    return bool(value.item())

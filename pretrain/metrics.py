@@ -37,13 +37,17 @@ def file_record(path: str | Path) -> dict[str, str]:
     return {"path": str(Path(path).resolve()), "sha256": sha256_of(path)}
 
 
-def write_metrics(run_dir: str | Path, *, task: str, dataset: str, backbone: dict[str, str] | None, protocol: str,
-                  metrics: dict[str, float], seed: int, config: dict[str, Any], wall_time_s: float,
-                  extra: dict[str, Any] | None = None) -> Path:
-    """Write run_dir/metrics.json atomically and return its path. `backbone` is {"path", "sha256"}."""
-    record = {"task": task, "dataset": dataset, "backbone": backbone, "protocol": protocol,
-              "metrics": {k: float(v) for k, v in metrics.items()}, "seed": seed, "config": config,
-              "code_version": code_version(), "wall_time_s": round(wall_time_s, 3), **(extra or {})}
+def metrics_record(*, task: str, dataset: str, backbone: dict[str, str] | None, protocol: str,
+                   metrics: dict[str, float], seed: int, config: dict[str, Any], wall_time_s: float,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The content of metrics.json. `backbone` is {"path", "sha256", ...}."""
+    return {"task": task, "dataset": dataset, "backbone": backbone, "protocol": protocol,
+            "metrics": {k: float(v) for k, v in metrics.items()}, "seed": seed, "config": config,
+            "code_version": code_version(), "wall_time_s": round(wall_time_s, 3), **(extra or {})}
+
+
+def write_metrics(run_dir: str | Path, **fields: Any) -> Path:
+    """Write run_dir/metrics.json (the fields of `metrics_record`) atomically and return its path."""
     path = Path(run_dir) / "metrics.json"
-    atomic_write_bytes(path, json.dumps(record, indent=2).encode())
+    atomic_write_bytes(path, json.dumps(metrics_record(**fields), indent=2).encode())
     return path

@@ -39,11 +39,14 @@ def start_run_dir(run_dir: Path, config: DictConfig) -> None:
         save_config(config, run_dir / "config.yaml")
 
 
-def attach_log(logger: logging.Logger, run_dir: Path) -> logging.Handler:
-    """Log INFO and above to run_dir/log.txt (timestamped) and to stderr (bare); return the file handler."""
-    handler = logging.FileHandler(Path(run_dir) / "log.txt")
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    logger.addHandler(handler)
+def attach_log(logger: logging.Logger, run_dir: Path | None) -> logging.Handler | None:
+    """Log INFO and above to run_dir/log.txt (timestamped; not when run_dir is None) and to stderr (bare);
+    return the file handler."""
+    handler = None
+    if run_dir is not None:
+        handler = logging.FileHandler(Path(run_dir) / "log.txt")
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logger.addHandler(handler)
     if not any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr
                for h in logger.handlers):
         console = logging.StreamHandler(sys.stderr)

@@ -55,15 +55,16 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     """Every BatchNorm in `module` synchronised over processes: torch's SyncBatchNorm on CUDA, GlobalBatchNorm
-    elsewhere (parameters and running statistics carried over)."""
+    elsewhere (the same parameter and buffer objects, so an optimizer made before still updates them)."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
         converted = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                    module.track_running_stats)
-        converted.load_state_dict(module.state_dict())
+                                    module.track_running_stats).to(device)
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            setattr(converted, name, tensor)  # the same objects, as torch's conversion: an optimizer keeps them
         converted.train(module.training)
-        return converted.to(device)
+        return converted
     for name, child in module.named_children():
         module.add_module(name, convert_sync_batchnorm(child, device))
     return module

@@ -1,5 +1,9 @@
 """What every transfer task shares: its run dir (config.yaml, log.txt, metrics.json), the backbone record, the
-command line, and rerun behaviour: a finished run with the same config and backbone is reported, not repeated."""
+command line, and rerun behaviour: a finished run with the same config and backbone is reported, not repeated.
+
+Under several processes (SLURM tasks, torchrun) every rank runs the task; rank 0 alone holds the run dir's
+lock and writes config.yaml, log.txt and metrics.json. The other ranks log to stderr only (SLURM keeps a
+log per task)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +16,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pretrain.errors import UserError
-from pretrain.metrics import sha256_of, write_metrics
+from pretrain.metrics import metrics_record, sha256_of
+from pretrain.io import atomic_write_bytes
 from pretrain.rundir import RunDirLock, attach_log, detach_log, refuse_other_config, start_run_dir
 from transfer.backbone import Backbone, fingerprint
 
@@ -55,22 +60,30 @@ class TaskRun:
         return json.loads(path.read_text()) if path.exists() else None
 
     def start(self) -> None:
-        """Take the run dir (one writer: rank 0 holds its lock), write config.yaml and open log.txt."""
+        """Take the run dir (rank 0 holds its lock and writes config.yaml and log.txt); every rank may write
+        files of its own task into it (the backbone in a framework's format, rank 0's checkpoints)."""
         from pretrain.distributed import detect
-        self.lock = RunDirLock(self.run_dir).acquire() if detect().rank == 0 else None
-        start_run_dir(self.run_dir, self.config)
-        self._handler = attach_log(log, self.run_dir)
+        self.is_main = detect().rank == 0
+        self.lock = RunDirLock(self.run_dir).acquire() if self.is_main else None
+        if self.is_main:
+            start_run_dir(self.run_dir, self.config)
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._handler = attach_log(log, self.run_dir if self.is_main else None)
         if self.lock is not None:
             self.lock.log_takeover(log)
         log.info("%s: backbone %s (%s, %s)", self.task, self.backbone.source, self.backbone.arch, self.backbone.layout)
 
     def finish(self, result: TaskResult) -> dict:
-        write_metrics(self.run_dir, task=self.task, dataset=result.dataset, backbone=self.record,
-                      protocol=result.protocol, metrics=result.metrics, seed=self.config.seed,
-                      config=OmegaConf.to_container(self.config, resolve=True),
-                      wall_time_s=time.time() - self.started, extra=result.extra or None)
+        """metrics.json's content; rank 0 writes it."""
+        record = metrics_record(task=self.task, dataset=result.dataset, backbone=self.record,
+                                protocol=result.protocol, metrics=result.metrics, seed=self.config.seed,
+                                config=OmegaConf.to_container(self.config, resolve=True),
+                                wall_time_s=time.time() - self.started, extra=result.extra or None)
+        if self.is_main:
+            atomic_write_bytes(self.run_dir / "metrics.json", json.dumps(record, indent=2).encode())
         log.info("%s: %s", self.task, ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
-        return json.loads((self.run_dir / "metrics.json").read_text())
+        return record
 
     def close(self) -> None:
         """Close the log and release the run dir (also after a failure)."""
@@ -98,7 +111,7 @@ def run_task(name: str, backbone_spec: str, weights: str = "ema", config_path: s
     """Load the config and backbone, report a finished run, else prepare the data, start the run dir, run the
     task and write metrics.json; return its content."""
     from pretrain.config import load_config
-    from pretrain.distributed import match_threads_to_allocation
+    from pretrain.distributed import match_threads_to_allocation, shutdown_distributed
     from transfer import tasks
     from transfer.backbone import resolve_backbone
     module = tasks.get(name).load()
@@ -115,6 +128,7 @@ def run_task(name: str, backbone_spec: str, weights: str = "ema", config_path: s
         if (done := run.finished()) is not None:  # another writer finished it while this one prepared
             return done
         result = run.finish(module.run(name, config, backbone, run, data))
+        shutdown_distributed()
     finally:
         run.close()
     shown = {k: v for k, v in result["metrics"].items() if not k.startswith("IoU.")}

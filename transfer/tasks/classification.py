@@ -3,7 +3,13 @@
 Features are extracted once per (backbone weights, dataset, split, transform) and cached as memory-mapped
 .npy files under cache_dir, keyed by the sha256 of all of those; the linear classifier then trains on the
 cached features in seconds. The standard protocol with augmentation (linear.augment=true: random resized
-crop + flip every epoch) recomputes the features each epoch and does not cache.
+crop + flip every epoch, drawn per image from (seed, epoch, index)) recomputes the features each epoch and
+does not cache.
+
+Under several processes the extraction is sharded: rank r takes a contiguous run of whole batches, so every
+batch holds the images it holds in a one-process run and the features are the same; the shards meet in
+cache_dir (which all ranks must see: a shared filesystem on several nodes), rank 0 joins them, and every rank
+trains the same classifier on the joined features (seeded, so identically; rank 0 writes the results).
 
 kNN (Wu et al. 2018, as in DINO): cosine similarity to the k nearest training features, each neighbour
 voting for its class with weight exp(sim / T).
@@ -14,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -22,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from pretrain.checks import (DEVICE, NON_NEGATIVE, POSITIVE_INT, at_least, between, checked, each, greater_than,
                              one_of)
@@ -124,6 +131,27 @@ class Transformed(Dataset):
         return self.transform(image), label
 
 
+class SeededTransformed(Transformed):
+    """A random transform drawn per image from (seed, epoch, index): the same views whichever process or
+    loader worker reads the image."""
+
+    def __init__(self, dataset: Dataset, transform, seed: int):
+        super().__init__(dataset, transform)
+        self.seed, self.epoch = seed, 0
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + self.epoch * 100_003 + index)
+            return super().__getitem__(index)
+
+
+def batch_shard(length: int, batch_size: int, rank: int, world: int) -> range:
+    """The samples of rank r: whole batches floor(r nb / W) ... floor((r + 1) nb / W) - 1 of the nb = ceil(N / B)
+    batches of a one-process pass, so the ranks' shards concatenate, in rank order, to the whole set."""
+    batches = math.ceil(length / batch_size)
+    return range(rank * batches // world * batch_size, min((rank + 1) * batches // world * batch_size, length))
+
+
 @torch.no_grad()
 def extract(model: nn.Module, dataset: Dataset, batch_size: int, num_workers: int, device) -> tuple[Tensor, Tensor]:
     from tqdm import tqdm
@@ -165,27 +193,63 @@ class FeatureCache:
         (folder / "description.json").write_text(json.dumps(description, indent=2, default=str))
         (folder / "complete").touch()
 
+    def put_part(self, key: str, rank: int, features: Tensor, labels: Tensor) -> None:
+        """One rank's shard, beside the entry it will join."""
+        folder = self.root / key / "parts"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, array in (("features", features.numpy()), ("labels", labels.numpy())):
+            tmp = folder / f".{rank}.{name}.tmp.npy"
+            np.save(tmp, array)
+            tmp.replace(folder / f"{rank}.{name}.npy")
+
+    def join_parts(self, key: str, world: int, description: dict) -> None:
+        """Concatenate the shards of ranks 0 ... world-1 into the entry (rank 0), then drop them."""
+        folder = self.root / key / "parts"
+        missing = [r for r in range(world) if not (folder / f"{r}.features.npy").exists()]
+        if missing:
+            raise UserError(f"the feature shards of ranks {missing} are not in {folder}: cache_dir must be one folder "
+                            f"that every process sees (a shared filesystem when the job spans nodes)")
+        joined = [torch.cat([torch.from_numpy(np.load(folder / f"{r}.{name}.npy", mmap_mode="r")) for r in range(world)])
+                  for name in ("features", "labels")]
+        self.put(key, *joined, description)
+        shutil.rmtree(folder, ignore_errors=True)
+
 
 def cached_features(backbone: Backbone, model: nn.Module, dataset: Dataset, description: dict, cache: FeatureCache,
-                    batch_size: int, num_workers: int, device) -> tuple[Tensor, Tensor, bool]:
-    """(features, labels, came_from_cache)."""
-    key = FeatureCache.key(backbone, description)
-    hit = cache.get(key)
-    if hit is not None:
-        return *hit, True
-    features, labels = extract(model, dataset, batch_size, num_workers, device)
-    cache.put(key, features, labels, description)
-    return features, labels, False
+                    batch_size: int, num_workers: int, device, key: str | None = None) -> tuple[Tensor, Tensor, bool]:
+    """(features, labels, came_from_cache), extracted sharded over the processes when there are several."""
+    from pretrain.distributed import barrier, detect, rank0_decides
+    key = key or FeatureCache.key(backbone, description)
+    if rank0_decides(cache.get(key) is not None):
+        return *cache.get(key), True
+    processes = detect()
+    if not processes.is_distributed:
+        features, labels = extract(model, dataset, batch_size, num_workers, device)
+        cache.put(key, features, labels, description)
+        return features, labels, False
+    shard = batch_shard(len(dataset), batch_size, processes.rank, processes.world_size)
+    cache.put_part(key, processes.rank, *extract(model, Subset(dataset, shard), batch_size, num_workers, device))
+    barrier()
+    if processes.rank == 0:
+        cache.join_parts(key, processes.world_size, description)
+    barrier()
+    joined = cache.get(key)
+    if joined is None:
+        raise UserError(f"rank {processes.rank} cannot read the joined features in {cache.root / key}: cache_dir must "
+                        "be one folder that every process sees (a shared filesystem when the job spans nodes)")
+    return *joined, False
 
 
 # -------------------------------------------------------------------------------------- classifier
 
 def train_linear(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int, protocol,
-                 seed: int, device, checkpoint: Path | None = None, feature_fn=None) -> dict[str, float]:
+                 seed: int, device, checkpoint: Path | None = None, feature_fn=None,
+                 save: bool = True) -> dict[str, float]:
     """Train a linear layer on features and return test top-1 / top-5.
 
     `feature_fn(epoch)`, when given, recomputes the training features each epoch (the augmented protocol).
-    With `checkpoint`, the classifier state is saved after each epoch and a rerun resumes from it.
+    With `checkpoint`, the classifier state is saved after each epoch (when `save`: rank 0) and a rerun
+    resumes from it.
     """
     torch.manual_seed(seed)
     mean, std = (train_x.float().mean(0), train_x.float().std(0) + 1e-6) if protocol.standardize else (0.0, 1.0)
@@ -214,7 +278,7 @@ def train_linear(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
             loss.backward()
             optimizer.step()
             schedule.step()
-        if progress is not None:
+        if progress is not None and save:
             progress.save(epoch + 1)
     with torch.no_grad():
         scores = torch.cat([head(((chunk.float() - mean) / std).to(device)).cpu() for chunk in test_x.split(4096)])
@@ -237,7 +301,10 @@ def prepare(task: str, config: Config):
 
 def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskResult:
     from pretrain.augment import eval_transform
+    from pretrain.distributed import detect, init_distributed
     from pretrain.rundir import pick_device
+    init_distributed()
+    processes = detect()
     train_set, test_set = data
     d = config.data
     num_classes = len(train_set.classes)
@@ -262,13 +329,23 @@ def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskRe
             train_transform = v2.Compose([
                 v2.ToImage(), v2.RandomResizedCrop(d.image_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
                 v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(d.mean), list(d.std))])
+            augmented = SeededTransformed(train_set, train_transform, config.seed)
+            epoch_cache = FeatureCache(task_run.run_dir / "epoch_features")
 
-            def feature_fn(epoch):
-                torch.manual_seed(config.seed * 1000 + epoch)
-                return extract(model, Transformed(train_set, train_transform), config.extract_batch_size,
-                               d.num_workers, device)[0]
+            def feature_fn(epoch):  # one epoch's features on disk at a time (ImageNet's are 10 GB)
+                augmented.epoch = epoch
+                x = cached_features(backbone, model, augmented, {"epoch": epoch}, epoch_cache,
+                                    config.extract_batch_size, d.num_workers, device, key=f"epoch{epoch}")[0]
+                if processes.rank == 0:
+                    for old in epoch_cache.root.glob("epoch*"):
+                        if old.name != f"epoch{epoch}":
+                            shutil.rmtree(old, ignore_errors=True)
+                return x
         metrics = train_linear(train_x, train_y, test_x, test_y, num_classes, config.linear, config.seed, device,
-                               task_run.run_dir / "linear_last.pt", feature_fn)
+                               task_run.run_dir / "linear_last.pt", feature_fn, save=processes.rank == 0)
+        if processes.rank == 0:
+            shutil.rmtree(task_run.run_dir / "epoch_features", ignore_errors=True)
         protocol = f"linear {config.linear.optimizer} {config.linear.epochs} epochs" + \
             (" augmented" if config.linear.augment else " cached features")
-    return TaskResult(metrics, d.dataset, protocol, {"feature_cache_hit": bool(train_hit and test_hit)})
+    return TaskResult(metrics, d.dataset, protocol, {"feature_cache_hit": bool(train_hit and test_hit),
+                                                     "world_size": processes.world_size})

@@ -79,14 +79,24 @@ class FCRN(nn.Module):
 
 # ------------------------------------------------------------------------------------ loss, metrics
 
-def berhu_loss(prediction: Tensor, target: Tensor) -> Tensor:
-    """Reverse Huber over valid pixels (target > 0), threshold c = 0.2 max |error|."""
+def berhu_loss(prediction: Tensor, target: Tensor, world_size: int = 1) -> Tensor:
+    """Reverse Huber over the valid pixels (target > 0) of the global batch, threshold c = 0.2 max |error|.
+
+    Under several processes the maximum and the count of valid pixels are those of all ranks' batches, and the
+    sum is scaled by the world size because DDP averages the ranks' gradients: the gradient is then the one
+    process's gradient on the whole batch."""
+    import torch.distributed as dist
     valid = target > 0
-    if not valid.any():
-        return prediction.sum() * 0
     error = (prediction - target)[valid].abs()
-    c = (0.2 * error.max()).clamp_min(1e-6).detach()
-    return torch.where(error <= c, error, (error ** 2 + c ** 2) / (2 * c)).mean()
+    count = valid.sum().to(prediction.dtype)
+    largest = error.max().detach() if error.numel() else prediction.new_zeros(())
+    if world_size > 1:
+        dist.all_reduce(count)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    if count == 0:
+        return prediction.sum() * 0
+    c = (0.2 * largest).clamp_min(1e-6)
+    return torch.where(error <= c, error, (error ** 2 + c ** 2) / (2 * c)).sum() * (world_size / count)
 
 
 def depth_metrics(prediction: Tensor, target: Tensor, min_depth: float = 1e-3) -> dict[str, float]:
@@ -156,7 +166,7 @@ class Config:
     seed: int = checked(0, NON_NEGATIVE)
     data: DepthData = field(default_factory=DepthData)
     steps: int = checked(300, POSITIVE_INT)
-    batch_size: int = checked(8, POSITIVE_INT)
+    batch_size: int = checked(8, POSITIVE_INT)              # the global batch, split over the processes
     lr: float = checked(0.01, greater_than(0))                       # SGD momentum 0.9, cosine decay
     weight_decay: float = checked(5e-4, NON_NEGATIVE)
     checkpoint_every: int = checked(100, POSITIVE_INT)
@@ -164,37 +174,59 @@ class Config:
     device: Optional[str] = checked(None, DEVICE)
 
 
-def train_and_evaluate(config: Config, backbone, run_dir: Path, device) -> dict[str, float]:
-    """Train the FCRN head and the backbone; return the test metrics. Resumes from run_dir/depth_last.pt."""
+def global_batches(length: int, batch_size: int, seed: int, epoch: int) -> Tensor:
+    """[batches, batch_size] sample indices of one epoch: a seeded permutation, the last partial batch dropped."""
+    order = torch.randperm(length, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return order[:length // batch_size * batch_size].view(-1, batch_size)
+
+
+def train_and_evaluate(config: Config, backbone, run_dir: Path, device, save: bool = True) -> dict[str, float]:
+    """Train the FCRN head and the backbone; return the test metrics. Resumes from run_dir/depth_last.pt (which
+    rank 0 writes, when `save`).
+
+    `batch_size` is the global batch: under W processes each step's batch is the one a single process would
+    take, split in W slices; BatchNorm runs over the global batch (SyncBatchNorm / GlobalBatchNorm) and DDP
+    averages the gradients, so the run follows the one-process run up to float noise."""
     import sys
     from tqdm import tqdm
+    from pretrain.distributed import detect
     from pretrain.rundir import Progress, cosine_schedule
     from transfer.datasets import build_depth_dataset
     d = config.data
+    processes = detect()
+    world, rank = processes.world_size, processes.rank
     train_set = DepthPairs(build_depth_dataset(d.kind, d.root, d.train_split, d.splits_file), d.resize, d.crop,
                            True, config.seed)
     test_set = DepthPairs(build_depth_dataset(d.kind, d.root, d.test_split, d.splits_file), d.resize, d.crop,
                           False, config.seed)
+    steps_per_epoch = len(train_set) // config.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"the depth training split has {len(train_set)} images, fewer than one batch of "
+                        f"{config.batch_size}; lower batch_size")
     torch.manual_seed(config.seed)
     model = FCRN(backbone.model(), feature_width(backbone.arch)).to(device)
+    if processes.is_distributed:
+        from pretrain.sync_batchnorm import convert_sync_batchnorm
+        model = convert_sync_batchnorm(model, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
     schedule = cosine_schedule(optimizer, config.steps)
     saved = Progress(run_dir / "depth_last.pt", "step", model=model, optimizer=optimizer, schedule=schedule)
     step = saved.restore()
     if step:
         log.info("depth: resuming at step %d of %d", step, config.steps)
-    progress = tqdm(total=config.steps, initial=step, desc="depth", disable=not sys.stderr.isatty())
+    trained = model
+    if processes.is_distributed:
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    progress = tqdm(total=config.steps, initial=step, desc="depth", disable=rank != 0 or not sys.stderr.isatty())
     model.train()
+    share = config.batch_size // world
     while step < config.steps:
-        train_set.epoch = step // max(1, len(train_set) // config.batch_size)
-        order = torch.Generator().manual_seed(config.seed * 7919 + train_set.epoch)
-        loader = torch.utils.data.DataLoader(train_set, batch_size=config.batch_size, drop_last=True,
-                                             shuffle=True, generator=order, num_workers=d.num_workers)
-        if len(loader) == 0:
-            raise UserError(f"the depth training split has {len(train_set)} images, fewer than one batch of "
-                            f"{config.batch_size}; lower batch_size")
+        epoch, first = divmod(step, steps_per_epoch)
+        train_set.epoch = epoch
+        mine = global_batches(len(train_set), config.batch_size, config.seed, epoch)[first:, rank * share:(rank + 1) * share]
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=mine.tolist(), num_workers=d.num_workers)
         for images, depths in loader:
-            loss = berhu_loss(model(images.to(device))[:, 0], depths.to(device))
+            loss = berhu_loss(trained(images.to(device))[:, 0], depths.to(device), world)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -202,8 +234,8 @@ def train_and_evaluate(config: Config, backbone, run_dir: Path, device) -> dict[
             step += 1
             progress.update(1)
             if step % config.log_every == 0:
-                log.info("depth: step %d/%d berHu %.4f", step, config.steps, loss.item())
-            if step % config.checkpoint_every == 0 or step == config.steps:
+                log.info("depth: step %d/%d berHu %.4f", step, config.steps, _mean_over_ranks(loss.detach() / world))
+            if save and (step % config.checkpoint_every == 0 or step == config.steps):
                 saved.save(step)
             if step >= config.steps:
                 break
@@ -211,16 +243,33 @@ def train_and_evaluate(config: Config, backbone, run_dir: Path, device) -> dict[
     return evaluate(model, test_set, device)
 
 
+def _mean_over_ranks(value: Tensor) -> float:
+    """The sum over ranks of each rank's share of the global loss: the global batch's loss."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+    return value.item()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, device) -> dict[str, float]:
+    """Each metric averaged over the test images; under W processes rank r scores images r, r + W, ... and the
+    sums are added over ranks."""
+    import torch.distributed as dist
+    from pretrain.distributed import detect
+    processes = detect()
     model.eval()
-    totals: dict[str, float] = {}
-    for index in range(len(dataset)):
+    keys = ("delta1", "delta2", "delta3", "rms", "rel", "log10")
+    totals = torch.zeros(len(keys), dtype=torch.float64)
+    for index in range(processes.rank, len(dataset), processes.world_size):
         image, depth = dataset[index]
         prediction = model(image[None].to(device))[0, 0].cpu()
-        for key, value in depth_metrics(prediction, depth).items():
-            totals[key] = totals.get(key, 0.0) + value
-    return {key: value / len(dataset) for key, value in totals.items()}
+        values = depth_metrics(prediction, depth)
+        totals += torch.tensor([values[key] for key in keys], dtype=torch.float64)
+    if processes.is_distributed:
+        dist.all_reduce(totals)
+    return {key: value / len(dataset) for key, value in zip(keys, totals.tolist())}
 
 
 # ------------------------------------------------------------------------------------------- task
@@ -234,14 +283,22 @@ Keys and defaults: transfer/tasks/depth.py (Config)."""
 
 
 def prepare(task: str, config: Config) -> None:
+    from pretrain.distributed import detect
     from transfer.datasets import build_depth_dataset
+    world = detect().world_size
+    if config.batch_size % world:
+        raise UserError(f"batch_size={config.batch_size} (the global batch) does not divide among the {world} "
+                        f"processes; choose a multiple of {world}")
     d = config.data
     for split in (d.train_split, d.test_split):
         build_depth_dataset(d.kind, d.root, split, d.splits_file)
 
 
 def run(task: str, config: Config, backbone, task_run, data) -> TaskResult:
+    from pretrain.distributed import init_distributed
     from pretrain.rundir import pick_device
     d = config.data
-    metrics = train_and_evaluate(config, backbone, task_run.run_dir, pick_device(config.device))
-    return TaskResult(metrics, f"{d.kind}:{Path(d.root).name}", f"fcrn up-projection, berHu, {config.steps} steps")
+    processes = init_distributed()
+    metrics = train_and_evaluate(config, backbone, task_run.run_dir, pick_device(config.device), processes.rank == 0)
+    return TaskResult(metrics, f"{d.kind}:{Path(d.root).name}", f"fcrn up-projection, berHu, {config.steps} steps",
+                      {"world_size": processes.world_size})

@@ -1,0 +1,149 @@
+"""Transfer tasks under several processes: each task's results from 2 processes (torch.distributed on gloo, the
+processes started as torchrun would start them) against the same command in one process. Both runs use one
+thread per process, so a difference comes from the processes, not from thread counts.
+
+Tolerances: kNN and the linear classifier on cached features are exact (the features are bitwise those of one
+process, and the classifier trains on the joined features). Depth: in float64 the 2-process gradient is the
+1-process gradient to 1e-10; in float32 it is not a fair yardstick, because a randomly initialised FCRN's
+gradient is ill-conditioned (one process in float32 is itself 3-6% off float64 in the decoder), so float
+noise grows over steps and the CLI runs are compared after 3 steps, to 1e-3."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests.conftest import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(args: list[str], world: int, timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """`python -m transfer ARGS` as `world` processes of one job (RANK / WORLD_SIZE / MASTER_* set)."""
+    port = free_port()
+    base = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if world > 1:
+        base.update(WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    procs = [subprocess.Popen([sys.executable, "-m", "transfer", *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env={**base, **({"RANK": str(r), "LOCAL_RANK": str(r)}
+                                                                        if world > 1 else {})})
+             for r in range(world)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
+def one_and_two_processes(tmp_path, make_args):
+    runs = {}
+    for world in (1, 2):
+        results = run_processes(make_args(tmp_path / f"world{world}"), world)
+        for rank, result in enumerate(results):
+            assert result.returncode == 0, f"world {world} rank {rank}: {result.stderr[-3000:]}"
+        runs[world] = json.loads((tmp_path / f"world{world}" / "run" / "metrics.json").read_text())
+    return runs
+
+
+def classification_args(task, *extra):
+    def make(folder):
+        return [task, "--backbone", "random:resnet18", "--config", "configs/transfer/linear_fashion_mnist.yaml",
+                f"run_dir={folder / 'run'}", "data.limit_train=300", "data.limit_test=100", "data.num_workers=0",
+                "linear.epochs=2", "extract_batch_size=64", f"cache_dir={folder / 'cache'}", *extra]
+    return make
+
+
+@pytest.mark.parametrize("task", ["linear", "knn"])
+def test_linear_and_knn_on_two_processes_equal_one_process_exactly(tmp_path, task):
+    runs = one_and_two_processes(tmp_path, classification_args(task))
+    assert runs[1]["metrics"] == runs[2]["metrics"]
+    assert (runs[1]["world_size"], runs[2]["world_size"]) == (1, 2)
+    # the joined shards (5 batches of 64 over 2 ranks: 2 + 3 batches) are the one-process features, bit for bit
+    for entry in (tmp_path / "world1" / "cache").iterdir():
+        joined = tmp_path / "world2" / "cache" / entry.name
+        assert not (joined / "parts").exists()
+        for name in ("features", "labels"):
+            assert np.array_equal(np.load(entry / f"{name}.npy"), np.load(joined / f"{name}.npy"))
+    log = (tmp_path / "world2" / "run" / "log.txt").read_text()
+    assert log.count(f"{task}: backbone random:resnet18") == 1  # rank 0 alone writes the run dir's log
+
+
+def test_augmented_linear_on_two_processes_equals_one_process(tmp_path):
+    """Random crops drawn per image from (seed, epoch, index): the same views whichever rank extracts them."""
+    runs = one_and_two_processes(tmp_path, classification_args("linear", "linear.augment=true"))
+    assert runs[1]["metrics"] == runs[2]["metrics"]
+    assert not (tmp_path / "world2" / "run" / "epoch_features").exists()  # removed at the end
+
+
+def _depth_gradient_worker(rank, world, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from pretrain.distributed import init_distributed, shutdown_distributed
+    from pretrain.networks import build_resnet
+    from pretrain.sync_batchnorm import convert_sync_batchnorm
+    from transfer.tasks.depth import FCRN, berhu_loss
+    init_distributed("gloo")
+    torch.manual_seed(0)
+    model = convert_sync_batchnorm(FCRN(build_resnet("resnet18"), 512).double(), torch.device("cpu"))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(4, 3, 64, 64, generator=generator).double()
+    depths = (torch.rand(4, 64, 64, generator=generator) * 5).double() * (torch.rand(4, 64, 64, generator=generator) > 0.2)
+    share = slice(rank * 2, rank * 2 + 2)
+    berhu_loss(ddp(images[share])[:, 0], depths[share], world).backward()
+    torch.save({name: p.grad for name, p in model.named_parameters()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    shutdown_distributed()
+
+
+def test_depth_gradient_on_two_processes_equals_one_process_in_float64(tmp_path):
+    """SyncBN (GlobalBatchNorm) + DDP + the berHu threshold and normaliser taken over the global batch."""
+    from pretrain.networks import build_resnet
+    from transfer.tasks.depth import FCRN, berhu_loss
+    mp.spawn(_depth_gradient_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    torch.manual_seed(0)
+    model = FCRN(build_resnet("resnet18"), 512).double()
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(4, 3, 64, 64, generator=generator).double()
+    depths = (torch.rand(4, 64, 64, generator=generator) * 5).double() * (torch.rand(4, 64, 64, generator=generator) > 0.2)
+    berhu_loss(model(images)[:, 0], depths).backward()
+    for rank in range(2):
+        grads = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_depth_on_two_processes_follows_one_process(tmp_path):
+    from transfer.scenes import write_all
+    scenes = tmp_path / "scenes"
+    write_all(scenes, 16, 6, 64, 3)
+
+    def make(folder):
+        return ["depth", "--backbone", "random:resnet18", "--config", "configs/transfer/depth_scenes.yaml",
+                f"run_dir={folder / 'run'}", f"data.root={scenes / 'nyu'}", "data.resize=[64,64]",
+                "data.crop=[64,64]", "batch_size=4", "data.num_workers=0", "steps=3", "log_every=3"]
+    runs = one_and_two_processes(tmp_path, make)
+    for key, value in runs[1]["metrics"].items():
+        assert runs[2]["metrics"][key] == pytest.approx(value, rel=1e-3, abs=1e-3), key
+    log = (tmp_path / "world2" / "run" / "log.txt").read_text()
+    assert log.count("depth: step 3/3") == 1
+
+
+def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused(tmp_path):
+    args = ["depth", "--backbone", "random:resnet18", "--config", "configs/transfer/depth_scenes.yaml",
+            f"run_dir={tmp_path / 'run'}", "batch_size=5"]
+    result = subprocess.run([sys.executable, "-m", "transfer", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "RANK": "0", "WORLD_SIZE": "2",
+                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == ("error: batch_size=5 (the global batch) does not divide among "
+                                                      "the 2 processes; choose a multiple of 2")
+    assert not (tmp_path / "run").exists()

@@ -429,6 +429,9 @@ class Pretrainer:
         self._setup_outputs()
         if self.is_main and self._fallback_note:
             log.warning(self._fallback_note)
+        if self.is_main:
+            log.info("processes: %d, global batch %d (%d per process)", self.dist.world_size,
+                     self.config.optim.batch_size, self.config.optim.batch_size // self.dist.world_size)
         if self.is_main and self.step:
             log.info("resuming %s at step %d of %d", self.run_dir, self.step, self.stop_step)
         previous = signal.signal(signal.SIGTERM, self._request_stop)

@@ -15,7 +15,9 @@ def write_pipeline(tmp_path: Path, pretrain_extra: list[str]) -> Path:
     executor = tmp_path / "executor.yaml"
     executor.write_text(json.dumps({
         "cluster": "slurm", "timeout_min": 20, "cpus_per_task": 1,
-        "profiles": {"report": {"timeout_min": 5}, "pretrain": {"timeout_min": 15}}}))
+        # pretraining and kNN as 2-task jobs (gloo on CPU), the CPU tools as one task
+        "profiles": {"report": {"timeout_min": 5}, "pretrain": {"timeout_min": 15, "tasks_per_node": 2},
+                     "knn": {"tasks_per_node": 2}}}))
     config = tmp_path / "pipeline.json"
     config.write_text(json.dumps({
         "root": str(tmp_path / "root"), "executor": str(executor),
@@ -78,7 +80,8 @@ def test_one_submission_a_failed_upstream_step_and_a_rerun_that_submits_only_wha
     table = (root / "report" / "report.md").read_text()
     assert "| knn |" in table and "top1" in table
     record = json.loads((root / "knn" / "pretrained" / "seed0" / "metrics.json").read_text())
-    assert record["backbone"]["weights"] == "ema"
+    assert record["backbone"]["weights"] == "ema" and record["world_size"] == 2
+    assert (root / "pretrain" / "log.txt").read_text().count("processes: 2") >= 1
     assert json.loads((root / "export" / "verified.json").read_text())["arch"] == "resnet18"
     assert time.monotonic() - started < 1800
 

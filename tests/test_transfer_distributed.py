@@ -57,7 +57,7 @@ def one_and_two_processes(tmp_path, make_args):
 def classification_args(task, *extra):
     def make(folder):
         return [task, "--backbone", "random:resnet18", "--config", "configs/transfer/linear_fashion_mnist.yaml",
-                f"run_dir={folder / 'run'}", "data.limit_train=300", "data.limit_test=100", "data.num_workers=0",
+                f"run_dir={folder / 'run'}", "data.limit_train=300", "data.limit_test=60", "data.num_workers=0",
                 "linear.epochs=2", "extract_batch_size=64", f"cache_dir={folder / 'cache'}", *extra]
     return make
 
@@ -67,7 +67,8 @@ def test_linear_and_knn_on_two_processes_equal_one_process_exactly(tmp_path, tas
     runs = one_and_two_processes(tmp_path, classification_args(task))
     assert runs[1]["metrics"] == runs[2]["metrics"]
     assert (runs[1]["world_size"], runs[2]["world_size"]) == (1, 2)
-    # the joined shards (5 batches of 64 over 2 ranks: 2 + 3 batches) are the one-process features, bit for bit
+    # the joined shards (train: 5 batches of 64 over 2 ranks, 2 + 3; test: 1 batch, rank 1's shard empty) are the
+    # one-process features, bit for bit
     for entry in (tmp_path / "world1" / "cache").iterdir():
         joined = tmp_path / "world2" / "cache" / entry.name
         assert not (joined / "parts").exists()
@@ -147,3 +148,44 @@ def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused(tmp_
     assert result.stderr.strip().splitlines()[-1] == ("error: batch_size=5 (the global batch) does not divide among "
                                                       "the 2 processes; choose a multiple of 2")
     assert not (tmp_path / "run").exists()
+
+
+def test_depth_killed_mid_run_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path):
+    """As a requeued job: the process dies after a checkpoint; the same command resumes from it, on the same
+    batches (each epoch's global batches are a seeded permutation, entered part-way) and the same views."""
+    import time
+    from transfer.scenes import write_all
+    scenes = tmp_path / "scenes"
+    write_all(scenes, 16, 6, 64, 3)
+
+    def args(run_dir):
+        return ["depth", "--backbone", "random:resnet18", "--config", "configs/transfer/depth_scenes.yaml",
+                f"run_dir={run_dir}", f"data.root={scenes / 'nyu'}", "data.resize=[64,64]", "data.crop=[64,64]",
+                "batch_size=4", "data.num_workers=0", "steps=10", "checkpoint_every=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    victim = subprocess.Popen([sys.executable, "-m", "transfer", *args(tmp_path / "killed")], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "depth_last.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim.kill()
+    victim.wait()
+    assert not (tmp_path / "killed" / "metrics.json").exists(), "the run ended before it could be killed"
+    for run_dir in ("killed", "straight"):
+        result = subprocess.run([sys.executable, "-m", "transfer", *args(tmp_path / run_dir)], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "depth: resuming at step " in (tmp_path / "killed" / "log.txt").read_text()
+    killed, straight = (json.loads((tmp_path / d / "metrics.json").read_text())["metrics"] for d in ("killed", "straight"))
+    assert killed == straight
+
+
+@pytest.mark.parametrize("length, batch, world", [(100, 64, 2), (320, 64, 2), (321, 64, 3), (10, 64, 4), (1000, 7, 8)])
+def test_batch_shards_are_whole_batches_that_concatenate_to_the_whole_set(length, batch, world):
+    from transfer.tasks.classification import batch_shard
+    shards = [batch_shard(length, batch, rank, world) for rank in range(world)]
+    assert [i for shard in shards for i in shard] == list(range(length))
+    assert all(shard.start % batch == 0 for shard in shards if len(shard))
+    sizes = [len(shard) for shard in shards]
+    assert max(sizes) - min(sizes) <= batch  # at most one batch apart (some ranks may hold none)

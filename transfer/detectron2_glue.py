@@ -137,7 +137,8 @@ def detectron2_cfg(config, backbone, weights: Path, num_classes: int, distribute
     except RuntimeError:
         raise UserError(f"'{config.base}' is not a detectron2 model-zoo config (base=...)") from None
     depth = resnet_depth(backbone.arch)
-    norm = "SyncBN" if distributed else "BN"
+    on_gpu = torch.cuda.is_available() and config.device != "cpu"
+    norm = ("SyncBN" if on_gpu else "naiveSyncBN") if distributed else "BN"  # torch's SyncBN refuses CPU tensors
     d = config.data
     cfg.MODEL.WEIGHTS = str(weights)
     cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu"
@@ -242,6 +243,15 @@ def init_distributed_for_detectron2() -> bool:
     import_detectron2()
     from detectron2.utils import comm
     init_distributed()
+    if not torch.cuda.is_available():  # DDP over CPU modules takes no device_ids; detectron2 passes its local rank
+        from detectron2.engine import defaults
+        if not getattr(defaults.create_ddp_model, "cpu_aware", False):
+            original = defaults.create_ddp_model
+
+            def create_ddp_model(model, **kwargs):
+                return original(model, **{"device_ids": None, **kwargs})
+            create_ddp_model.cpu_aware = True
+            defaults.create_ddp_model = create_ddp_model
     per_machine = int(os.environ.get("SLURM_NTASKS_PER_NODE", os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
     for machine in range(info.world_size // per_machine):
         ranks = list(range(machine * per_machine, (machine + 1) * per_machine))

@@ -68,6 +68,9 @@ def register_modules() -> None:
     from transfer.scenes import CLASSES, voc_palette
     register_all_modules()
     palette = voc_palette()
+    from mmengine.registry import MODELS as ENGINE_MODELS
+    from pretrain.sync_batchnorm import GlobalBatchNorm
+    ENGINE_MODELS.register_module("GlobalBN", module=GlobalBatchNorm, force=True)  # SyncBN for CPU processes
 
     @DATASETS.register_module(force=True)
     class GeneratedScenesDataset(PascalVOCDataset):
@@ -121,10 +124,13 @@ def train_and_evaluate(cfg_dict: dict, distributed: bool, gloo: bool) -> dict[st
     from mmengine.runner import Runner
     register_modules()
     cfg = Config(cfg_dict)
-    if distributed:
-        cfg.launcher = "slurm" if "SLURM_PROCID" in os.environ else "pytorch"
+    if distributed:  # the process group exists already (pretrain.distributed); mmengine then only wraps the model
+        cfg.launcher = "pytorch"
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
     if gloo:
         cfg.env_cfg.dist_cfg.backend = "gloo"
+        if distributed:  # DDP over CPU modules takes no device_ids
+            cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
     cfg.resume = True  # picks up the latest checkpoint in work_dir, if any
     with trusting(cfg.work_dir):
         runner = Runner.from_cfg(cfg)

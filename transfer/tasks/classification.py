@@ -162,6 +162,8 @@ def extract(model: nn.Module, dataset: Dataset, batch_size: int, num_workers: in
     for images, targets in tqdm(loader, desc="features", disable=not sys.stderr.isatty(), leave=False):
         features.append(model(images.to(device)).float().cpu())
         labels.append(targets)
+    if not features:  # a rank whose shard is empty (fewer batches than processes)
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
     return torch.cat(features), torch.cat(labels)
 
 
@@ -209,8 +211,9 @@ class FeatureCache:
         if missing:
             raise UserError(f"the feature shards of ranks {missing} are not in {folder}: cache_dir must be one folder "
                             f"that every process sees (a shared filesystem when the job spans nodes)")
-        joined = [torch.cat([torch.from_numpy(np.load(folder / f"{r}.{name}.npy", mmap_mode="r")) for r in range(world)])
-                  for name in ("features", "labels")]
+        parts = [[np.load(folder / f"{r}.{name}.npy", mmap_mode="r") for r in range(world)]
+                 for name in ("features", "labels")]
+        joined = [torch.cat([torch.from_numpy(np.asarray(part)) for part in shards if len(part)]) for shards in parts]
         self.put(key, *joined, description)
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -87,7 +87,9 @@ def mmseg_config(config: Config, backbone: Backbone, weights_file: Path, num_cla
     if s.batch_size % world_size:
         raise UserError(f"schedule.batch_size={s.batch_size} (the global batch) does not divide among the "
                         f"{world_size} processes; choose a multiple of {world_size}")
-    norm = dict(type="SyncBN" if distributed and config.sync_bn else "BN", requires_grad=True)
+    on_gpu = torch.cuda.is_available() and config.device != "cpu"
+    synced = "SyncBN" if on_gpu else "GlobalBN"  # torch's SyncBatchNorm refuses CPU tensors
+    norm = dict(type=synced if distributed and config.sync_bn else "BN", requires_grad=True)
     width = feature_width(backbone.arch)
     train_pipeline = [
         dict(type="LoadImageFromFile"), dict(type="LoadAnnotations"),
@@ -165,10 +167,10 @@ def prepare(task: str, config: Config) -> None:
 
 def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskResult:
     """Train and evaluate with mmseg; metrics are mmseg's (mIoU, mAcc, aAcc in percent, IoU.<class>)."""
-    from pretrain.distributed import detect
+    from pretrain.distributed import init_distributed
     from transfer import export, mmseg_glue
     from transfer.scenes import CLASSES
-    processes = detect()
+    processes = init_distributed()  # here, not by mmengine: its launcher insists on a GPU
     distributed = processes.is_distributed
     weights_file = export.write(backbone, "mmseg", task_run.run_dir / "backbone.mmseg.pth")
     num_classes = len(CLASSES) if config.data.dataset == "scenes" else 21

@@ -152,3 +152,65 @@ def test_scenes_cli_refuses_bad_sizes(tmp_path):
     from tests.conftest import run_cli
     result = run_cli("transfer", "scenes", "--out", str(tmp_path), "--train", "0")
     assert result.returncode == 2 and "need --train >= 1" in result.stderr
+
+
+# ------------------------------------------------------------------ the full-size configs' layouts
+
+@pytest.fixture(scope="module")
+def written_train_scenes():
+    objects, labels = fashion_mnist_objects(FM, "train")
+    return generate(6, 64, 7, objects, labels)  # what write_all(out, 6, 3, 64, 7) wrote as train
+
+
+def test_mmseg_reads_the_augmented_set_as_its_converter_lays_it_out(written, written_train_scenes):
+    from transfer.mmseg_glue import dataset_class
+    voc = written / "voc" / "VOC2012"
+    dataset = dataset_class("GeneratedScenesDataset")(
+        data_root=str(voc), ann_file="ImageSets/Segmentation/aug.txt",
+        data_prefix=dict(img_path="JPEGImages", seg_map_path="SegmentationClassAug"),
+        pipeline=[dict(type="LoadImageFromFile"), dict(type="LoadAnnotations")])
+    assert len(dataset) == 6
+    for index in (0, 5):
+        assert np.array_equal(dataset[index]["gt_seg_map"], written_train_scenes[index].semantic)
+    assert Image.open(voc / "SegmentationClassAug" / "train_00000.png").mode == "L"  # indices, no palette
+
+
+def test_detectron2_reads_the_voc2007_xml_with_boxes_and_difficult_flags(written, written_train_scenes):
+    import xml.etree.ElementTree as ET
+    from transfer.detectron2_glue import import_detectron2
+    from transfer.scenes import is_difficult
+    import_detectron2()
+    from detectron2.data.datasets.pascal_voc import load_voc_instances
+    voc = written / "voc" / "VOC2007"
+    records = load_voc_instances(str(voc), "trainval", list(CLASSES[1:]))
+    assert len(records) == 6 and (voc / "ImageSets" / "Main" / "test.txt").read_text().count("\n") == 3
+    for record, scene in zip(records, written_train_scenes):
+        # detectron2 turns VOC's 1-based inclusive boxes into 0-based ones: back to the scene's boxes
+        assert [tuple(round(v) for v in a["bbox"]) for a in record["annotations"]] == [o.box for o in scene.instances]
+        assert [a["category_id"] + 1 for a in record["annotations"]] == [o.category for o in scene.instances]
+    flags = [int(o.find("difficult").text) for name in range(6)
+             for o in ET.parse(voc / "Annotations" / f"train_{name:05d}.xml").findall("object")]
+    assert flags == [int(is_difficult(o)) for s in written_train_scenes for o in s.instances]
+
+
+def test_nyu_labeled_mat_and_raw_frames_read_back_as_written(written, written_train_scenes):
+    from transfer.datasets import NyuLabeledMat
+    mat = NyuLabeledMat(written / "nyu_mat" / "nyu_depth_v2_labeled.mat", written / "nyu_mat" / "splits.mat", "train")
+    assert len(mat) == 6 and len(NyuLabeledMat(written / "nyu_mat" / "nyu_depth_v2_labeled.mat",
+                                               written / "nyu_mat" / "splits.mat", "test")) == 3
+    rgb, depth = mat[4]
+    assert torch.equal(rgb, torch.from_numpy(written_train_scenes[4].image).permute(2, 0, 1))
+    assert torch.equal(depth, torch.from_numpy(written_train_scenes[4].depth))
+    frames = sorted((written / "nyu_raw" / "train").glob("scene_*/depth_*.png"))
+    assert len(frames) == 6 and len({f.parent for f in frames}) == 2  # 4 frames to a recording
+    millimetres = np.asarray(Image.open(written / "nyu_raw" / "train" / "scene_0001" / "depth_00001.png"))
+    assert np.abs(millimetres / 1000 - written_train_scenes[5].depth).max() <= 0.0005 + 1e-6
+
+
+def test_the_image_folder_is_read_by_the_imagenet_reader(written, written_train_scenes):
+    from pretrain.data import ImageFolder
+    dataset = ImageFolder(written / "imagenet" / "train")
+    assert len(dataset) == sum(1 for s in written_train_scenes if s.instances)
+    image, label = dataset[0]
+    assert image.shape[0] == 3 and image.shape[1] == image.shape[2]
+    assert dataset.classes[label] in {c.replace("/", "-").replace(" ", "_") for c in CLASSES[1:]}

@@ -87,7 +87,8 @@ def test_detectron2_shims_only_where_needed():
     from transfer.detectron2_glue import apply_shims, has_compiled_ops
     applied = apply_shims()
     assert Image.LINEAR == Image.BILINEAR and np.int is int  # v0.6 imports and runs its numpy paths
-    assert set(applied) <= {"detectron2._C", "PIL.Image.LINEAR", "numpy.int", "numpy.float", "numpy.bool"}
+    assert set(applied) <= {"detectron2._C", "PIL.Image.LINEAR", "numpy.int", "numpy.float", "numpy.bool",
+                            "numpy.str"}
     assert not has_compiled_ops()  # this install exercises the path without detectron2._C
 
 

@@ -83,9 +83,9 @@ def apply_shims() -> list[str]:
     if not hasattr(Image, "LINEAR"):
         Image.LINEAR = Image.BILINEAR
         _applied.append("PIL.Image.LINEAR")
-    # v0.6 uses np.int / np.float / np.bool (data/build.py, evaluation/*, structures/masks.py), aliases that
-    # numpy 1.24 removed. Upstream replaced them with the builtins in 2023.
-    for alias, builtin in (("int", int), ("float", float), ("bool", bool)):
+    # v0.6 uses np.int / np.float / np.bool / np.str (data/build.py, evaluation/*, structures/masks.py,
+    # data/datasets/pascal_voc.py), aliases that numpy 1.24 removed. Upstream replaced them with the builtins.
+    for alias, builtin in (("int", int), ("float", float), ("bool", bool), ("str", str)):
         if alias not in np.__dict__:
             setattr(np, alias, builtin)
             _applied.append(f"numpy.{alias}")

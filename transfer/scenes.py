@@ -8,7 +8,14 @@ ones occlude farther ones. The object's own pixels (intensity > 40 in the 28x28 
 
 Each scene yields the RGB image, a semantic map (0 background, 1..10 the Fashion-MNIST classes, 255 where an
 object is visible on fewer than `min_area` pixels), the visible instance masks with boxes and classes, and a
-metric depth map (metres). Writers: a VOC-2012-style folder, a COCO-style JSON, an NYU-style depth set.
+metric depth map (metres). Writers, each to the on-disk layout a full-size config reads:
+* VOC 2012 segmentation, with the augmented set as mmsegmentation's voc_aug converter leaves it
+  (SegmentationClassAug/ single-channel PNGs, ImageSets/Segmentation/aug.txt = the training ids);
+* VOC 2007 detection (Annotations/*.xml with 1-based pixel boxes and `difficult` flags, ImageSets/Main);
+* COCO (instances_<split>.json, masks as RLE);
+* NYU Depth v2: the folder of PNG pairs, the labelled .mat (MATLAB v7.3 = HDF5) with splits.mat, and raw
+  frames (scene folders of rgb / depth pairs, as the raw-frame loaders list them);
+* an ImageNet-style image folder (train/<class>/, val/<class>/) of the scenes' largest objects.
 """
 from __future__ import annotations
 
@@ -157,6 +164,48 @@ def write_voc(root: Path, splits: dict[str, list[Scene]]) -> Path:
     return voc
 
 
+def write_voc_aug(voc: Path, splits: dict[str, list[Scene]]) -> None:
+    """mmsegmentation's voc_aug converter's output inside VOC2012/: SegmentationClassAug/<id>.png (class indices,
+    one channel) for every image and ImageSets/Segmentation/aug.txt listing the training ids (train + SBD,
+    less val)."""
+    (voc / "SegmentationClassAug").mkdir(parents=True, exist_ok=True)
+    for split, scenes in splits.items():
+        for i, scene in enumerate(scenes):
+            Image.fromarray(scene.semantic).save(voc / "SegmentationClassAug" / f"{split}_{i:05d}.png")
+    train_ids = (voc / "ImageSets" / "Segmentation" / "train.txt").read_text()
+    (voc / "ImageSets" / "Segmentation" / "aug.txt").write_text(train_ids)
+
+
+def is_difficult(instance: Instance, min_area: int = 64) -> bool:
+    """The stand-in for VOC's 'difficult' flag: an object with fewer than `min_area` visible pixels."""
+    return int(instance.mask.sum()) < min_area
+
+
+def write_voc_detection(root: Path, splits: dict[str, list[Scene]]) -> Path:
+    """root/VOC2007/{JPEGImages/*.jpg, Annotations/*.xml, ImageSets/Main/<split>.txt}: VOC's XML, boxes in
+    1-based inclusive pixel coordinates (xmin = x0 + 1, xmax = x1), `difficult` set for tiny objects."""
+    from xml.sax.saxutils import escape
+    voc = root / "VOC2007"
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (voc / sub).mkdir(parents=True, exist_ok=True)
+    names = {"train": "trainval", "val": "test"}
+    for split, scenes in splits.items():
+        ids = [f"{split}_{i:05d}" for i in range(len(scenes))]
+        for name, scene in zip(ids, scenes):
+            Image.fromarray(scene.image).save(voc / "JPEGImages" / f"{name}.jpg", quality=95)
+            height, width = scene.semantic.shape
+            objects = "".join(
+                f"<object><name>{escape(CLASSES[o.category])}</name><pose>Unspecified</pose><truncated>0</truncated>"
+                f"<difficult>{int(is_difficult(o))}</difficult><bndbox><xmin>{o.box[0] + 1}</xmin>"
+                f"<ymin>{o.box[1] + 1}</ymin><xmax>{o.box[2]}</xmax><ymax>{o.box[3]}</ymax></bndbox></object>"
+                for o in scene.instances)
+            (voc / "Annotations" / f"{name}.xml").write_text(
+                f"<annotation><folder>VOC2007</folder><filename>{name}.jpg</filename><size><width>{width}</width>"
+                f"<height>{height}</height><depth>3</depth></size><segmented>0</segmented>{objects}</annotation>")
+        (voc / "ImageSets" / "Main" / f"{names.get(split, split)}.txt").write_text("".join(f"{i}\n" for i in ids))
+    return voc
+
+
 def write_coco(root: Path, splits: dict[str, list[Scene]]) -> Path:
     """root/{<split>/*.jpg, annotations/instances_<split>.json}, masks as compressed RLE."""
     from pycocotools import mask as mask_utils
@@ -198,15 +247,68 @@ def write_nyu(root: Path, splits: dict[str, list[Scene]]) -> Path:
     return root
 
 
+def write_nyu_labeled_mat(root: Path, splits: dict[str, list[Scene]]) -> Path:
+    """root/nyu_depth_v2_labeled.mat as the official file stores it (HDF5; MATLAB's column-major order makes
+    'images' (N, 3, W, H) uint8 and 'depths' (N, W, H) float metres) and root/splits.mat with 1-based
+    trainNdxs / testNdxs columns (train scenes first, then val)."""
+    import h5py
+    import scipy.io
+    root.mkdir(parents=True, exist_ok=True)
+    scenes = [scene for split in ("train", "val") for scene in splits.get(split, [])]
+    with h5py.File(root / "nyu_depth_v2_labeled.mat", "w") as f:
+        f.create_dataset("images", data=np.stack([s.image.transpose(2, 1, 0) for s in scenes]))
+        f.create_dataset("depths", data=np.stack([s.depth.T for s in scenes]).astype(np.float32))
+    train = len(splits.get("train", []))
+    scipy.io.savemat(root / "splits.mat", {"trainNdxs": np.arange(1, train + 1)[:, None],
+                                           "testNdxs": np.arange(train + 1, len(scenes) + 1)[:, None]})
+    return root / "nyu_depth_v2_labeled.mat"
+
+
+def write_nyu_raw(root: Path, splits: dict[str, list[Scene]], frames_per_scene: int = 4) -> Path:
+    """Raw frames as the raw-frame loaders lay them out: root/<split>/<scene>/rgb_<k>.jpg and depth_<k>.png
+    (uint16 millimetres), consecutive scenes grouped `frames_per_scene` to a folder like a recording."""
+    for split, scenes in splits.items():
+        for i, scene in enumerate(scenes):
+            folder = root / split / f"scene_{i // frames_per_scene:04d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(scene.image).save(folder / f"rgb_{i % frames_per_scene:05d}.jpg", quality=95)
+            millimetres = np.round(np.clip(scene.depth, 0, 65.535) * 1000).astype(np.uint16)
+            Image.fromarray(millimetres).save(folder / f"depth_{i % frames_per_scene:05d}.png")
+    return root
+
+
+def write_image_folder(root: Path, splits: dict[str, list[Scene]]) -> Path:
+    """An ImageNet-style folder: root/{train,val}/<class>/<id>.JPEG, each image the square crop around a scene's
+    largest visible object, filed under that object's class."""
+    for split, scenes in splits.items():
+        for i, scene in enumerate(scenes):
+            if not scene.instances:
+                continue
+            largest = max(scene.instances, key=lambda o: int(o.mask.sum()))
+            x0, y0, x1, y1 = largest.box
+            side = max(x1 - x0, y1 - y0)
+            cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+            height, width = scene.semantic.shape
+            left, top = min(max(0, cx - side // 2), max(0, width - side)), min(max(0, cy - side // 2), max(0, height - side))
+            folder = root / split / CLASSES[largest.category].replace("/", "-").replace(" ", "_")
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(scene.image[top:top + side, left:left + side]).save(folder / f"{split}_{i:05d}.JPEG",
+                                                                               quality=95)
+    return root
+
+
 def write_all(out: str | Path, train: int, test: int, size: int, seed: int,
               fashion_root: str = "/usr/share/datasets/fashion-mnist") -> dict[str, Path]:
-    """Generate train / test scenes (objects from Fashion-MNIST's train / test split) in all three formats."""
+    """Generate train / test scenes (objects from Fashion-MNIST's train / test split) in every layout above."""
     out = Path(out)
     splits = {}
     for split, count, source, split_seed in (("train", train, "train", seed), ("val", test, "test", seed + 1)):
         objects, labels = fashion_mnist_objects(fashion_root, source)
         splits[split] = generate(count, size, split_seed, objects, labels)
     paths = {"voc": write_voc(out / "voc", splits), "coco": write_coco(out / "coco", splits),
-             "nyu": write_nyu(out / "nyu", splits)}
+             "nyu": write_nyu(out / "nyu", splits), "voc2007": write_voc_detection(out / "voc", splits),
+             "nyu_mat": write_nyu_labeled_mat(out / "nyu_mat", splits), "nyu_raw": write_nyu_raw(out / "nyu_raw", splits),
+             "imagenet": write_image_folder(out / "imagenet", splits)}
+    write_voc_aug(paths["voc"], splits)
     (out / "classes.json").write_text(json.dumps(list(CLASSES)))
     return paths

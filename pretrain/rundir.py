@@ -6,7 +6,6 @@ with the same config resumes or reports; a different config is refused before an
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -71,11 +70,12 @@ def pick_device(name: str | None):
     return torch.device("cpu")
 
 
-def cosine_schedule(optimizer, total_steps: int):
-    """LambdaLR with lr_k = lr_0 (1 + cos(pi min(k, K) / K)) / 2, K = total_steps."""
+def cosine_schedule(optimizer, total_steps: int, warmup_steps: int = 0):
+    """LambdaLR with lr_k = lr_0 k / W for k < W, then lr_0 (1 + cos(pi min(k - W, K - W) / (K - W))) / 2, K =
+    total_steps (pretrain.optim.warmup_cosine; W = 0: a plain cosine decay)."""
     import torch
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total_steps) / max(1, total_steps))))
+    from pretrain.optim import warmup_cosine
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: warmup_cosine(k, total_steps, warmup_steps, 1.0))
 
 
 class Progress:

@@ -47,7 +47,7 @@ class PipelineConfig:
         TASK_FILES)
     task_overrides: dict = checked({}, TASK_OVERRIDES)      # task -> [key=value, ...]
     seeds: list = checked([0], each(NON_NEGATIVE))
-    weights: str = checked("ema", one_of("ema", "online", "target"))  # which network the tasks evaluate
+    weights: str = checked("ema", one_of("ema", "online", "target", "student", "teacher"))  # which network the tasks evaluate
     use_scenes: bool = True                               # generate scenes and point the dense tasks at them
 
 

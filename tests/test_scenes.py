@@ -162,17 +162,23 @@ def written_train_scenes():
     return generate(6, 64, 7, objects, labels)  # what write_all(out, 6, 3, 64, 7) wrote as train
 
 
-def test_mmseg_reads_the_augmented_set_as_its_converter_lays_it_out(written, written_train_scenes):
+def test_mmseg_reads_the_augmented_set_as_its_converter_lays_it_out(written):
     from transfer.mmseg_glue import dataset_class
     voc = written / "voc" / "VOC2012"
+    objects, labels = fashion_mnist_objects(FM, "train")
+    extra = generate(3, 64, 7 + 2, objects, labels)  # write_all(out, 6, 3, 64, 7): 6 // 2 extra scenes, seed 9
     dataset = dataset_class("GeneratedScenesDataset")(
         data_root=str(voc), ann_file="ImageSets/Segmentation/aug.txt",
         data_prefix=dict(img_path="JPEGImages", seg_map_path="SegmentationClassAug"),
         pipeline=[dict(type="LoadImageFromFile"), dict(type="LoadAnnotations")])
-    assert len(dataset) == 6
-    for index in (0, 5):
-        assert np.array_equal(dataset[index]["gt_seg_map"], written_train_scenes[index].semantic)
-    assert Image.open(voc / "SegmentationClassAug" / "train_00000.png").mode == "L"  # indices, no palette
+    assert len(dataset) == 3
+    for index in range(3):
+        assert np.array_equal(dataset[index]["gt_seg_map"], extra[index].semantic)
+    assert Image.open(voc / "SegmentationClassAug" / "aug_00000.png").mode == "L"  # indices, no palette
+    listing = voc / "ImageSets" / "Segmentation"
+    train, aug = listing.joinpath("train.txt").read_text().split(), listing.joinpath("aug.txt").read_text().split()
+    assert not set(aug) & (set(train) | set(listing.joinpath("val.txt").read_text().split()))
+    assert listing.joinpath("trainaug.txt").read_text().split() == train + aug
 
 
 def test_detectron2_reads_the_voc2007_xml_with_boxes_and_difficult_flags(written, written_train_scenes):
@@ -182,7 +188,8 @@ def test_detectron2_reads_the_voc2007_xml_with_boxes_and_difficult_flags(written
     import_detectron2()
     from detectron2.data.datasets.pascal_voc import load_voc_instances
     voc = written / "voc" / "VOC2007"
-    records = load_voc_instances(str(voc), "trainval", list(CLASSES[1:]))
+    from transfer.scenes import file_safe
+    records = load_voc_instances(str(voc), "trainval", [file_safe(c) for c in CLASSES[1:]])
     assert len(records) == 6 and (voc / "ImageSets" / "Main" / "test.txt").read_text().count("\n") == 3
     for record, scene in zip(records, written_train_scenes):
         # detectron2 turns VOC's 1-based inclusive boxes into 0-based ones: back to the scene's boxes
@@ -201,10 +208,11 @@ def test_nyu_labeled_mat_and_raw_frames_read_back_as_written(written, written_tr
     rgb, depth = mat[4]
     assert torch.equal(rgb, torch.from_numpy(written_train_scenes[4].image).permute(2, 0, 1))
     assert torch.equal(depth, torch.from_numpy(written_train_scenes[4].depth))
-    frames = sorted((written / "nyu_raw" / "train").glob("scene_*/depth_*.png"))
-    assert len(frames) == 6 and len({f.parent for f in frames}) == 2  # 4 frames to a recording
-    millimetres = np.asarray(Image.open(written / "nyu_raw" / "train" / "scene_0001" / "depth_00001.png"))
-    assert np.abs(millimetres / 1000 - written_train_scenes[5].depth).max() <= 0.0005 + 1e-6
+    from transfer.datasets import NyuRawFrames
+    raw = NyuRawFrames(written / "nyu_raw")
+    assert len(raw) == 6 and len({rgb.parent for rgb, _ in raw.items}) == 2  # 4 frames to a recording
+    _, depth = raw[5]  # scene_0001/sync_depth_00001.png
+    assert np.abs(depth.numpy() - written_train_scenes[5].depth).max() <= 0.0005 + 1e-6
 
 
 def test_the_image_folder_is_read_by_the_imagenet_reader(written, written_train_scenes):
@@ -213,4 +221,5 @@ def test_the_image_folder_is_read_by_the_imagenet_reader(written, written_train_
     assert len(dataset) == sum(1 for s in written_train_scenes if s.instances)
     image, label = dataset[0]
     assert image.shape[0] == 3 and image.shape[1] == image.shape[2]
-    assert dataset.classes[label] in {c.replace("/", "-").replace(" ", "_") for c in CLASSES[1:]}
+    from transfer.scenes import file_safe
+    assert dataset.classes[label] in {file_safe(c) for c in CLASSES[1:]}

@@ -74,7 +74,7 @@ def test_knn_runs(tmp_path):
 def test_linear_refuses_bad_input(tmp_path):
     torch.save({"features.0.weight": torch.zeros(3, 3)}, tmp_path / "vgg.pth")
     result = run_cli("transfer", *linear_args(tmp_path, str(tmp_path / "vgg.pth")))
-    assert result.returncode == 2 and "unknown layout, no ResNet backbone found" in result.stderr
+    assert result.returncode == 2 and "vgg.pth: looks like a VGG / AlexNet-style network, not a ResNet" in result.stderr
     result = run_cli("transfer", *linear_args(tmp_path, "random:resnet18", "data.root=/nonexistent"))
     assert result.returncode == 2 and "Fashion-MNIST not found in /nonexistent" in result.stderr
     from PIL import Image
@@ -86,6 +86,55 @@ def test_linear_refuses_bad_input(tmp_path):
                                               f"data.root={tmp_path / 'images'}", "data.test_split=val"))
     assert result.returncode == 2 and "the train split has 3 classes and the val split 2" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_warmup_then_cosine_schedule_by_formula():
+    from pretrain.rundir import cosine_schedule
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
+    schedule = cosine_schedule(optimizer, total_steps=10, warmup_steps=4)
+    lrs = []
+    for _ in range(11):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    expected = [2.0 * k / 4 for k in range(4)] + [2.0 * 0.5 * (1 + math.cos(math.pi * (k - 4) / 6)) for k in range(4, 11)]
+    assert lrs == pytest.approx(expected)  # 0 at step 0, the peak at step 4, 0 at step 10
+
+
+def test_the_classifier_ema_is_what_is_scored(tmp_path):
+    from types import SimpleNamespace
+    from transfer.tasks.classification import topk_accuracy, train_linear
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=generator) * 2
+    labels = torch.arange(96) % 3
+    features = centres[labels] + torch.randn(96, 8, generator=generator)
+    protocol = SimpleNamespace(epochs=3, batch_size=16, optimizer="sgd", lr=0.05, nesterov=True, warmup_steps=5,
+                               ema=0.9, weight_decay=0.0, standardize=False)
+    metrics = train_linear(features[:64], labels[:64], features[64:], labels[64:], 3, protocol, 0, "cpu",
+                           tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    average, head = torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)
+    average.load_state_dict(state["average"])
+    head.load_state_dict(state["head"])
+    assert not torch.equal(average.weight, head.weight)
+    assert state["optimizer"]["param_groups"][0]["nesterov"] is True
+    with torch.no_grad():
+        assert metrics == topk_accuracy(average(features[64:]), labels[64:])
+
+
+def test_linear_chooses_its_lr_on_held_out_training_images(tmp_path):
+    result = run_cli("transfer", *linear_args(tmp_path, "random:resnet18", "linear.lr_grid=[1e-5,3e-3]",
+                                              "linear.heldout=150"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    held_out = record["heldout_top1"]
+    assert set(held_out) == {"1e-05", "0.003"} and record["heldout"] == 150
+    assert record["chosen_lr"] == max((1e-5, 3e-3), key=lambda lr: held_out[f"{lr:g}"])
+    assert held_out["0.003"] > held_out["1e-05"]  # Adam at 1e-5 for 3 epochs barely moves from its init
+    result = run_cli("transfer", *linear_args(tmp_path, "random:resnet18", "linear.lr_grid=[1e-3]",
+                                              f"run_dir={tmp_path / 'bad'}"))
+    assert result.returncode == 2 and "linear.lr_grid needs linear.heldout between 1 and 599" in result.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 # ------------------------------------------------------------------------------------------- depth
@@ -144,14 +193,27 @@ def seg_args(scenes, tmp_path, backbone="random:resnet18", *extra):
 
 
 def test_segmentation_trains_and_mmseg_evaluates(scenes, tmp_path):
-    result = run_cli("transfer", *seg_args(scenes, tmp_path))
+    """On VOC's augmented layout, as mmsegmentation's voc_aug converter leaves it: train.txt + aug.txt."""
+    result = run_cli("transfer", *seg_args(scenes, tmp_path, "random:resnet18",
+                                           "data.aug_list=ImageSets/Segmentation/aug.txt"))
     assert result.returncode == 0, result.stderr
+    assert "ConcatDataset" in next((tmp_path / "run" / "mmseg").glob("*.py")).read_text()
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     metrics = record["metrics"]
     assert 0 <= metrics["mIoU"] <= 100 and 0 <= metrics["aAcc"] <= 100 and 0 <= metrics["mAcc"] <= 100
     per_class = [v for k, v in metrics.items() if k.startswith("IoU.")]
     assert per_class and metrics["mIoU"] == pytest.approx(np.mean(per_class), abs=0.01)
     assert (tmp_path / "run" / "mmseg" / "iter_4.pth").exists()  # mmseg's own checkpoints stay in the run dir
+
+
+def test_a_missing_augmented_layout_is_refused_at_the_start_naming_the_expected_paths(scenes, tmp_path):
+    result = run_cli("transfer", *seg_args(scenes, tmp_path, "random:resnet18", "data.aug_labels=SegmentationClassAugRaw",
+                                           "data.aug_list=ImageSets/Segmentation/aug.txt"))
+    assert result.returncode == 2
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"error: segmentation data incomplete under data.root={scenes / 'voc' / 'VOC2012'}: ")
+    assert "SegmentationClassAugRaw missing" in message and "tools/dataset_converters/voc_aug.py" in message
+    assert not (tmp_path / "run").exists()
 
 
 def test_segmentation_refuses_a_backbone_missing_a_layer(scenes, tmp_path):
@@ -236,3 +298,79 @@ def test_detection_refuses_a_pkl_of_another_architecture(tmp_path):
     cfg.MODEL.DEVICE = "cpu"
     with pytest.raises(UserError, match=r"does not fit the detectron2 model: [1-9]\d* unmatched keys \(res"):
         load_backbone_strictly(build_model(cfg), r50)
+
+
+# ----------------------------------------------------------------------------------- VOC detection
+
+def test_voc07_11_point_ap_by_hand_with_a_difficult_box_that_counts_neither_way(tmp_path):
+    """detectron2's voc_eval, which PascalVOCDetectionEvaluator runs per class and IoU threshold."""
+    from transfer.detectron2_glue import import_detectron2
+    import_detectron2()
+    from detectron2.evaluation.pascal_voc_evaluation import voc_eval
+    (tmp_path / "Annotations").mkdir()
+    boxes = [((1, 1, 10, 10), 0), ((20, 20, 29, 29), 1), ((40, 40, 49, 49), 0)]  # (xmin, ymin, xmax, ymax), difficult
+    objects = "".join(f"<object><name>cat</name><pose>Unspecified</pose><truncated>0</truncated>"
+                      f"<difficult>{d}</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+                      for b, d in boxes)
+    (tmp_path / "Annotations" / "im0.xml").write_text(f"<annotation><filename>im0.jpg</filename>{objects}</annotation>")
+    (tmp_path / "test.txt").write_text("im0\n")
+    # scores 0.9 on the first box, 0.8 on the difficult one, 0.7 nowhere, 0.6 on the third box
+    (tmp_path / "cat.txt").write_text("im0 0.9 1 1 10 10\nim0 0.8 20 20 29 29\nim0 0.7 60 60 69 69\nim0 0.6 40 40 49 49\n")
+    _, _, ap = voc_eval(str(tmp_path / "{}.txt"), str(tmp_path / "Annotations" / "{}.xml"), str(tmp_path / "test.txt"),
+                        "cat", ovthresh=0.5, use_07_metric=True)
+    # 2 positives (the difficult box is not one); ranked TP, (ignored), FP, TP: recall .5 .5 1 at precision 1 1 2/3.
+    # 11-point: recall thresholds 0 ... 0.5 reach precision 1, 0.6 ... 1.0 reach 2/3
+    assert ap == pytest.approx((6 * 1 + 5 * (2 / 3)) / 11)
+    # were the difficult detection a false positive, the precision at recall 1 would be 1/2
+    assert ap != pytest.approx((6 * 1 + 5 * 0.5) / 11)
+
+
+def voc_args(scenes, tmp_path, *extra):
+    from transfer.scenes import CLASSES, file_safe
+    return [*det_args(scenes, tmp_path), "data.format=voc", f"data.voc_root={scenes / 'voc'}",
+            "data.voc_train=[VOC2007/trainval]", "data.voc_test=VOC2007/test",
+            f"data.class_names=[{','.join(file_safe(c) for c in CLASSES[1:])}]", *extra]
+
+
+def test_voc_detection_reads_the_voc_layout_and_scores_with_the_pascal_voc_evaluator(scenes, tmp_path):
+    result = run_cli("transfer", *voc_args(scenes, tmp_path, "precise_bn=true", "precise_bn_iters=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(record["metrics"]) == {"bbox.AP", "bbox.AP50", "bbox.AP75"}  # the VOC evaluator's keys
+    assert record["protocol"].endswith("PascalVOCDetectionEvaluator")
+    assert record["dataset"] == "voc:VOC2007/trainval->VOC2007/test"
+    log = (tmp_path / "run" / "detectron2" / "log.txt").read_text()
+    assert "using 2007 metric" in log  # VOC07 11-point AP
+
+
+def test_a_missing_voc_layout_is_refused_naming_the_expected_paths(scenes, tmp_path):
+    result = run_cli("transfer", *voc_args(scenes, tmp_path, "data.voc_test=VOC2007/val"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: VOC set 'VOC2007/val' not found under data.voc_root={scenes / 'voc'}: expected ")
+    assert "ImageSets/Main/val.txt" in result.stderr and not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------- depth protocol
+
+def test_depth_metrics_pool_all_valid_pixels_of_the_test_set():
+    """Two images, 1 and 3 valid pixels: the pooled rms is not the mean of the per-image rms."""
+    from transfer.tasks.depth import depth_sums, metrics_from_sums
+    first = (torch.tensor([[2.0, 9.0]]), torch.tensor([[1.0, 0.0]]))            # error 1 on one pixel
+    second = (torch.tensor([[1.0, 1.0, 1.0]]), torch.tensor([[1.0, 1.0, 1.0]]))  # exact on three
+    pooled = metrics_from_sums(depth_sums(*first) + depth_sums(*second))
+    assert pooled["rms"] == pytest.approx(math.sqrt(1 / 4))      # per image: (1 + 0) / 2 = 0.5
+    assert pooled["rel"] == pytest.approx(1 / 4)
+    assert pooled["delta1"] == pytest.approx(75.0)                # 3 of 4 pixels within 1.25
+
+
+def test_depth_trains_on_raw_frames_when_given_and_records_it(scenes, tmp_path):
+    args = ["depth", "--backbone", "random:resnet18", "--config", "configs/transfer/depth_scenes.yaml",
+            f"run_dir={tmp_path / 'run'}", f"data.root={scenes / 'nyu'}", f"data.raw_root={scenes / 'nyu_raw'}",
+            "data.resize=[64,64]", "data.crop=[64,64]", "batch_size=4", "data.num_workers=0", "steps=2"]
+    result = run_cli("transfer", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["train_frames"] == "raw"
+    assert "depth: training on 16 raw frames, testing on 6" in (tmp_path / "run" / "log.txt").read_text()
+    result = run_cli("transfer", *args[:-1], f"run_dir={tmp_path / 'bad'}", f"data.raw_root={tmp_path}")
+    assert result.returncode == 2 and "holds no frame pairs <scene>/rgb_<k>.jpg" in result.stderr

@@ -40,11 +40,16 @@ class Backbone:
     arch: str
     source: str
     layout: str          # how it was found, e.g. "ssl-hsic checkpoint (ema)" or "prefix 'module.encoder_q.'"
-    weights: str         # ema | online | target | as-is
+    weights: str         # ema | online | target | student | teacher | as-is
+    padding: str = "torch"  # torch: torchvision's symmetric padding; same: TensorFlow's SAME (JAX checkpoints)
 
     def model(self) -> torch.nn.Module:
-        """A torchvision ResNet (fc = Identity) holding these weights."""
-        return build_resnet(self.arch, self.state_dict)
+        """A torchvision ResNet (fc = Identity) holding these weights, padding as the network was trained."""
+        model = build_resnet(self.arch, self.state_dict)
+        if self.padding == "same":
+            from transfer.haiku_import import same_padding_
+            same_padding_(model)
+        return model
 
 
 def detect_arch(state_dict: dict[str, Tensor]) -> str | None:
@@ -82,8 +87,23 @@ def read_pickle(path: Path) -> Any:
         return _SafeUnpickler(f, encoding="latin1").load()
 
 
+def read_npy(path: Path) -> Any:
+    """An .npy file; one holding a pickled object (np.save of a dict, as the official JAX code saves its
+    checkpoints) goes through the restricted unpickler, never numpy's."""
+    import numpy as np
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = reader(f)
+        if not dtype.hasobject:
+            return np.load(path, allow_pickle=False)
+        content = _SafeUnpickler(f, encoding="latin1").load()
+    return content.item() if isinstance(content, np.ndarray) and content.shape == () else content
+
+
 def read_checkpoint(path: str | Path) -> Any:
-    """The raw content of a checkpoint file, read without running any code from it."""
+    """The raw content of a checkpoint file, read without running any code from it. torch files may hold an
+    argparse.Namespace (DINO's and timm's training checkpoints keep their arguments there): admitted as data."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
@@ -93,7 +113,11 @@ def read_checkpoint(path: str | Path) -> Any:
             return load_file(str(path))
         if path.suffix == ".pkl":
             return read_pickle(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".npy":
+            return read_npy(path)
+        import argparse
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise UserError(f"checkpoint {path} cannot be read safely: {' '.join(str(error).split())}") from None
     except Exception as error:  # truncated or not a checkpoint at all
@@ -119,40 +143,84 @@ def _tensors_only(mapping: dict) -> dict[str, Tensor]:
     return {k: v for k, v in mapping.items() if isinstance(k, str) and isinstance(v, Tensor)}
 
 
-def _candidates(raw: Any, weights: str) -> tuple[dict[str, Tensor], str, str]:
-    """(flat state_dict, layout description, weights) before prefix detection."""
+def _container(raw: dict, weights: str) -> tuple[str | None, str]:
+    """The entry holding the network `weights` names: DINO's teacher (its EMA network, what DINO evaluates;
+    the default) or student, timm's state_dict_ema or state_dict, else the first of CONTAINER_KEYS."""
+    choices = {"ema": ("teacher", "state_dict_ema"), "teacher": ("teacher",), "student": ("student",),
+               "online": ("student",)}.get(weights, ())
+    for key in (*choices, *CONTAINER_KEYS):
+        if isinstance(raw.get(key), dict) and _tensors_only(raw[key]):
+            return key, {"teacher": "teacher", "student": "student", "state_dict_ema": "ema"}.get(key, "as-is")
+    return None, "as-is"
+
+
+def _candidates(raw: Any, weights: str) -> tuple[dict[str, Tensor], str, str, str]:
+    """(flat state_dict, layout description, weights, padding) before prefix detection."""
+    from transfer import haiku_import
     if not isinstance(raw, dict):
         raise UserError(f"a checkpoint must hold a mapping of weights, not a {type(raw).__name__}")
     if checkpoint.is_pretrain_checkpoint(raw):
-        return checkpoint.backbone_state(raw, weights), f"ssl-hsic checkpoint ({weights})", weights
+        return checkpoint.backbone_state(raw, weights), f"ssl-hsic checkpoint ({weights})", weights, "torch"
+    if haiku_import.is_haiku_layout(raw):
+        tree, layout = haiku_import.haiku_tree(raw, weights)
+        return haiku_import.to_torchvision(tree), layout, weights, "same"
     if isinstance(raw.get("model"), dict) and ("matching_heuristics" in raw or "__author__" in raw):
-        return from_detectron2(raw["model"]), "detectron2 pickle", "as-is"
-    for key in CONTAINER_KEYS:
-        if isinstance(raw.get(key), dict) and _tensors_only(raw[key]):
-            return _tensors_only(raw[key]), f"'{key}' entry", "as-is"
-    return _tensors_only(raw), "top level", "as-is"
+        return from_detectron2(raw["model"]), "detectron2 pickle", "as-is", "torch"
+    key, taken = _container(raw, weights)
+    if key is not None:
+        return _tensors_only(raw[key]), f"'{key}' entry", taken, "torch"
+    return _tensors_only(raw), "top level", "as-is", "torch"
 
 
-def _strip_best_prefix(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
-    best, best_prefix = {}, None
+def _strip_best_prefix(state: dict[str, Tensor], weights: str = "ema") -> tuple[dict[str, Tensor], str]:
+    """The prefix that leaves the most backbone keys. When a flat checkpoint holds both DINO networks
+    (student.backbone. and teacher.backbone.), the teacher unless `weights` is student / online."""
+    found = {}
     for prefix in PREFIXES:
         stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        stripped = {k: v for k, v in stripped.items() if BACKBONE_KEY.match(k)}
-        if len(stripped) > len(best):
-            best, best_prefix = stripped, prefix
-    return best, best_prefix
+        found[prefix] = {k: v for k, v in stripped.items() if BACKBONE_KEY.match(k)}
+    if found["student.backbone."] and found["teacher.backbone."]:
+        prefix = "student.backbone." if weights in ("student", "online") else "teacher.backbone."
+        return found[prefix], prefix
+    best_prefix = max(PREFIXES, key=lambda p: len(found[p]))  # the first of the longest
+    return found[best_prefix], best_prefix
+
+
+def describe_non_resnet(state: dict[str, Tensor]) -> str | None:
+    """What a state dict that is not a ResNet looks like, from its key names, or None."""
+    keys = list(state)
+
+    def has(pattern: str) -> bool:
+        return any(re.search(pattern, k) for k in keys)
+    if has(r"(^|\.)(cls_token|pos_embed)$") or has(r"patch_embed\."):
+        blocks = {int(m.group(1)) for k in keys if (m := re.search(r"blocks\.(\d+)\.", k))}
+        width = next((tuple(v.shape)[-1] for k, v in state.items() if k.endswith(("cls_token", "pos_embed"))), None)
+        return f"a Vision Transformer ({len(blocks)} blocks{f', width {width}' if width else ''})"
+    if has(r"relative_position_bias_table"):
+        return "a Swin Transformer"
+    if has(r"dwconv\.") or has(r"downsample_layers\."):
+        return "a ConvNeXt"
+    if has(r"conv_stem\.") or has(r"conv_dw\."):
+        return "an EfficientNet / MobileNet"
+    if has(r"^(module\.)?features\.\d+\.weight$"):
+        return "a VGG / AlexNet-style network"
+    return None
 
 
 def load_backbone(path: str | Path, weights: str = "ema", arch: str | None = None) -> Backbone:
     """Read any supported checkpoint into the canonical form; strict, or a UserError that says why not."""
     raw = read_checkpoint(path)
-    state, container, taken = _candidates(raw, weights)
-    backbone, prefix = _strip_best_prefix(state)
+    state, container, taken, padding = _candidates(raw, weights)
+    backbone, prefix = _strip_best_prefix(state, weights)
     tried = ", ".join(repr(p) for p in PREFIXES)
     if "conv1.weight" not in backbone:
+        if (other := describe_non_resnet(state)) is not None:
+            raise UserError(f"{path}: looks like {other}, not a ResNet; this platform evaluates torchvision-style "
+                            f"ResNets ({', '.join(ARCHITECTURES)})")
         sample = ", ".join(list(state)[:5]) or "(no tensors)"
-        what = "only a classifier head" if state and all(k.rsplit(".", 2)[-2] in ("fc", "head", "classifier")
-                                                         for k in state) else "no ResNet backbone"
+        head = {"fc", "head", "classifier"}
+        what = ("only a classifier head" if state and all(head & set(k.split(".")[:-1]) for k in state)
+                else "no ResNet backbone")
         raise UserError(f"{path}: unknown layout, {what} found (keys: {sample}; {len(state)} tensors); tried the "
                         f"layouts: ssl-hsic checkpoint, detectron2 pickle, containers {CONTAINER_KEYS} with "
                         f"prefixes {tried}")
@@ -175,8 +243,10 @@ def load_backbone(path: str | Path, weights: str = "ema", arch: str | None = Non
                         f"looks like {detected or 'no known ResNet'}): missing {listing(missing)}, unexpected "
                         f"{listing(unexpected)}, wrong shape {listing(shapes)}")
     layout = container + (f", prefix '{prefix}'" if prefix else "")
+    if prefix in ("student.backbone.", "teacher.backbone."):
+        taken = prefix.split(".")[0]
     canonical = {k: backbone[k].detach().clone(memory_format=torch.contiguous_format) for k in expected}
-    return Backbone(canonical, arch, str(Path(path).resolve()), layout, taken)
+    return Backbone(canonical, arch, str(Path(path).resolve()), layout, taken, padding)
 
 
 def fingerprint(state_dict: dict[str, Tensor]) -> str:

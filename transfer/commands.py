@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from transfer import WEIGHTS
+
 # ------------------------------------------------------------------------------------------ export
 # python -m transfer export: a checkpoint -> torchvision / safetensors / detectron2 / mmseg files.
 
@@ -18,7 +20,7 @@ def export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a pretraining checkpoint, torchvision or SSL state_dict")
     parser.add_argument("--format", required=True, choices=["torchvision", "safetensors", "detectron2", "mmseg", "all"])
     parser.add_argument("--out", required=True, help="output file (a folder with --format all)")
-    parser.add_argument("--weights", default="ema", choices=["ema", "online", "target"],
+    parser.add_argument("--weights", default="ema", choices=WEIGHTS,
                         help="which network of a pretraining checkpoint (default: the EMA network)")
     parser.add_argument("--arch", help="expected architecture (default: detected from the keys)")
 
@@ -38,7 +40,7 @@ def run_export(args: argparse.Namespace) -> None:
 
 def verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="any checkpoint `transfer export` accepts")
-    parser.add_argument("--weights", default="ema", choices=["ema", "online", "target"])
+    parser.add_argument("--weights", default="ema", choices=WEIGHTS)
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference per stage (default 1e-4)")
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--record", help="on success, write what was verified to this JSON file (a pipeline's marker)")

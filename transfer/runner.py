@@ -19,6 +19,7 @@ from pretrain.errors import UserError
 from pretrain.metrics import metrics_record, sha256_of
 from pretrain.io import atomic_write_bytes
 from pretrain.rundir import RunDirLock, attach_log, detach_log, refuse_other_config, start_run_dir
+from transfer import WEIGHTS
 from transfer.backbone import Backbone, fingerprint
 
 log = logging.getLogger("transfer")
@@ -35,7 +36,8 @@ class TaskResult:
 
 def backbone_record(backbone: Backbone) -> dict[str, str]:
     digest = sha256_of(backbone.source) if Path(backbone.source).is_file() else fingerprint(backbone.state_dict)
-    return {"path": backbone.source, "sha256": digest, "weights": backbone.weights, "arch": backbone.arch}
+    record = {"path": backbone.source, "sha256": digest, "weights": backbone.weights, "arch": backbone.arch}
+    return {**record, "padding": "same"} if backbone.padding == "same" else record
 
 
 class TaskRun:
@@ -100,7 +102,7 @@ def add_task_arguments(parser, epilog: str = "") -> None:
     parser.epilog = epilog + ("\n--backbone takes any checkpoint `transfer export` accepts, or random:ARCH for the "
                               "same network at random init (the baseline).")
     parser.add_argument("--backbone", required=True, help="checkpoint path, or random:ARCH")
-    parser.add_argument("--weights", default="ema", choices=["ema", "online", "target"],
+    parser.add_argument("--weights", default="ema", choices=WEIGHTS,
                         help="which network of a pretraining checkpoint (default: ema)")
     parser.add_argument("--config", metavar="FILE", help="YAML config")
     parser.add_argument("overrides", nargs="*", metavar="key=value")

@@ -9,12 +9,12 @@ ones occlude farther ones. The object's own pixels (intensity > 40 in the 28x28 
 Each scene yields the RGB image, a semantic map (0 background, 1..10 the Fashion-MNIST classes, 255 where an
 object is visible on fewer than `min_area` pixels), the visible instance masks with boxes and classes, and a
 metric depth map (metres). Writers, each to the on-disk layout a full-size config reads:
-* VOC 2012 segmentation, with the augmented set as mmsegmentation's voc_aug converter leaves it
-  (SegmentationClassAug/ single-channel PNGs, ImageSets/Segmentation/aug.txt = the training ids);
+* VOC 2012 segmentation, with the augmented set as mmsegmentation's voc_aug converter leaves it (train // 2
+  extra scenes as SBD's images: SegmentationClassAug/ single-channel PNGs, ImageSets/Segmentation/aug.txt);
 * VOC 2007 detection (Annotations/*.xml with 1-based pixel boxes and `difficult` flags, ImageSets/Main);
 * COCO (instances_<split>.json, masks as RLE);
-* NYU Depth v2: the folder of PNG pairs, the labelled .mat (MATLAB v7.3 = HDF5) with splits.mat, and raw
-  frames (scene folders of rgb / depth pairs, as the raw-frame loaders list them);
+* NYU Depth v2: the folder of PNG pairs, the labelled .mat (MATLAB v7.3 = HDF5) with splits.mat, and the
+  training scenes as raw frames in the 'sync' layout (scene folders of rgb_<k>.jpg / sync_depth_<k>.png);
 * an ImageNet-style image folder (train/<class>/, val/<class>/) of the scenes' largest objects.
 """
 from __future__ import annotations
@@ -29,6 +29,12 @@ from PIL import Image
 from pretrain.data import FASHION_MNIST_CLASSES
 
 CLASSES = ("background",) + FASHION_MNIST_CLASSES
+
+
+def file_safe(name: str) -> str:
+    """A class name usable as a file or folder name ('T-shirt/top' -> 'T-shirt-top', 'Ankle boot' -> 'Ankle_boot'):
+    the VOC XML names (its evaluator writes one file per class) and the image-folder classes."""
+    return name.replace("/", "-").replace(" ", "_")
 IGNORE = 255
 SKY_DEPTH, NEAREST_GROUND = 20.0, 1.5
 HORIZON = 0.3  # fraction of the height
@@ -164,16 +170,18 @@ def write_voc(root: Path, splits: dict[str, list[Scene]]) -> Path:
     return voc
 
 
-def write_voc_aug(voc: Path, splits: dict[str, list[Scene]]) -> None:
-    """mmsegmentation's voc_aug converter's output inside VOC2012/: SegmentationClassAug/<id>.png (class indices,
-    one channel) for every image and ImageSets/Segmentation/aug.txt listing the training ids (train + SBD,
-    less val)."""
+def write_voc_aug(voc: Path, extra: list[Scene]) -> None:
+    """What mmsegmentation's voc_aug converter adds inside VOC2012/ from the SBD release: the extra images'
+    labels as SegmentationClassAug/<id>.png (class indices, one channel), ImageSets/Segmentation/aug.txt (the
+    extra ids, not in train or val) and trainaug.txt (train + extra)."""
     (voc / "SegmentationClassAug").mkdir(parents=True, exist_ok=True)
-    for split, scenes in splits.items():
-        for i, scene in enumerate(scenes):
-            Image.fromarray(scene.semantic).save(voc / "SegmentationClassAug" / f"{split}_{i:05d}.png")
-    train_ids = (voc / "ImageSets" / "Segmentation" / "train.txt").read_text()
-    (voc / "ImageSets" / "Segmentation" / "aug.txt").write_text(train_ids)
+    ids = [f"aug_{i:05d}" for i in range(len(extra))]
+    for name, scene in zip(ids, extra):
+        Image.fromarray(scene.image).save(voc / "JPEGImages" / f"{name}.jpg", quality=95)
+        Image.fromarray(scene.semantic).save(voc / "SegmentationClassAug" / f"{name}.png")
+    listing = voc / "ImageSets" / "Segmentation"
+    (listing / "aug.txt").write_text("".join(f"{i}\n" for i in ids))
+    (listing / "trainaug.txt").write_text((listing / "train.txt").read_text() + "".join(f"{i}\n" for i in ids))
 
 
 def is_difficult(instance: Instance, min_area: int = 64) -> bool:
@@ -183,7 +191,8 @@ def is_difficult(instance: Instance, min_area: int = 64) -> bool:
 
 def write_voc_detection(root: Path, splits: dict[str, list[Scene]]) -> Path:
     """root/VOC2007/{JPEGImages/*.jpg, Annotations/*.xml, ImageSets/Main/<split>.txt}: VOC's XML, boxes in
-    1-based inclusive pixel coordinates (xmin = x0 + 1, xmax = x1), `difficult` set for tiny objects."""
+    1-based inclusive pixel coordinates (xmin = x0 + 1, xmax = x1), `difficult` set for tiny objects, class
+    names made file-safe (`file_safe`)."""
     from xml.sax.saxutils import escape
     voc = root / "VOC2007"
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
@@ -195,7 +204,7 @@ def write_voc_detection(root: Path, splits: dict[str, list[Scene]]) -> Path:
             Image.fromarray(scene.image).save(voc / "JPEGImages" / f"{name}.jpg", quality=95)
             height, width = scene.semantic.shape
             objects = "".join(
-                f"<object><name>{escape(CLASSES[o.category])}</name><pose>Unspecified</pose><truncated>0</truncated>"
+                f"<object><name>{escape(file_safe(CLASSES[o.category]))}</name><pose>Unspecified</pose><truncated>0</truncated>"
                 f"<difficult>{int(is_difficult(o))}</difficult><bndbox><xmin>{o.box[0] + 1}</xmin>"
                 f"<ymin>{o.box[1] + 1}</ymin><xmax>{o.box[2]}</xmax><ymax>{o.box[3]}</ymax></bndbox></object>"
                 for o in scene.instances)
@@ -255,25 +264,27 @@ def write_nyu_labeled_mat(root: Path, splits: dict[str, list[Scene]]) -> Path:
     import scipy.io
     root.mkdir(parents=True, exist_ok=True)
     scenes = [scene for split in ("train", "val") for scene in splits.get(split, [])]
-    with h5py.File(root / "nyu_depth_v2_labeled.mat", "w") as f:
-        f.create_dataset("images", data=np.stack([s.image.transpose(2, 1, 0) for s in scenes]))
-        f.create_dataset("depths", data=np.stack([s.depth.T for s in scenes]).astype(np.float32))
+    with h5py.File(root / "nyu_depth_v2_labeled.mat", "w") as f:  # no timestamps: the same seed, the same bytes
+        f.create_dataset("images", data=np.stack([s.image.transpose(2, 1, 0) for s in scenes]), track_times=False)
+        f.create_dataset("depths", data=np.stack([s.depth.T for s in scenes]).astype(np.float32), track_times=False)
     train = len(splits.get("train", []))
     scipy.io.savemat(root / "splits.mat", {"trainNdxs": np.arange(1, train + 1)[:, None],
                                            "testNdxs": np.arange(train + 1, len(scenes) + 1)[:, None]})
+    content = bytearray((root / "splits.mat").read_bytes())  # MATLAB 5's 116-byte text header holds the date
+    content[:116] = b"MATLAB 5.0 MAT-file, written by transfer.scenes".ljust(116)
+    (root / "splits.mat").write_bytes(bytes(content))
     return root / "nyu_depth_v2_labeled.mat"
 
 
-def write_nyu_raw(root: Path, splits: dict[str, list[Scene]], frames_per_scene: int = 4) -> Path:
-    """Raw frames as the raw-frame loaders lay them out: root/<split>/<scene>/rgb_<k>.jpg and depth_<k>.png
-    (uint16 millimetres), consecutive scenes grouped `frames_per_scene` to a folder like a recording."""
-    for split, scenes in splits.items():
-        for i, scene in enumerate(scenes):
-            folder = root / split / f"scene_{i // frames_per_scene:04d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(scene.image).save(folder / f"rgb_{i % frames_per_scene:05d}.jpg", quality=95)
-            millimetres = np.round(np.clip(scene.depth, 0, 65.535) * 1000).astype(np.uint16)
-            Image.fromarray(millimetres).save(folder / f"depth_{i % frames_per_scene:05d}.png")
+def write_nyu_raw(root: Path, scenes: list[Scene], frames_per_scene: int = 4) -> Path:
+    """Raw frames in the 'sync' layout: root/<scene>/rgb_<k>.jpg and sync_depth_<k>.png (uint16 millimetres),
+    consecutive scenes grouped `frames_per_scene` to a folder like a recording."""
+    for i, scene in enumerate(scenes):
+        folder = root / f"scene_{i // frames_per_scene:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(scene.image).save(folder / f"rgb_{i % frames_per_scene:05d}.jpg", quality=95)
+        millimetres = np.round(np.clip(scene.depth, 0, 65.535) * 1000).astype(np.uint16)
+        Image.fromarray(millimetres).save(folder / f"sync_depth_{i % frames_per_scene:05d}.png")
     return root
 
 
@@ -290,7 +301,7 @@ def write_image_folder(root: Path, splits: dict[str, list[Scene]]) -> Path:
             cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
             height, width = scene.semantic.shape
             left, top = min(max(0, cx - side // 2), max(0, width - side)), min(max(0, cy - side // 2), max(0, height - side))
-            folder = root / split / CLASSES[largest.category].replace("/", "-").replace(" ", "_")
+            folder = root / split / file_safe(CLASSES[largest.category])
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(scene.image[top:top + side, left:left + side]).save(folder / f"{split}_{i:05d}.JPEG",
                                                                                quality=95)
@@ -307,8 +318,10 @@ def write_all(out: str | Path, train: int, test: int, size: int, seed: int,
         splits[split] = generate(count, size, split_seed, objects, labels)
     paths = {"voc": write_voc(out / "voc", splits), "coco": write_coco(out / "coco", splits),
              "nyu": write_nyu(out / "nyu", splits), "voc2007": write_voc_detection(out / "voc", splits),
-             "nyu_mat": write_nyu_labeled_mat(out / "nyu_mat", splits), "nyu_raw": write_nyu_raw(out / "nyu_raw", splits),
+             "nyu_mat": write_nyu_labeled_mat(out / "nyu_mat", splits),
+             "nyu_raw": write_nyu_raw(out / "nyu_raw", splits["train"]),
              "imagenet": write_image_folder(out / "imagenet", splits)}
-    write_voc_aug(paths["voc"], splits)
+    objects, labels = fashion_mnist_objects(fashion_root, "train")
+    write_voc_aug(paths["voc"], generate(max(1, train // 2), size, seed + 2, objects, labels))  # SBD's extras
     (out / "classes.json").write_text(json.dumps(list(CLASSES)))
     return paths

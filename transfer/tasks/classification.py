@@ -64,6 +64,11 @@ class LinearProtocol:
     batch_size: int = checked(512, POSITIVE_INT)
     optimizer: str = checked("adam", one_of("adam", "sgd"))  # SGD: momentum 0.9, cosine
     lr: float = checked(1e-3, greater_than(0))                       # sgd: scaled by batch_size / 256
+    nesterov: bool = False                  # sgd: Nesterov momentum (BYOL's variant)
+    warmup_steps: int = checked(0, NON_NEGATIVE)  # linear warmup from 0, then cosine to 0
+    ema: float = checked(0.0, between(0, 1, open_high=True))  # > 0: score the zero-debiased EMA of the classifier
+    lr_grid: tuple = checked((), each(greater_than(0), empty=True))  # choose lr among these on `heldout` training images
+    heldout: int = checked(0, NON_NEGATIVE)  # images held out of training to choose lr (BYOL: 10,009)
     weight_decay: float = checked(1e-5, NON_NEGATIVE)
     standardize: bool = True                # standardise features with train-set mean / std
     augment: bool = False                   # random crop + flip each epoch: recomputes features, no cache
@@ -246,46 +251,79 @@ def cached_features(backbone: Backbone, model: nn.Module, dataset: Dataset, desc
 # -------------------------------------------------------------------------------------- classifier
 
 def train_linear(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int, protocol,
-                 seed: int, device, checkpoint: Path | None = None, feature_fn=None,
-                 save: bool = True) -> dict[str, float]:
+                 seed: int, device, checkpoint: Path | None = None, feature_fn=None, save: bool = True,
+                 lr: float | None = None) -> dict[str, float]:
     """Train a linear layer on features and return test top-1 / top-5.
 
-    `feature_fn(epoch)`, when given, recomputes the training features each epoch (the augmented protocol).
-    With `checkpoint`, the classifier state is saved after each epoch (when `save`: rank 0) and a rerun
-    resumes from it.
+    SGD (momentum 0.9, Nesterov when asked, lr x batch / 256) or Adam, `warmup_steps` of linear warmup then a
+    cosine decay to 0; with `ema` > 0 the zero-debiased EMA of the classifier is what is scored (the official
+    ssl_hsic eval scores its 0.999 EMA). `feature_fn(epoch)`, when given, recomputes the training features each
+    epoch (the augmented protocol). With `checkpoint`, the state is saved after each epoch (when `save`: rank 0)
+    and a rerun resumes from it. `lr` overrides protocol.lr.
     """
+    import copy
+    from pretrain.ema import debiased_ema_update_
     torch.manual_seed(seed)
     mean, std = (train_x.float().mean(0), train_x.float().std(0) + 1e-6) if protocol.standardize else (0.0, 1.0)
     head = nn.Linear(train_x.shape[1], num_classes).to(device)
+    average = copy.deepcopy(head).requires_grad_(False)
     steps_per_epoch = math.ceil(len(train_y) / protocol.batch_size)
     total = protocol.epochs * steps_per_epoch
+    lr = protocol.lr if lr is None else lr
     if protocol.optimizer == "sgd":
-        optimizer = torch.optim.SGD(head.parameters(), lr=protocol.lr * protocol.batch_size / 256, momentum=0.9,
-                                    weight_decay=protocol.weight_decay)
-    elif protocol.optimizer == "adam":
-        optimizer = torch.optim.Adam(head.parameters(), lr=protocol.lr, weight_decay=protocol.weight_decay)
+        optimizer = torch.optim.SGD(head.parameters(), lr=lr * protocol.batch_size / 256, momentum=0.9,
+                                    nesterov=protocol.nesterov, weight_decay=protocol.weight_decay)
     else:
-        raise UserError(f"unknown linear.optimizer '{protocol.optimizer}'; choose adam or sgd")
-    schedule = cosine_schedule(optimizer, total)
-    progress = Progress(checkpoint, "epoch", head=head, optimizer=optimizer, schedule=schedule) if checkpoint else None
+        optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=protocol.weight_decay)
+    schedule = cosine_schedule(optimizer, total, protocol.warmup_steps)
+    progress = (Progress(checkpoint, "epoch", head=head, average=average, optimizer=optimizer, schedule=schedule)
+                if checkpoint else None)
     start = progress.restore() if progress else 0
     if start:
         log.info("linear: resuming at epoch %d of %d", start, protocol.epochs)
     for epoch in range(start, protocol.epochs):
         x = feature_fn(epoch) if feature_fn else train_x
         order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-        for batch in order.split(protocol.batch_size):
+        for index, batch in enumerate(order.split(protocol.batch_size)):
             inputs = ((x[batch].float() - mean) / std).to(device)
             loss = F.cross_entropy(head(inputs), train_y[batch].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
+            if protocol.ema:
+                debiased_ema_update_(average, head, protocol.ema, epoch * steps_per_epoch + index + 1)
         if progress is not None and save:
             progress.save(epoch + 1)
+    scored = average if protocol.ema else head
     with torch.no_grad():
-        scores = torch.cat([head(((chunk.float() - mean) / std).to(device)).cpu() for chunk in test_x.split(4096)])
+        scores = torch.cat([scored(((chunk.float() - mean) / std).to(device)).cpu() for chunk in test_x.split(4096)])
     return topk_accuracy(scores, test_y)
+
+
+def heldout_split(length: int, heldout: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(fit, held-out) indices: `heldout` training images drawn from `seed`, the rest to fit on."""
+    if not 0 < heldout < length:
+        raise UserError(f"linear.heldout={heldout} must be between 1 and the {length - 1} training images less one")
+    order = torch.randperm(length, generator=torch.Generator().manual_seed(seed + 7_777))
+    return order[heldout:].sort().values, order[:heldout].sort().values
+
+
+def choose_lr(train_x: Tensor, train_y: Tensor, num_classes: int, protocol, seed: int, device, run_dir: Path,
+              feature_fn=None, save: bool = True) -> tuple[float, dict[str, float]]:
+    """BYOL's selection: train on the training set less `heldout` images for each lr of `lr_grid`, score top-1
+    on the held-out images (eval-transform features), return the best lr (the first among ties) and each
+    lr's held-out top-1. Each candidate resumes from its own checkpoint in run_dir."""
+    fit, held = heldout_split(len(train_y), protocol.heldout, seed)
+    scores = {}
+    for lr in protocol.lr_grid:
+        fit_features = (lambda epoch: feature_fn(epoch)[fit]) if feature_fn else None
+        result = train_linear(train_x[fit], train_y[fit], train_x[held], train_y[held], num_classes, protocol, seed,
+                              device, run_dir / f"linear_select_lr{lr:g}.pt", fit_features, save, lr=lr)
+        scores[f"{lr:g}"] = result["top1"]
+        log.info("linear: lr %g -> held-out top-1 %.2f", lr, result["top1"])
+    best = max(protocol.lr_grid, key=lambda lr: scores[f"{lr:g}"])
+    return best, scores
 
 
 # ------------------------------------------------------------------------------------------- task
@@ -296,6 +334,9 @@ def prepare(task: str, config: Config):
     d = config.data
     train_set = build_dataset(d.dataset, d.root, d.train_split, d.limit_train)
     test_set = build_dataset(d.dataset, d.root, d.test_split, d.limit_test)
+    if config.linear.lr_grid and not 0 < config.linear.heldout < len(train_set):
+        raise UserError(f"linear.lr_grid needs linear.heldout between 1 and {len(train_set) - 1} (training images to "
+                        f"choose the lr on), got {config.linear.heldout}")
     if list(train_set.classes) != list(test_set.classes):
         raise UserError(f"the {d.train_split} split has {len(train_set.classes)} classes and the {d.test_split} split "
                         f"{len(test_set.classes)}; both must hold the same class folders")
@@ -322,6 +363,7 @@ def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskRe
                                config.extract_batch_size, d.num_workers, device)
     train_x, train_y, train_hit = features(train_set, d.train_split, d.limit_train)
     test_x, test_y, test_hit = features(test_set, d.test_split, d.limit_test)
+    chosen = {}
     if task == "knn":
         scores = knn_scores(train_x, train_y, test_x, num_classes, config.knn.k, config.knn.temperature)
         metrics, protocol = topk_accuracy(scores, test_y), f"knn k={config.knn.k} T={config.knn.temperature}"
@@ -344,11 +386,16 @@ def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskRe
                         if old.name != f"epoch{epoch}":
                             shutil.rmtree(old, ignore_errors=True)
                 return x
+        lr = config.linear.lr
+        if config.linear.lr_grid:
+            lr, held_out = choose_lr(train_x, train_y, num_classes, config.linear, config.seed, device,
+                                     task_run.run_dir, feature_fn, processes.rank == 0)
+            chosen = {"chosen_lr": lr, "heldout_top1": held_out, "heldout": config.linear.heldout}
         metrics = train_linear(train_x, train_y, test_x, test_y, num_classes, config.linear, config.seed, device,
-                               task_run.run_dir / "linear_last.pt", feature_fn, save=processes.rank == 0)
+                               task_run.run_dir / "linear_last.pt", feature_fn, save=processes.rank == 0, lr=lr)
         if processes.rank == 0:
             shutil.rmtree(task_run.run_dir / "epoch_features", ignore_errors=True)
         protocol = f"linear {config.linear.optimizer} {config.linear.epochs} epochs" + \
             (" augmented" if config.linear.augment else " cached features")
-    return TaskResult(metrics, d.dataset, protocol, {"feature_cache_hit": bool(train_hit and test_hit),
-                                                     "world_size": processes.world_size})
+    extra = {"feature_cache_hit": bool(train_hit and test_hit), "world_size": processes.world_size}
+    return TaskResult(metrics, d.dataset, protocol, {**extra, **(chosen if task == "linear" else {})})

@@ -7,8 +7,9 @@ reverse Huber (berHu) loss on valid pixels (ground truth > 0):
     berHu(x) = |x|                    if |x| <= c
              = (x^2 + c^2) / (2c)     otherwise,        c = 0.2 max |x| over the batch
 
-Metrics over valid pixels, averaged over test images: pct of pixels with max(d/d*, d*/d) < 1.25^n (n = 1, 2, 3),
-rms = sqrt(mean (d - d*)^2), rel = mean |d - d*| / d*, log10 = mean |log10 d - log10 d*|.
+Metrics pooled over all valid pixels of the test set (as Laina's and BYOL's tables): pct of pixels with
+max(d/d*, d*/d) < 1.25^n (n = 1, 2, 3), rms = sqrt(mean (d - d*)^2), rel = mean |d - d*| / d*,
+log10 = mean |log10 d - log10 d*|.
 """
 from __future__ import annotations
 
@@ -99,17 +100,31 @@ def berhu_loss(prediction: Tensor, target: Tensor, world_size: int = 1) -> Tenso
     return torch.where(error <= c, error, (error ** 2 + c ** 2) / (2 * c)).sum() * (world_size / count)
 
 
-def depth_metrics(prediction: Tensor, target: Tensor, min_depth: float = 1e-3) -> dict[str, float]:
-    """The standard metrics over the valid pixels (target > 0) of one image."""
+METRICS = ("delta1", "delta2", "delta3", "rms", "rel", "log10")
+
+
+def depth_sums(prediction: Tensor, target: Tensor, min_depth: float = 1e-3) -> Tensor:
+    """Over the valid pixels (target > 0) of one image, float64: [n, #(ratio < 1.25), #(< 1.25^2), #(< 1.25^3),
+    sum (d - d*)^2, sum |d - d*| / d*, sum |log10 d - log10 d*|], predictions clamped at min_depth."""
     valid = target > 0
     d, t = prediction[valid].clamp_min(min_depth).double(), target[valid].double()
     ratio = torch.maximum(d / t, t / d)
-    return {"delta1": 100 * (ratio < 1.25).double().mean().item(),
-            "delta2": 100 * (ratio < 1.25 ** 2).double().mean().item(),
-            "delta3": 100 * (ratio < 1.25 ** 3).double().mean().item(),
-            "rms": torch.sqrt(((d - t) ** 2).mean()).item(),
-            "rel": ((d - t).abs() / t).mean().item(),
-            "log10": (torch.log10(d) - torch.log10(t)).abs().mean().item()}
+    return torch.stack([torch.tensor(float(d.numel()), dtype=torch.float64), (ratio < 1.25).sum().double(),
+                        (ratio < 1.25 ** 2).sum().double(), (ratio < 1.25 ** 3).sum().double(),
+                        ((d - t) ** 2).sum(), ((d - t).abs() / t).sum(), (torch.log10(d) - torch.log10(t)).abs().sum()])
+
+
+def metrics_from_sums(sums: Tensor) -> dict[str, float]:
+    """The standard metrics pooled over all valid pixels the sums cover (of one image, or of the test set):
+    delta_n in %, rms = sqrt(mean (d - d*)^2), rel = mean |d - d*| / d*, log10 = mean |log10 d - log10 d*|."""
+    n = sums[0].item()
+    return {"delta1": 100 * sums[1].item() / n, "delta2": 100 * sums[2].item() / n, "delta3": 100 * sums[3].item() / n,
+            "rms": (sums[4].item() / n) ** 0.5, "rel": sums[5].item() / n, "log10": sums[6].item() / n}
+
+
+def depth_metrics(prediction: Tensor, target: Tensor, min_depth: float = 1e-3) -> dict[str, float]:
+    """The standard metrics over the valid pixels (target > 0) of one image."""
+    return metrics_from_sums(depth_sums(prediction, target, min_depth))
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -151,6 +166,7 @@ class DepthPairs(torch.utils.data.Dataset):
 @dataclass
 class DepthData:
     kind: str = checked("folder", one_of("folder", "nyu_mat"))  # folder: NYU-style, what `transfer scenes` writes
+    raw_root: str = ""                      # NYU raw frames ('sync' layout) to train on; empty: the labelled train split
     root: str = "runs/scenes/nyu"           # the folder, or nyu_depth_v2_labeled.mat
     splits_file: str = ""                   # nyu_mat: splits.mat
     train_split: str = "train"
@@ -171,6 +187,7 @@ class Config:
     weight_decay: float = checked(5e-4, NON_NEGATIVE)
     checkpoint_every: int = checked(100, POSITIVE_INT)
     log_every: int = checked(50, POSITIVE_INT)
+    bf16: bool = True                       # bfloat16 autocast on GPUs (the loss and metrics stay in float32)
     device: Optional[str] = checked(None, DEVICE)
 
 
@@ -195,10 +212,12 @@ def train_and_evaluate(config: Config, backbone, run_dir: Path, device, save: bo
     d = config.data
     processes = detect()
     world, rank = processes.world_size, processes.rank
-    train_set = DepthPairs(build_depth_dataset(d.kind, d.root, d.train_split, d.splits_file), d.resize, d.crop,
-                           True, config.seed)
+    train_set = DepthPairs(training_frames(d), d.resize, d.crop, True, config.seed)
     test_set = DepthPairs(build_depth_dataset(d.kind, d.root, d.test_split, d.splits_file), d.resize, d.crop,
                           False, config.seed)
+    log.info("depth: training on %d %s frames, testing on %d", len(train_set), "raw" if d.raw_root else "labelled",
+             len(test_set))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.bf16)
     steps_per_epoch = len(train_set) // config.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"the depth training split has {len(train_set)} images, fewer than one batch of "
@@ -226,7 +245,9 @@ def train_and_evaluate(config: Config, backbone, run_dir: Path, device, save: bo
         mine = global_batches(len(train_set), config.batch_size, config.seed, epoch)[first:, rank * share:(rank + 1) * share]
         loader = torch.utils.data.DataLoader(train_set, batch_sampler=mine.tolist(), num_workers=d.num_workers)
         for images, depths in loader:
-            loss = berhu_loss(trained(images.to(device))[:, 0], depths.to(device), world)
+            with autocast:
+                prediction = trained(images.to(device))[:, 0]
+            loss = berhu_loss(prediction.float(), depths.to(device), world)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -240,7 +261,12 @@ def train_and_evaluate(config: Config, backbone, run_dir: Path, device, save: bo
             if step >= config.steps:
                 break
     progress.close()
-    return evaluate(model, test_set, device)
+    return evaluate(model, test_set, device, autocast)
+
+
+def training_frames(d: DepthData):
+    from transfer.datasets import NyuRawFrames, build_depth_dataset
+    return NyuRawFrames(d.raw_root) if d.raw_root else build_depth_dataset(d.kind, d.root, d.train_split, d.splits_file)
 
 
 def _mean_over_ranks(value: Tensor) -> float:
@@ -253,23 +279,23 @@ def _mean_over_ranks(value: Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, device) -> dict[str, float]:
-    """Each metric averaged over the test images; under W processes rank r scores images r, r + W, ... and the
-    sums are added over ranks."""
+def evaluate(model: nn.Module, dataset, device, autocast=None) -> dict[str, float]:
+    """The metrics pooled over all valid pixels of the test set; under W processes rank r scores images r,
+    r + W, ... and the sums are added over ranks."""
+    import contextlib
     import torch.distributed as dist
     from pretrain.distributed import detect
     processes = detect()
     model.eval()
-    keys = ("delta1", "delta2", "delta3", "rms", "rel", "log10")
-    totals = torch.zeros(len(keys), dtype=torch.float64)
+    sums = torch.zeros(7, dtype=torch.float64)
     for index in range(processes.rank, len(dataset), processes.world_size):
         image, depth = dataset[index]
-        prediction = model(image[None].to(device))[0, 0].cpu()
-        values = depth_metrics(prediction, depth)
-        totals += torch.tensor([values[key] for key in keys], dtype=torch.float64)
+        with autocast or contextlib.nullcontext():
+            prediction = model(image[None].to(device))[0, 0].float().cpu()
+        sums += depth_sums(prediction, depth)
     if processes.is_distributed:
-        dist.all_reduce(totals)
-    return {key: value / len(dataset) for key, value in zip(keys, totals.tolist())}
+        dist.all_reduce(sums)
+    return metrics_from_sums(sums)
 
 
 # ------------------------------------------------------------------------------------------- task
@@ -284,7 +310,7 @@ Keys and defaults: transfer/tasks/depth.py (Config)."""
 
 def prepare(task: str, config: Config) -> None:
     from pretrain.distributed import detect
-    from transfer.datasets import build_depth_dataset
+    from transfer.datasets import NyuRawFrames, build_depth_dataset
     world = detect().world_size
     if config.batch_size % world:
         raise UserError(f"batch_size={config.batch_size} (the global batch) does not divide among the {world} "
@@ -292,6 +318,8 @@ def prepare(task: str, config: Config) -> None:
     d = config.data
     for split in (d.train_split, d.test_split):
         build_depth_dataset(d.kind, d.root, split, d.splits_file)
+    if d.raw_root:
+        NyuRawFrames(d.raw_root)
 
 
 def run(task: str, config: Config, backbone, task_run, data) -> TaskResult:
@@ -301,4 +329,4 @@ def run(task: str, config: Config, backbone, task_run, data) -> TaskResult:
     processes = init_distributed()
     metrics = train_and_evaluate(config, backbone, task_run.run_dir, pick_device(config.device), processes.rank == 0)
     return TaskResult(metrics, f"{d.kind}:{Path(d.root).name}", f"fcrn up-projection, berHu, {config.steps} steps",
-                      {"world_size": processes.world_size})
+                      {"world_size": processes.world_size, "train_frames": "raw" if d.raw_root else "labelled"})

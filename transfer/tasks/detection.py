@@ -1,4 +1,6 @@
-"""The detection task: detection and instance segmentation through detectron2's own trainer and COCOEvaluator.
+"""The detection task: detection and instance segmentation through detectron2's own trainer and evaluators
+(COCOEvaluator on COCO-format data; PascalVOCDetectionEvaluator on the VOC layout, read by detectron2's own
+Pascal VOC loader).
 
 The MoCo protocol (He et al. 2020, detection/configs); detectron2's side of it (the model config, the trainer,
 the strict weight loading) lives in transfer.detectron2_glue.
@@ -13,15 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from pretrain.checks import DEVICE, NON_NEGATIVE, POSITIVE_INT, at_least, between, checked, each, greater_than
-
-
+from pretrain.checks import (DEVICE, NON_NEGATIVE, POSITIVE_INT, at_least, between, checked, each, greater_than,
+                             one_of)
 from transfer.backbone import Backbone
 from transfer.runner import TaskResult
 
 
 @dataclass
 class DetectionData:
+    format: str = checked("coco", one_of("coco", "voc"))  # coco: the JSON files below; voc: the VOC layout under voc_root
+    voc_root: str = ""                      # holds VOC2007/ (and VOC2012/): JPEGImages, Annotations, ImageSets/Main
+    voc_train: tuple = ("VOC2007/trainval", "VOC2012/trainval")   # <year folder>/<image set>, concatenated
+    voc_test: str = "VOC2007/test"          # scored with VOC's AP; 11-point (VOC07 metric) for a 2007 set
+    class_names: tuple = ()                 # voc: the class names in the XML; empty = VOC's 20 classes
     train_json: str = "runs/scenes/coco/annotations/instances_train.json"
     train_images: str = "runs/scenes/coco/train"
     test_json: str = "runs/scenes/coco/annotations/instances_val.json"
@@ -47,6 +53,10 @@ class Config:
     warmup_iters: int = checked(50, NON_NEGATIVE)
     checkpoint_period: int = checked(100, POSITIVE_INT)
     extra_norm_res5: bool = False           # MoCo's Res5ROIHeadsExtraNorm (R50-C4)
+    norm: str = checked("SyncBN", one_of("SyncBN", "naiveSyncBN"))  # BatchNorm over processes (one process: BN);
+                                            # SyncBN on CPU processes becomes naiveSyncBN (torch's runs on GPUs)
+    precise_bn: bool = False                # detectron2's PreciseBN hook: BN statistics re-estimated before testing
+    precise_bn_iters: int = checked(200, POSITIVE_INT)
     opts: list = field(default_factory=list)  # any further detectron2 KEY VALUE pairs
     device: Optional[str] = checked(None, DEVICE)
 
@@ -69,5 +79,9 @@ def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskRe
     from transfer.detectron2_glue import train_and_evaluate
     weights = export.write(backbone, "detectron2", task_run.run_dir / "backbone.pkl")
     metrics = train_and_evaluate(config, backbone, weights)
-    dataset = Path(config.data.train_json).parent.parent.name  # .../<dataset>/annotations/instances_*.json
-    return TaskResult(metrics, dataset, f"{config.base}, {config.iterations} iterations")
+    d = config.data
+    if d.format == "voc":
+        dataset, scoring = f"voc:{'+'.join(d.voc_train)}->{d.voc_test}", "PascalVOCDetectionEvaluator"
+    else:  # .../<dataset>/annotations/instances_*.json
+        dataset, scoring = Path(d.train_json).parent.parent.name, "COCOEvaluator"
+    return TaskResult(metrics, dataset, f"{config.base}, {config.iterations} iterations, {scoring}")

@@ -33,7 +33,9 @@ class SegmentationData:
     root: str = "runs/scenes/voc/VOC2012"   # the folder holding JPEGImages/
     train_list: str = "ImageSets/Segmentation/train.txt"
     val_list: str = "ImageSets/Segmentation/val.txt"
-    train_labels: str = "SegmentationClass"  # VOC aug: SegmentationClassAug
+    train_labels: str = "SegmentationClass"
+    aug_list: str = ""                      # VOC: ImageSets/Segmentation/aug.txt, as mmseg's voc_aug converter writes it
+    aug_labels: str = "SegmentationClassAug"  # its labels; trained on with train_list's images (empty aug_list: none)
     val_labels: str = "SegmentationClass"
     scale: tuple[int, int] = checked((128, 128), each(POSITIVE_INT, 2))  # (w, h) before the random rescale
     crop: tuple[int, int] = checked((96, 96), each(POSITIVE_INT, 2))
@@ -65,18 +67,30 @@ class Config:
     device: Optional[str] = checked(None, DEVICE)
 
 
+AUG_LAYOUT = ("JPEGImages/, SegmentationClass/ + ImageSets/Segmentation/train.txt and val.txt (VOC 2012), "
+              "SegmentationClassAug/ + ImageSets/Segmentation/aug.txt (mmsegmentation's "
+              "tools/dataset_converters/voc_aug.py on the SBD release)")
+
+
 def _dataset(c: SegmentationData, split: str, pipeline: list) -> dict:
+    """mmseg's dataset config for a split: the training split concatenates train_list (+ train_labels) and, when
+    set, aug_list (+ aug_labels), as mmsegmentation's own pascal_voc12_aug config does."""
     kind = {"scenes": "GeneratedScenesDataset", "voc": "PascalVOCDataset"}.get(c.dataset)
     if kind is None:
         raise UserError(f"unknown segmentation dataset '{c.dataset}'; choose scenes or voc (data.dataset)")
-    listing, labels = (c.train_list, c.train_labels) if split == "train" else (c.val_list, c.val_labels)
+    parts = ([(c.train_list, c.train_labels)] + ([(c.aug_list, c.aug_labels)] if c.aug_list else [])
+             if split == "train" else [(c.val_list, c.val_labels)])
     root = Path(c.root)
-    for needed in (root / "JPEGImages", root / listing, root / labels):
-        if not needed.exists():
-            raise UserError(f"segmentation data incomplete: {needed} does not exist (data.root={c.root}); generate "
-                            "scenes with `python -m transfer scenes --out DIR` or point data.root at VOC2012")
-    return dict(type=kind, data_root=str(root), ann_file=listing,
-                data_prefix=dict(img_path="JPEGImages", seg_map_path=labels), pipeline=pipeline)
+    for listing, labels in parts:
+        missing = [str(p) for p in (root / "JPEGImages", root / listing, root / labels) if not p.exists()]
+        if missing:
+            raise UserError(f"segmentation data incomplete under data.root={c.root}: {', '.join(missing)} missing; "
+                            f"expected {AUG_LAYOUT if c.aug_list else 'JPEGImages/, the list files and label folders'}"
+                            "; generated scenes: `python -m transfer scenes --out DIR`")
+    datasets = [dict(type=kind, data_root=str(root), ann_file=listing,
+                     data_prefix=dict(img_path="JPEGImages", seg_map_path=labels), pipeline=pipeline)
+                for listing, labels in parts]
+    return datasets[0] if len(datasets) == 1 else dict(type="ConcatDataset", datasets=datasets)
 
 
 def mmseg_config(config: Config, backbone: Backbone, weights_file: Path, num_classes: int,

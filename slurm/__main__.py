@@ -15,6 +15,8 @@ COMMANDS = {
     "collect": ("gather a sweep's metrics.json files into one table", c.collect_arguments, c.run_collect),
     "pipeline": ("the main job: pretrain, export, every task vs random init, report", c.pipeline_arguments,
                  c.run_pipeline),
+    "evaluate": ("named backbones x tasks x seeds, then the report that compares them", c.evaluate_arguments,
+                 c.run_evaluate),
     "local-cluster": ("start a one-node SLURM cluster on this machine (root)", c.local_cluster_arguments,
                       c.run_local_cluster),
 }

@@ -1,4 +1,5 @@
-"""The slurm package's commands: submit, sweep, status, collect, pipeline, local-cluster (arguments + action)."""
+"""The slurm package's commands: submit, sweep, status, collect, pipeline, evaluate, local-cluster (arguments +
+action)."""
 from __future__ import annotations
 
 import argparse
@@ -163,6 +164,7 @@ def run_status(args: argparse.Namespace) -> None:
 def collect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_root", help="the run_root of a submitted sweep")
     parser.add_argument("--out", help="where to write report.md / report.csv (default RUN_ROOT/report)")
+    parser.add_argument("--baseline", help="the backbone every other is compared with (a name; default: random init)")
 
 
 def run_collect(args: argparse.Namespace) -> None:
@@ -173,7 +175,7 @@ def run_collect(args: argparse.Namespace) -> None:
     if print_status(args.run_root):
         print("(failed jobs are left out of the table)")
     run_dirs = [job["run_dir"] for job in jobs if (Path(job["run_dir"]) / "metrics.json").exists()]
-    build_report(run_dirs, args.out or str(Path(args.run_root) / "report"), plots=False)
+    build_report(run_dirs, args.out or str(Path(args.run_root) / "report"), plots=False, baseline=args.baseline)
 
 
 # ------------------------------------------------------------------------------------------ local_cluster
@@ -208,3 +210,51 @@ def run_pipeline(args: argparse.Namespace) -> None:
     from pretrain.config import load_config
     from slurm.pipeline import Pipeline, PipelineConfig
     Pipeline(load_config(PipelineConfig, args.config, args.overrides), dry_run=args.dry_run).run()
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+# python -m slurm evaluate --backbone NAME=PATH ... --task TASK=CONFIG ... [--seeds 0 1 2]: runs, then the report.
+
+EVALUATE_EPILOG = """\
+examples:
+  python -m slurm evaluate --backbone ssl-hsic=runs/fm/checkpoints/last.pt --backbone random:resnet18 \\
+      --task linear=configs/transfer/linear_fashion_mnist.yaml --task knn=configs/transfer/linear_fashion_mnist.yaml \\
+      --seeds 0 1 2 --root runs/eval
+  python -m slurm evaluate --config my_evaluation.yaml --executor configs/slurm/cluster.yaml
+Runs whose metrics.json exists are skipped. Keys of --config: slurm/evaluate.py (EvaluateConfig)."""
+
+
+def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EVALUATE_EPILOG
+    parser.add_argument("--config", metavar="FILE", help="evaluation YAML (the flags below add to it)")
+    parser.add_argument("--backbone", action="append", default=[], metavar="[NAME=]PATH",
+                        help="a checkpoint, or random:ARCH; repeat for several")
+    parser.add_argument("--task", action="append", default=[], metavar="TASK=CONFIG", help="repeat for several")
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: 0")
+    parser.add_argument("--root", help="where the runs and the report go (default runs/evaluate)")
+    parser.add_argument("--executor", help="executor YAML (default: local jobs)")
+    parser.add_argument("--baseline", help="the backbone name every other is compared with (default: random init)")
+    parser.add_argument("--dry-run", action="store_true", help="print each job (and its sbatch flags) only")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from pretrain.config import load_config
+    from slurm.evaluate import EvaluateConfig, evaluate
+    overrides = list(args.overrides)
+    tasks = {}
+    for item in args.task:
+        task, sep, path = item.partition("=")
+        if not sep:
+            from pretrain.errors import UserError
+            raise UserError(f"--task {item}: expected TASK=CONFIG, e.g. knn=configs/transfer/linear_fashion_mnist.yaml")
+        tasks[task] = path
+    if args.backbone:
+        overrides.append(f"backbones=[{','.join(args.backbone)}]")
+    if tasks:
+        overrides.append("tasks={" + ", ".join(f"{t}: {p}" for t, p in tasks.items()) + "}")
+    for key, value in (("seeds", args.seeds and f"[{','.join(map(str, args.seeds))}]"), ("root", args.root),
+                       ("executor", args.executor), ("baseline", args.baseline)):
+        if value:
+            overrides.append(f"{key}={value}")
+    evaluate(load_config(EvaluateConfig, args.config, overrides), dry_run=args.dry_run)

@@ -2,7 +2,9 @@
 the same network at random init -> the report. Every step runs as a submitit job (the local executor by
 default, one job at a time); a rerun skips the steps whose results exist.
 
-Layout under `root`: pretrain/, scenes/, export/, <task>/<pretrained|random>/seed<k>/, report/.
+Layout under `root`: pretrain/, scenes/, export/, <task>/<pretrained|random|NAME>/seed<k>/, report/. The
+pretrained backbone is reported as `name` (ssl-hsic), random init as random-ARCH, and each of `backbones`
+(NAME=PATH, e.g. a published checkpoint or a supervised one) under its own name.
 """
 from __future__ import annotations
 
@@ -49,6 +51,18 @@ class PipelineConfig:
     seeds: list = checked([0], each(NON_NEGATIVE))
     weights: str = checked("ema", one_of("ema", "online", "target", "student", "teacher"))  # which network the tasks evaluate
     use_scenes: bool = True                               # generate scenes and point the dense tasks at them
+    name: str = checked("ssl-hsic", Rule("a backbone name (letters, digits, _ . + -)", lambda v: _is_name(v)))
+    backbones: list = checked([], Rule("a list of NAME=PATH checkpoints evaluated beside the pretrained one",
+                                       lambda v: isinstance(v, list) and all(_is_named(b) for b in v)))
+
+
+def _is_name(value) -> bool:
+    from transfer.names import NAME
+    return isinstance(value, str) and bool(NAME.match(value))
+
+
+def _is_named(value) -> bool:
+    return isinstance(value, str) and "=" in value and _is_name(value.split("=", 1)[0])
 
 
 def scene_overrides(task: str, scenes: Path) -> list[str]:
@@ -72,7 +86,6 @@ class Pipeline:
         self.root = Path(config.root)
         self.executor_config = load_executor_config(config.executor, list(config.executor_overrides))
         self.executor_config.folder = str(self.root / "jobs")
-        self.timings: dict[str, float] = {}
         self.dry_run = dry_run
 
     # ------------------------------------------------------------------------------------ the plan
@@ -116,8 +129,13 @@ class Pipeline:
                                                str(export_dir / "verified.json")],
                           str(export_dir / "verified.json"), needs=["pretrain"]))
         task_dirs = []
+        evaluated = [("pretrained", f"{c.name}={checkpoint}"), ("random", f"random-{arch}=random:{arch}"),
+                     *((spec.split("=", 1)[0], spec) for spec in c.backbones)]
+        names = [spec.split("=", 1)[0] for _, spec in evaluated]
+        if len(set(names)) < len(names) or {"pretrained", "random"} & set(names[2:]):
+            raise UserError(f"backbone names must differ from each other and from 'pretrained' / 'random': {names}")
         for task, task_config in c.tasks.items():
-            for kind, backbone in (("pretrained", str(checkpoint)), ("random", f"random:{arch}")):
+            for kind, backbone in evaluated:
                 needs = (["verify"] if kind == "pretrained" else []) + (["scenes"] if c.use_scenes and
                                                                          scene_overrides(task, scenes) else [])
                 for seed in c.seeds:
@@ -135,54 +153,62 @@ class Pipeline:
             for_step(self.executor_config, step)
         return nodes
 
-    # ------------------------------------------------------------------------------------- running
-
-    def _job(self, node) -> None:
-        """Run one step as a job here and wait for it; skip it when it is done."""
-        from slurm.executor import build_executor, report_failure
-        from slurm.jobs import StepJob
-        if node.is_done:
-            print(f"[pipeline] {node.name}: done before, skipped")
-            return
-        started = time.time()
-        job = build_executor(self.executor_config).submit(StepJob(node.step, node.argv,
-                                                                  self.executor_config.signal_delay_s))
-        print(f"[pipeline] {node.name}: job {job.job_id} ({self.executor_config.cluster})", flush=True)
-        try:
-            job.result()
-        except Exception:
-            raise UserError(f"pipeline step {node.name} failed: " + report_failure(job).replace("\n", " |")) from None
-        self.timings[node.name] = time.time() - started
-        print(f"[pipeline] {node.name}: finished in {self.timings[node.name]:.0f} s", flush=True)
-
-    def describe(self, nodes) -> None:
-        """The dry run: each job, what it waits for, its resources on SLURM and its command line."""
-        from slurm.executor import describe, for_step
-        for node in nodes:
-            print(f"[pipeline] {node.name}: after {', '.join(node.needs) or 'nothing'}")
-            for line in describe(for_step(self.executor_config, node.step), node.name, node.step, node.argv).splitlines():
-                print(f"[pipeline] {line}")
-
     def run(self) -> dict:
         nodes = self.plan()
-        if self.dry_run:
-            self.describe(nodes)
-            return {}
-        if self.executor_config.cluster == "slurm":
-            from slurm import graph
-            graph.submit(nodes, self.executor_config, self.root)
-            print(f"[pipeline] submitted to SLURM as one dependency graph; manifest {self.root / graph.MANIFEST}\n"
-                  f"[pipeline] follow it with: python -m slurm status {self.root}")
-            return {}
-        started = time.time()
-        for node in nodes[:-1]:
-            self._job(node)
-        from transfer.report import build_report
         report_node = nodes[-1]
         run_dirs = [report_node.argv[0], *report_node.argv[1:-2]]
-        report = build_report(run_dirs, self.root / "report")
-        total = time.time() - started
-        timing = {"total_s": round(total, 1), **{k: round(v, 1) for k, v in self.timings.items()}}
-        (self.root / "report" / "timings.json").write_text(json.dumps(timing, indent=2))
-        print(f"[pipeline] done in {total / 60:.1f} min; report: {self.root / 'report' / 'report.md'}")
-        return report
+        return run_graph(nodes, self.executor_config, self.root, self.dry_run, "pipeline", run_dirs)
+
+
+# ------------------------------------------------------------------------------------------- running
+
+def run_job(node, executor_config, label: str, timings: dict) -> None:
+    """Run one step as a job here and wait for it; skip it when it is done."""
+    from slurm.executor import build_executor, report_failure
+    from slurm.jobs import StepJob
+    if node.is_done:
+        print(f"[{label}] {node.name}: done before, skipped")
+        return
+    started = time.time()
+    job = build_executor(executor_config).submit(StepJob(node.step, node.argv, executor_config.signal_delay_s))
+    print(f"[{label}] {node.name}: job {job.job_id} ({executor_config.cluster})", flush=True)
+    try:
+        job.result()
+    except Exception:
+        raise UserError(f"{label} step {node.name} failed: " + report_failure(job).replace("\n", " |")) from None
+    timings[node.name] = time.time() - started
+    print(f"[{label}] {node.name}: finished in {timings[node.name]:.0f} s", flush=True)
+
+
+def describe_graph(nodes, executor_config, label: str) -> None:
+    """The dry run: each job, what it waits for, its resources on SLURM and its command line."""
+    from slurm.executor import describe, for_step
+    for node in nodes:
+        print(f"[{label}] {node.name}: after {', '.join(node.needs) or 'nothing'}")
+        for line in describe(for_step(executor_config, node.step), node.name, node.step, node.argv).splitlines():
+            print(f"[{label}] {line}")
+
+
+def run_graph(nodes, executor_config, root: Path, dry_run: bool, label: str, report_dirs: list[str],
+              baseline: str | None = None) -> dict:
+    """Print the graph (dry run), submit it to SLURM as one dependency graph and return, or run its steps here
+    one after another (the last node is the report, built in this process) and return the report."""
+    if dry_run:
+        describe_graph(nodes, executor_config, label)
+        return {}
+    if executor_config.cluster == "slurm":
+        from slurm import graph
+        graph.submit(nodes, executor_config, root)
+        print(f"[{label}] submitted to SLURM as one dependency graph; manifest {root / graph.MANIFEST}\n"
+              f"[{label}] follow it with: python -m slurm status {root}")
+        return {}
+    started, timings = time.time(), {}
+    for node in nodes[:-1]:
+        run_job(node, executor_config, label, timings)
+    from transfer.report import build_report
+    report = build_report(report_dirs, root / "report", baseline=baseline)
+    total = time.time() - started
+    timing = {"total_s": round(total, 1), **{k: round(v, 1) for k, v in timings.items()}}
+    (root / "report" / "timings.json").write_text(json.dumps(timing, indent=2))
+    print(f"[{label}] done in {total / 60:.1f} min; report: {root / 'report' / 'report.md'}")
+    return report

@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import json
 import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,7 @@ def _known_tasks(value) -> bool:
 @dataclass
 class SweepConfig:
     run_root: str = "runs/sweep"
-    backbones: list = checked([], Rule("a list of checkpoint paths or random:ARCH",
+    backbones: list = checked([], Rule("a list of [NAME=]checkpoint paths or [NAME=]random:ARCH",
                                        lambda v: isinstance(v, list) and all(isinstance(b, str) for b in v)))
     tasks: dict = checked({}, Rule("a mapping of registered tasks to config files", _known_tasks))  # task -> config
     seeds: list = checked([0], each(NON_NEGATIVE))
@@ -33,26 +32,26 @@ class SweepConfig:
                                          lambda v: isinstance(v, list) and v and all(isinstance(o, list) for o in v)))
 
 
-def backbone_label(spec: str) -> str:
-    if spec.startswith("random:"):
-        return spec.replace(":", "-")
-    path = Path(spec)
-    name = path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-
-
 def plan(config: SweepConfig) -> list[dict]:
     if not config.backbones or not config.tasks:
         raise UserError("a sweep needs at least one backbone (backbones: [...]) and one task (tasks: {task: config})")
+    from transfer.names import split_named
     from transfer.tasks import TASKS
     unknown = sorted(set(config.tasks) - set(TASKS))
     if unknown:
         raise UserError(f"unknown sweep tasks {unknown}; choose from {', '.join(TASKS)}")
+    named: dict[str, str] = {}
+    for backbone in config.backbones:
+        name = split_named(backbone)[0]
+        if name in named:
+            raise UserError(f"backbones {named[name]} and {backbone} are both named '{name}'; name them apart with "
+                            "NAME=PATH")
+        named[name] = backbone
     jobs = []
     for (task, task_config), backbone, seed, (index, overrides) in itertools.product(
             config.tasks.items(), config.backbones, config.seeds, enumerate(config.overrides)):
         suffix = f"_o{index}" if len(config.overrides) > 1 else ""
-        run_dir = Path(config.run_root) / task / backbone_label(backbone) / f"seed{seed}{suffix}"
+        run_dir = Path(config.run_root) / task / split_named(backbone)[0] / f"seed{seed}{suffix}"
         argv = ["--backbone", backbone, "--config", task_config, f"run_dir={run_dir}", f"seed={seed}", *overrides]
         jobs.append({"task": task, "backbone": backbone, "seed": seed, "overrides": list(overrides),
                      "run_dir": str(run_dir), "argv": argv})

@@ -35,7 +35,7 @@ def test_tiny_pipeline_runs_end_to_end_and_a_rerun_skips_everything(tmp_path):
     table = (root / "report" / "report.md").read_text()
     for task, metric in (("linear", "top1"), ("knn", "top1"), ("segmentation", "mIoU"), ("detection", "bbox.AP"),
                          ("depth", "rms")):
-        assert f"| {task} |" in table and metric in table
+        assert f"### {task} ·" in table and f"| {metric} " in table
         for kind in ("pretrained", "random"):
             record = json.loads((root / task / kind / "seed0" / "metrics.json").read_text())
             assert record["task"] == task and record["backbone"]["weights"] == ("random" if kind == "random" else "ema")

@@ -1,63 +1,163 @@
-"""The report: table values from fixture metrics.json files, and its plot files."""
+"""The report: named backbones side by side with intervals and Welch's test, checked against independent
+computations; the long CSV; references; plots."""
 import json
+import math
 import statistics
 
 import pytest
 
 from tests.conftest import run_cli
 
+T_975 = {1: 12.706204736174705, 2: 4.302652729749464}  # Student's t, 0.975 quantile, 1 and 2 degrees of freedom
 
-def write_run(path, task, metrics, random, seed, dataset="scenes"):
+
+def write_run(path, task, metrics, backbone, seed, dataset="scenes", protocol_id=None, config=None):
     path.mkdir(parents=True)
-    backbone = {"path": "random:resnet18", "sha256": "0" * 64, "weights": "random"} if random else \
-        {"path": "/runs/fm/checkpoints/last.pt", "sha256": "1" * 64, "weights": "ema"}
-    (path / "metrics.json").write_text(json.dumps({
-        "task": task, "dataset": dataset, "backbone": backbone, "protocol": "p", "metrics": metrics, "seed": seed,
-        "config": {}, "code_version": "0", "wall_time_s": 1.0}))
+    record = {"task": task, "dataset": dataset, "backbone": backbone, "protocol": "p", "metrics": metrics,
+              "seed": seed, "config": config or {"batch_size": 8, "lr": 0.1, "data": {"test_split": "val"}},
+              "code_version": "0", "wall_time_s": 1.0, "world_size": 1}
+    if protocol_id:
+        record["protocol_id"] = protocol_id
+    (path / "metrics.json").write_text(json.dumps(record))
     return path
 
 
+def named(name, fingerprint, path=None, weights="ema", arch="resnet18"):
+    return {"name": name, "path": path or f"/ckpt/{name}.pth", "sha256": fingerprint * 64,
+            "fingerprint": fingerprint * 64, "weights": weights, "arch": arch}
+
+
+RANDOM = {"name": "random-resnet18", "path": "random:resnet18", "sha256": "0" * 64, "fingerprint": "0" * 64,
+          "weights": "random", "arch": "resnet18"}
+VALUES = {"ssl-hsic": [70.0, 74.0], "byol": [71.0, 72.0], "random-resnet18": [60.0, 61.0]}
+
+
 @pytest.fixture
-def runs(tmp_path):
+def three_backbones(tmp_path):
+    """3 backbones x 2 seeds on segmentation; depth for one seed (n = 1: no interval, no test)."""
+    backbones = {"ssl-hsic": named("ssl-hsic", "a"), "byol": named("byol", "b"), "random-resnet18": RANDOM}
     dirs = []
-    for seed, (pre, rand) in enumerate([(70.0, 60.0), (72.0, 61.0), (74.0, 65.0)]):
-        dirs.append(write_run(tmp_path / f"seg_pre{seed}", "segmentation", {"mIoU": pre}, False, seed))
-        dirs.append(write_run(tmp_path / f"seg_rand{seed}", "segmentation", {"mIoU": rand}, True, seed))
-    dirs.append(write_run(tmp_path / "depth_pre", "depth", {"rms": 0.5, "delta1": 80.0}, False, 0))
-    dirs.append(write_run(tmp_path / "depth_rand", "depth", {"rms": 0.7, "delta1": 70.0}, True, 0))
-    pretrain = write_run(tmp_path / "pretrain", "pretrain", {"loss": -0.3}, False, 0, "fashion_mnist")
+    for name, backbone in backbones.items():
+        for seed, value in enumerate(VALUES[name]):
+            # each random seed draws other weights: another fingerprint, still the same baseline
+            b = {**backbone, "fingerprint": f"{seed}" * 64} if name.startswith("random") else backbone
+            dirs.append(write_run(tmp_path / f"seg_{name}_{seed}", "segmentation", {"mIoU": value}, b, seed))
+        dirs.append(write_run(tmp_path / f"depth_{name}", "depth", {"rms": {"ssl-hsic": 0.5, "byol": 0.55,
+                                                                         "random-resnet18": 0.7}[name]}, backbone, 0))
+    pretrain = write_run(tmp_path / "pretrain", "pretrain", {"loss": -0.3}, backbones["ssl-hsic"], 0, "fashion_mnist")
     (pretrain / "history.jsonl").write_text("".join(json.dumps({"step": s, "loss": -s / 10, "hsic_xy": s / 5,
-                                                                "hsic_xx": 0.01, "scale": 1.0, "rankme": 10.0 + s})
-                                                    + "\n" for s in range(1, 6)))
+                                                                "hsic_xx": 0.01, "scale": 1.0, "rankme": 10.0 + s,
+                                                                "probe_top1": s / 10}) + "\n" for s in range(1, 6)))
     return [*dirs, pretrain]
 
 
-def test_report_table_values(runs, tmp_path):
+def welch_by_formula(a, b):
+    """Welch's t and its two-sided p from the t distribution's CDF, written out (not scipy.stats.ttest_ind)."""
+    from scipy.special import stdtr
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    t = (statistics.fmean(a) - statistics.fmean(b)) / math.sqrt(va + vb)
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return 2 * stdtr(dof, -abs(t))
+
+
+def test_three_backbones_two_seeds_give_columns_means_intervals_and_differences(three_backbones, tmp_path):
     from transfer.report import build_report
-    report = build_report(runs, tmp_path / "out", plots=False, echo=False)
-    rows = {(r["task"], r["metric"]): r for r in report["rows"]}
-    seg = rows[("segmentation", "mIoU")]
-    assert seg["pretrained"] == pytest.approx((72.0, statistics.stdev([70, 72, 74]), 3))
-    assert seg["random init"] == pytest.approx((62.0, statistics.stdev([60, 61, 65]), 3))
-    assert seg["difference"] == pytest.approx(10.0)
-    assert rows[("depth", "rms")]["difference"] == pytest.approx(-0.2)
+    report = build_report(three_backbones, tmp_path / "out", plots=False, echo=False)
+    seg = next(c for c in report["comparisons"] if c.task == "segmentation")
+    by_name = {ident.name: summary for ident, summary in seg.summaries.items()}
+    assert set(by_name) == {"ssl-hsic", "byol", "random-resnet18"}
+    assert seg.baseline.name == "random-resnet18"
+    for name, values in VALUES.items():
+        s = by_name[name]
+        mean, std = statistics.fmean(values), statistics.stdev(values)
+        half = T_975[1] * std / math.sqrt(2)
+        assert (s.n, s.mean, s.std) == (2, pytest.approx(mean), pytest.approx(std))
+        assert s.interval == pytest.approx((mean - half, mean + half))
+    for ident in seg.summaries:
+        if ident.name != "random-resnet18":
+            diff, p = seg.difference(ident)
+            assert diff == pytest.approx(statistics.fmean(VALUES[ident.name]) - 60.5)
+            assert p == pytest.approx(welch_by_formula(VALUES[ident.name], VALUES["random-resnet18"]))
+    assert seg.best is None  # ssl-hsic's mean is best, but its interval (n = 2) overlaps byol's
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "| segmentation | scenes | mIoU | 72 ± 2 (n=3) | 62 ± 2.6 (n=3) | +10 |" in md
-    assert "| depth | scenes | rms (lower is better) | 0.5 | 0.7 | -0.2 |" in md
-    csv = (tmp_path / "out" / "report.csv").read_text().splitlines()
-    assert "segmentation,scenes,mIoU,72.0,2.0,3,62.0,2.6457513110645907,3,10.0" in csv
+    assert "| metric | random-resnet18 (baseline) | byol | ssl-hsic |" in md
+    assert "| rms (lower is better) | 0.7 | 0.55; Δ -0.15 | 0.5; Δ -0.2 |" in md
 
 
-def test_report_cli_writes_plots(runs, tmp_path):
-    result = run_cli("transfer", "report", *map(str, runs), "--out", str(tmp_path / "out"))
+def test_best_is_marked_only_beyond_the_intervals(tmp_path):
+    from transfer.report import build_report
+    dirs = []
+    for name, values in {"good": [80.0, 80.5, 81.0], "weak": [60.0, 61.0, 62.0]}.items():
+        for seed, value in enumerate(values):
+            dirs.append(write_run(tmp_path / f"{name}{seed}", "linear", {"top1": value}, named(name, name[0]), seed))
+    comparison = build_report(dirs, tmp_path / "out", plots=False, echo=False)["comparisons"][0]
+    assert comparison.best.name == "good" and comparison.baseline is None  # no random init: no differences
+    assert "**80.5 ± 0.5 (n=3; 95% CI 79.26–81.74)** best" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_two_pretrained_checkpoints_never_merge_even_under_one_name(tmp_path):
+    """The bug this report replaced: every non-random backbone became one 'pretrained' row."""
+    from transfer.report import build_report
+    dirs = [write_run(tmp_path / "a", "knn", {"top1": 50.0}, named("last", "a", "/runs/a/checkpoints/last.pt"), 0),
+            write_run(tmp_path / "b", "knn", {"top1": 90.0}, named("last", "b", "/runs/b/checkpoints/last.pt"), 0)]
+    comparison = build_report(dirs, tmp_path / "out", plots=False, echo=False)["comparisons"][0]
+    assert sorted(s.mean for s in comparison.summaries.values()) == [50.0, 90.0]
+    assert "| metric | last [aaaaaaaa] | last [bbbbbbbb] |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_the_long_csv_has_one_row_per_run_and_metric_that_pandas_reads(three_backbones, tmp_path):
+    import pandas as pd
+    from transfer.report import LONG_COLUMNS, build_report
+    build_report(three_backbones, tmp_path / "out", plots=False, echo=False)
+    frame = pd.read_csv(tmp_path / "out" / "report.csv")
+    assert list(frame.columns) == LONG_COLUMNS
+    assert len(frame) == 6 + 3 + 1  # 6 segmentation runs, 3 depth runs, the pretraining run (one metric each)
+    seg = frame[frame.task == "segmentation"]
+    assert seg.groupby("backbone")["value"].mean().to_dict() == {n: statistics.fmean(v) for n, v in VALUES.items()}
+    row = seg.iloc[0]
+    assert (row.split, row.global_batch, row.world_size) == ("val", 8, 1)
+    assert json.loads(row.hyperparameters) == {"batch_size": 8, "lr": 0.1}
+
+
+def test_a_published_reference_shows_only_for_its_protocol(tmp_path):
+    from transfer.report import build_report
+    ours = write_run(tmp_path / "ours", "linear", {"top1": 70.0}, named("ssl-hsic", "a"), 0, "imagenet",
+                     protocol_id="imagenet-linear-byol")
+    other = write_run(tmp_path / "other", "linear", {"top1": 30.0}, named("ssl-hsic", "a"), 0, "fashion_mnist")
+    build_report([ours, other], tmp_path / "out", plots=False, echo=False)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md.count("Published with this protocol:") == 1
+    assert "* BYOL (ResNet-50): top1 74.3 — Grill et al., NeurIPS 2020, Table 1a" in md
+    assert "SSL-HSIC (ResNet-50)" not in md  # its protocol id is imagenet-linear-sslhsic
+
+
+def test_report_cli_writes_plots_embedded_in_report_md(three_backbones, tmp_path):
+    result = run_cli("transfer", "report", *map(str, three_backbones), "--out", str(tmp_path / "out"),
+                     "--baseline", "byol")
     assert result.returncode == 0, result.stderr
-    assert "| segmentation |" in result.stdout
     pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert pngs == ["pretrain_pretrain.png", "task_depth.png", "task_segmentation.png"]
     assert all((tmp_path / "out" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert all(f"]({p})" in md for p in pngs)
+    assert "| metric | byol (baseline) | random-resnet18 | ssl-hsic |" in md
+    bad = run_cli("transfer", "report", *map(str, three_backbones), "--out", str(tmp_path / "bad"), "--baseline", "moco")
+    assert bad.returncode == 2 and "baseline 'moco' names no backbone of these runs" in bad.stderr
 
 
 def test_report_refuses_unfinished_runs(tmp_path):
     (tmp_path / "run").mkdir()
     result = run_cli("transfer", "report", str(tmp_path / "run"), "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "metrics.json does not exist" in result.stderr
+
+
+def test_a_real_task_run_records_its_backbone_name_and_fingerprint(tmp_path):
+    from transfer.backbone import fingerprint, resolve_backbone
+    args = ["knn", "--backbone", "baseline=random:resnet18", "--config", "configs/transfer/linear_fashion_mnist.yaml",
+            f"run_dir={tmp_path / 'run'}", "data.limit_train=100", "data.limit_test=50", "data.num_workers=0",
+            f"cache_dir={tmp_path / 'cache'}", "protocol_id=fm-knn"]
+    result = run_cli("transfer", *args)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["backbone"]["name"] == "baseline" and record["protocol_id"] == "fm-knn"
+    assert record["backbone"]["fingerprint"] == fingerprint(resolve_backbone("random:resnet18", 0).state_dict)

@@ -78,7 +78,7 @@ def test_one_submission_a_failed_upstream_step_and_a_rerun_that_submits_only_wha
     states = wait_until_settled(root)
     assert all(state == "DONE" for state, _ in states.values()), states
     table = (root / "report" / "report.md").read_text()
-    assert "| knn |" in table and "top1" in table
+    assert "### knn ·" in table and "| top1 |" in table and "| random-resnet18 (baseline) | ssl-hsic |" in table
     record = json.loads((root / "knn" / "pretrained" / "seed0" / "metrics.json").read_text())
     assert record["backbone"]["weights"] == "ema" and record["world_size"] == 2
     assert (root / "pretrain" / "log.txt").read_text().count("processes: 2") >= 1

@@ -42,6 +42,7 @@ class Backbone:
     layout: str          # how it was found, e.g. "ssl-hsic checkpoint (ema)" or "prefix 'module.encoder_q.'"
     weights: str         # ema | online | target | student | teacher | as-is
     padding: str = "torch"  # torch: torchvision's symmetric padding; same: TensorFlow's SAME (JAX checkpoints)
+    name: str = ""          # how reports call it (transfer.names: NAME=PATH, or derived from the path)
 
     def model(self) -> torch.nn.Module:
         """A torchvision ResNet (fc = Identity) holding these weights, padding as the network was trained."""
@@ -264,7 +265,10 @@ def fingerprint(state_dict: dict[str, Tensor]) -> str:
 
 
 def resolve_backbone(spec: str, seed: int = 0, weights: str = "ema") -> Backbone:
-    """A checkpoint path, or 'random:ARCH' for the same network at random init (seeded): the baseline."""
+    """`[NAME=]PATH`, or `[NAME=]random:ARCH` for the same network at random init (seeded): the baseline."""
+    import dataclasses
+    from transfer.names import split_named
+    name, spec = split_named(spec)
     if spec.startswith("random:"):
         arch = spec.split(":", 1)[1]
         if arch not in ARCHITECTURES:
@@ -272,5 +276,5 @@ def resolve_backbone(spec: str, seed: int = 0, weights: str = "ema") -> Backbone
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             state = build_resnet(arch).state_dict()
-        return Backbone(state, arch, spec, "random init", "random")
-    return load_backbone(spec, weights)
+        return Backbone(state, arch, spec, "random init", "random", name=name)
+    return dataclasses.replace(load_backbone(spec, weights), name=name)

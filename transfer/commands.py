@@ -99,8 +99,9 @@ def report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dirs", nargs="+", help="run dirs holding metrics.json (pretraining runs give curves)")
     parser.add_argument("--out", required=True, help="folder for report.md, report.csv and the PNG plots")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--baseline", help="the backbone every other is compared with (a name; default: random init)")
 
 
 def run_report(args: argparse.Namespace) -> None:
     from transfer.report import build_report
-    build_report(args.run_dirs, args.out, plots=not args.no_plots)
+    build_report(args.run_dirs, args.out, plots=not args.no_plots, baseline=args.baseline)

@@ -35,8 +35,11 @@ class TaskResult:
 
 
 def backbone_record(backbone: Backbone) -> dict[str, str]:
+    """name, path, sha256 (of the file; of the weights for random init), the weights' fingerprint, which network,
+    architecture."""
     digest = sha256_of(backbone.source) if Path(backbone.source).is_file() else fingerprint(backbone.state_dict)
-    record = {"path": backbone.source, "sha256": digest, "weights": backbone.weights, "arch": backbone.arch}
+    record = {"name": backbone.name, "path": backbone.source, "sha256": digest,
+              "fingerprint": fingerprint(backbone.state_dict), "weights": backbone.weights, "arch": backbone.arch}
     return {**record, "padding": "same"} if backbone.padding == "same" else record
 
 
@@ -78,10 +81,11 @@ class TaskRun:
 
     def finish(self, result: TaskResult) -> dict:
         """metrics.json's content; rank 0 writes it."""
+        protocol_id = {"protocol_id": self.config.protocol_id} if self.config.get("protocol_id") else {}
         record = metrics_record(task=self.task, dataset=result.dataset, backbone=self.record,
                                 protocol=result.protocol, metrics=result.metrics, seed=self.config.seed,
                                 config=OmegaConf.to_container(self.config, resolve=True),
-                                wall_time_s=time.time() - self.started, extra=result.extra or None)
+                                wall_time_s=time.time() - self.started, extra={**protocol_id, **(result.extra or {})})
         if self.is_main:
             atomic_write_bytes(self.run_dir / "metrics.json", json.dumps(record, indent=2).encode())
         log.info("%s: %s", self.task, ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))

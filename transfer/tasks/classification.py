@@ -83,6 +83,7 @@ class KnnProtocol:
 @dataclass
 class Config:
     run_dir: str = "runs/linear"
+    protocol_id: str = ""                   # the published protocol followed (transfer/references.yaml)
     seed: int = checked(0, NON_NEGATIVE)
     data: ClassificationData = field(default_factory=ClassificationData)
     linear: LinearProtocol = field(default_factory=LinearProtocol)

@@ -179,6 +179,7 @@ class DepthData:
 @dataclass
 class Config:
     run_dir: str = "runs/depth"
+    protocol_id: str = ""                   # the published protocol followed (transfer/references.yaml)
     seed: int = checked(0, NON_NEGATIVE)
     data: DepthData = field(default_factory=DepthData)
     steps: int = checked(300, POSITIVE_INT)

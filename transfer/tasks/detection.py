@@ -42,6 +42,7 @@ class DetectionData:
 @dataclass
 class Config:
     run_dir: str = "runs/detection"
+    protocol_id: str = ""                   # the published protocol followed (transfer/references.yaml)
     seed: int = checked(0, NON_NEGATIVE)
     base: str = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"  # a detectron2 model-zoo config
     data: DetectionData = field(default_factory=DetectionData)

@@ -58,6 +58,7 @@ class SegmentationSchedule:
 @dataclass
 class Config:
     run_dir: str = "runs/segmentation"
+    protocol_id: str = ""                   # the published protocol followed (transfer/references.yaml)
     seed: int = checked(0, NON_NEGATIVE)
     data: SegmentationData = field(default_factory=SegmentationData)
     schedule: SegmentationSchedule = field(default_factory=SegmentationSchedule)

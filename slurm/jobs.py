@@ -18,7 +18,7 @@ TOOLS = ("export", "verify", "scenes", "report")
 def steps() -> tuple[str, ...]:
     """Every step a job can run: pretraining, the transfer tools, and the registered transfer tasks."""
     from transfer.tasks import TASKS
-    return ("pretrain", *TOOLS, *TASKS)
+    return ("pretrain", "supervised", *TOOLS, *TASKS)
 
 
 class StepJob:
@@ -38,6 +38,12 @@ class StepJob:
         if self.step == "pretrain":
             return self._pretrain()
         from pretrain.errors import UserError
+        if self.step == "supervised":  # resumes from its per-epoch progress file when requeued
+            from pretrain.supervised import main as supervised
+            try:
+                return supervised(self.argv)
+            except UserError as error:
+                raise RuntimeError(f"supervised failed: {' '.join(str(error).split())}") from None
         from transfer.__main__ import main
         try:
             main([self.step, *self.argv])

@@ -3,8 +3,9 @@ the same network at random init -> the report. Every step runs as a submitit job
 default, one job at a time); a rerun skips the steps whose results exist.
 
 Layout under `root`: pretrain/, scenes/, export/, <task>/<pretrained|random|NAME>/seed<k>/, report/. The
-pretrained backbone is reported as `name` (ssl-hsic), random init as random-ARCH, and each of `backbones`
-(NAME=PATH, e.g. a published checkpoint or a supervised one) under its own name.
+pretrained backbone is reported as `name` (ssl-hsic), random init as random-ARCH, the positive control
+(`supervised`: the same network trained on the labels for the pretraining's budget, pretrain.supervised) as
+supervised, and each of `backbones` (NAME=PATH, e.g. a published checkpoint) under its own name.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ class PipelineConfig:
     seeds: list = checked([0], each(NON_NEGATIVE))
     weights: str = checked("ema", one_of("ema", "online", "target", "student", "teacher"))  # which network the tasks evaluate
     use_scenes: bool = True                               # generate scenes and point the dense tasks at them
+    supervised: bool = True                               # the positive control: the network trained on the labels
     name: str = checked("ssl-hsic", Rule("a backbone name (letters, digits, _ . + -)", lambda v: _is_name(v)))
     backbones: list = checked([], Rule("a list of NAME=PATH checkpoints evaluated beside the pretrained one",
                                        lambda v: isinstance(v, list) and all(_is_named(b) for b in v)))
@@ -131,13 +133,19 @@ class Pipeline:
         task_dirs = []
         evaluated = [("pretrained", f"{c.name}={checkpoint}"), ("random", f"random-{arch}=random:{arch}"),
                      *((spec.split("=", 1)[0], spec) for spec in c.backbones)]
+        if c.supervised:  # the same network and budget on the labels: how far apart the evaluation puts backbones
+            supervised_dir = root / "supervised"
+            nodes.append(Node("supervised", "supervised", ["--config", c.pretrain_config, f"run_dir={supervised_dir}",
+                                                           *c.pretrain_overrides], str(supervised_dir / "metrics.json")))
+            evaluated.append(("supervised", f"supervised={supervised_dir / 'backbone.pth'}"))
         names = [spec.split("=", 1)[0] for _, spec in evaluated]
         if len(set(names)) < len(names) or {"pretrained", "random"} & set(names[2:]):
-            raise UserError(f"backbone names must differ from each other and from 'pretrained' / 'random': {names}")
+            raise UserError(f"backbone names must differ from each other and from 'pretrained' / 'random' / "
+                            f"'supervised': {names}")
         for task, task_config in c.tasks.items():
             for kind, backbone in evaluated:
-                needs = (["verify"] if kind == "pretrained" else []) + (["scenes"] if c.use_scenes and
-                                                                         scene_overrides(task, scenes) else [])
+                needs = ({"pretrained": ["verify"], "supervised": ["supervised"]}.get(kind, [])
+                         + (["scenes"] if c.use_scenes and scene_overrides(task, scenes) else []))
                 for seed in c.seeds:
                     run_dir = root / task / kind / f"seed{seed}"
                     argv = ["--backbone", backbone, "--weights", c.weights, "--config", task_config,

@@ -36,11 +36,13 @@ def test_tiny_pipeline_runs_end_to_end_and_a_rerun_skips_everything(tmp_path):
     for task, metric in (("linear", "top1"), ("knn", "top1"), ("segmentation", "mIoU"), ("detection", "bbox.AP"),
                          ("depth", "rms")):
         assert f"### {task} ·" in table and f"| {metric} " in table
-        for kind in ("pretrained", "random"):
+        for kind, name in (("pretrained", "ssl-hsic"), ("random", "random-resnet18"), ("supervised", "supervised")):
             record = json.loads((root / task / kind / "seed0" / "metrics.json").read_text())
-            assert record["task"] == task and record["backbone"]["weights"] == ("random" if kind == "random" else "ema")
+            assert record["task"] == task and record["backbone"]["name"] == name
+            assert record["backbone"]["weights"] == {"pretrained": "ema", "random": "random"}.get(kind, "as-is")
     assert (root / "report" / "pretrain_pretrain.png").exists() and (root / "report" / "task_depth.png").exists()
     assert json.loads((root / "export" / "backbone_ema.pkl.json").read_text())["arch"] == "resnet18"
     rerun = run_cli("slurm", "pipeline", "--config", str(config), timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert rerun.stdout.count("done before, skipped") == 4 + 10  # pretrain, scenes, export, verify + 10 task runs
+    # pretrain, supervised, scenes, export, verify + 5 tasks x 3 backbones
+    assert rerun.stdout.count("done before, skipped") == 5 + 15

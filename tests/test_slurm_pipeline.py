@@ -23,7 +23,7 @@ def write_pipeline(tmp_path: Path, pretrain_extra: list[str]) -> Path:
         "root": str(tmp_path / "root"), "executor": str(executor),
         "pretrain_config": "configs/pretrain/fashion_mnist_resnet18.yaml",
         "pretrain_overrides": [*TINY, "optim.epochs=1", *pretrain_extra],
-        "use_scenes": False, "tasks": {"knn": "configs/transfer/linear_fashion_mnist.yaml"},
+        "use_scenes": False, "supervised": False, "tasks": {"knn": "configs/transfer/linear_fashion_mnist.yaml"},
         "task_overrides": {"knn": ["data.limit_train=300", "data.limit_test=100", "data.num_workers=0",
                                    f"cache_dir={tmp_path / 'cache'}"]},
         "seeds": [0]}))

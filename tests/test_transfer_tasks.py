@@ -374,3 +374,31 @@ def test_depth_trains_on_raw_frames_when_given_and_records_it(scenes, tmp_path):
     assert "depth: training on 16 raw frames, testing on 6" in (tmp_path / "run" / "log.txt").read_text()
     result = run_cli("transfer", *args[:-1], f"run_dir={tmp_path / 'bad'}", f"data.raw_root={tmp_path}")
     assert result.returncode == 2 and "holds no frame pairs <scene>/rgb_<k>.jpg" in result.stderr
+
+
+def test_depth_colour_is_tensorflows_additive_brightness_hsv_saturation_and_hue_shift():
+    from transfer.tasks.depth import colour
+    rgb = torch.tensor([[[0.9, 0.2]], [[0.1, 0.2]], [[0.1, 0.6]]])  # a red and a blue pixel, [3, 1, 2]
+    keep = {"gray": torch.tensor([False]), "saturation": torch.tensor([1.0]), "hue": torch.tensor([0.0])}
+    shifted = colour(rgb, {**keep, "brightness": torch.tensor([0.1])})
+    assert torch.allclose(shifted, (rgb + 0.1).clamp(0, 1), atol=1e-6)  # x + delta, clipped (not x * factor)
+    half_turn = colour(rgb, {**keep, "brightness": torch.tensor([0.0]), "hue": torch.tensor([0.5])})
+    assert torch.allclose(half_turn[:, 0, 0], torch.tensor([0.1, 0.9, 0.9]), atol=1e-6)  # red -> cyan
+    grey = colour(rgb, {**keep, "brightness": torch.tensor([0.0]), "saturation": torch.tensor([0.0])})
+    assert torch.allclose(grey[:, 0, 0], torch.full((3,), 0.9), atol=1e-6)  # saturation 0: v everywhere (HSV)
+
+
+def test_segmentation_chooses_its_lr_on_held_out_training_images(scenes, tmp_path):
+    result = run_cli("transfer", *seg_args(scenes, tmp_path, "random:resnet18", "schedule.lr_grid=[0.001,0.05]",
+                                           "data.heldout=4", "schedule.iterations=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    held_out = record["heldout_mIoU"]
+    assert set(held_out) == {"0.001", "0.05"} and record["heldout"] == 4
+    assert record["chosen_lr"] == max((0.001, 0.05), key=lambda lr: held_out[f"{lr:g}"])
+    select = tmp_path / "run" / "select"
+    held, fit = (select / "heldout.txt").read_text().split(), (select / "fit.txt").read_text().split()
+    train = (scenes / "voc" / "VOC2012" / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    assert len(held) == 4 and sorted(held + fit) == sorted(train) and not set(held) & set(fit)
+    bad = run_cli("transfer", *seg_args(scenes, tmp_path / "bad", "random:resnet18", "schedule.lr_grid=[0.01]"))
+    assert bad.returncode == 2 and "schedule.lr_grid needs data.heldout between 1 and 15" in bad.stderr

@@ -100,9 +100,6 @@ def berhu_loss(prediction: Tensor, target: Tensor, world_size: int = 1) -> Tenso
     return torch.where(error <= c, error, (error ** 2 + c ** 2) / (2 * c)).sum() * (world_size / count)
 
 
-METRICS = ("delta1", "delta2", "delta3", "rms", "rel", "log10")
-
-
 def depth_sums(prediction: Tensor, target: Tensor, min_depth: float = 1e-3) -> Tensor:
     """Over the valid pixels (target > 0) of one image, float64: [n, #(ratio < 1.25), #(< 1.25^2), #(< 1.25^3),
     sum (d - d*)^2, sum |d - d*| / d*, sum |log10 d - log10 d*|], predictions clamped at min_depth."""
@@ -129,14 +126,32 @@ def depth_metrics(prediction: Tensor, target: Tensor, min_depth: float = 1e-3) -
 
 # ------------------------------------------------------------------------------------------- data
 
+def draw_colour() -> dict[str, Tensor]:
+    """One image's colour augmentation of the protocol (BYOL D.6, TensorFlow's image ops), from the global RNG:
+    grayscale with p 0.3, brightness shift delta in [-0.1255, 0.1255], saturation factor in [0.5, 1.5], hue shift
+    in [-0.2, 0.2] (a fraction of the hue circle)."""
+    return {"gray": torch.rand(1) < 0.3, "brightness": torch.empty(1).uniform_(-0.1255, 0.1255),
+            "saturation": torch.empty(1).uniform_(0.5, 1.5), "hue": torch.empty(1).uniform_(-0.2, 0.2)}
+
+
+def colour(rgb: Tensor, draws: dict[str, Tensor]) -> Tensor:
+    """[3, H, W] in [0, 1]: grayscale (when drawn), then x + delta, the saturation scaled in HSV, the hue
+    shifted, each clipped to [0, 1] (pretrain.batch_augment's official ops, on a batch of one)."""
+    from pretrain.batch_augment import adjust_brightness, adjust_hue, adjust_saturation, grayscale
+    x = rgb[None]
+    if bool(draws["gray"]):
+        x = grayscale(x).expand(-1, 3, -1, -1)
+    x = adjust_brightness(x.clone(), draws["brightness"])
+    x = adjust_saturation(x, draws["saturation"])
+    return adjust_hue(x, draws["hue"])[0]
+
+
 class DepthPairs(torch.utils.data.Dataset):
-    """(image, depth) -> resized, centre-cropped (eval) or augmented (train: flip, colour) float tensors."""
+    """(image, depth) -> resized, centre-cropped (eval) or augmented (train: flip, colour) float tensors; the
+    augmentation of image i in epoch e is drawn from (seed, e, i), whichever process or worker reads it."""
 
     def __init__(self, dataset, resize: tuple[int, int], crop: tuple[int, int], train: bool, seed: int):
-        from torchvision.transforms import v2
         self.dataset, self.resize, self.crop, self.train, self.seed = dataset, tuple(resize), tuple(crop), train, seed
-        self.colour = v2.Compose([v2.RandomGrayscale(0.3),
-                                  v2.ColorJitter(brightness=0.1255, saturation=(0.5, 1.5), hue=0.2)])
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -150,14 +165,14 @@ class DepthPairs(torch.utils.data.Dataset):
             rgb = TF.resize(rgb, [h, w], antialias=True)
             depth = F.interpolate(depth[None, None], size=(h, w), mode="nearest")[0, 0]
         top, left = (h - ch) // 2, (w - cw) // 2
-        rgb, depth = rgb[:, top:top + ch, left:left + cw], depth[top:top + ch, left:left + cw]
+        rgb, depth = rgb[:, top:top + ch, left:left + cw].float() / 255, depth[top:top + ch, left:left + cw]
         if self.train:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed * 1_000_003 + self.epoch * 100_003 + index)
                 if torch.rand(()) < 0.5:
                     rgb, depth = rgb.flip(-1), depth.flip(-1)
-                rgb = self.colour(rgb)
-        image = TF.normalize(rgb.float() / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+                rgb = colour(rgb, draw_colour())
+        image = TF.normalize(rgb, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
         return image, depth.float()
 
 

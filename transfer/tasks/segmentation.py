@@ -37,6 +37,7 @@ class SegmentationData:
     aug_list: str = ""                      # VOC: ImageSets/Segmentation/aug.txt, as mmseg's voc_aug converter writes it
     aug_labels: str = "SegmentationClassAug"  # its labels; trained on with train_list's images (empty aug_list: none)
     val_labels: str = "SegmentationClass"
+    heldout: int = checked(0, NON_NEGATIVE)  # schedule.lr_grid: images of train_list held out to choose the lr on
     scale: tuple[int, int] = checked((128, 128), each(POSITIVE_INT, 2))  # (w, h) before the random rescale
     crop: tuple[int, int] = checked((96, 96), each(POSITIVE_INT, 2))
     ratio_range: tuple[float, float] = checked((0.5, 2.0), each(greater_than(0), 2, ordered=True))
@@ -51,6 +52,7 @@ class SegmentationSchedule:
     momentum: float = checked(0.9, between(0, 1, open_high=True))
     weight_decay: float = checked(1e-4, NON_NEGATIVE)
     milestones: tuple[float, float] = checked((0.7, 0.9), each(between(0, 1), 2, ordered=True))
+    lr_grid: tuple = checked((), each(greater_than(0), empty=True))  # choose lr among these (BYOL D.4: five)
     log_interval: int = checked(50, POSITIVE_INT)
     checkpoint_interval: int = checked(100, POSITIVE_INT)
 
@@ -178,10 +180,64 @@ def prepare(task: str, config: Config) -> None:
         raise UserError(f"schedule.batch_size={config.schedule.batch_size} (the global batch) does not divide among "
                         f"the {world} processes; choose a multiple of {world}")
     _dataset(config.data, "train", []), _dataset(config.data, "val", [])
+    if config.schedule.lr_grid:
+        ids = [line for line in (Path(config.data.root) / config.data.train_list).read_text().splitlines() if line.strip()]
+        if not 0 < config.data.heldout < len(ids):
+            raise UserError(f"schedule.lr_grid needs data.heldout between 1 and {len(ids) - 1} (images of "
+                            f"{config.data.train_list} to choose the lr on), got {config.data.heldout}")
+
+
+def heldout_lists(config: Config, folder: Path) -> tuple[Path, Path]:
+    """Split data.train_list by a seeded permutation: `heldout` ids to choose the lr on, the rest to fit on;
+    written as fit.txt / heldout.txt in `folder` (the same split on every rank and every rerun)."""
+    import random
+    d = config.data
+    ids = [line.strip() for line in (Path(d.root) / d.train_list).read_text().splitlines() if line.strip()]
+    order = list(range(len(ids)))
+    random.Random(config.seed + 7_777).shuffle(order)
+    held = sorted(order[:d.heldout])
+    fit = sorted(order[d.heldout:])
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "fit.txt", folder / "heldout.txt"
+    for path, chosen in zip(paths, (fit, held)):
+        text = "".join(f"{ids[i]}\n" for i in chosen)
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+    return paths
+
+
+def choose_lr(config: Config, train_one) -> tuple[float, dict[str, float]]:
+    """BYOL D.4's selection: for each lr of schedule.lr_grid, train on data.train_list less `heldout` images (plus
+    the aug list) and score mIoU on the held-out images; return the best lr (the first among ties) and each
+    lr's held-out mIoU. Each candidate runs in RUN_DIR/select/lr<lr>/ and resumes there."""
+    import json
+    from omegaconf import OmegaConf
+    from pretrain.distributed import barrier, detect
+    folder = Path(config.run_dir) / "select"
+    if detect().rank == 0:
+        heldout_lists(config, folder)
+    barrier()
+    fit, held = folder / "fit.txt", folder / "heldout.txt"
+    scores = {}
+    for lr in config.schedule.lr_grid:
+        result = folder / f"lr{lr:g}.json"
+        if result.exists():
+            scores[f"{lr:g}"] = json.loads(result.read_text())["mIoU"]
+            continue
+        candidate = OmegaConf.merge(config, {"run_dir": str(folder / f"lr{lr:g}"), "schedule": {"lr": lr},
+                                             "data": {"train_list": str(fit.resolve()), "val_list": str(held.resolve()),
+                                                      "val_labels": config.data.train_labels}})
+        scores[f"{lr:g}"] = train_one(candidate)["mIoU"]
+        if detect().rank == 0:
+            result.write_text(json.dumps({"lr": lr, "mIoU": scores[f"{lr:g}"]}))
+        log.info("segmentation: lr %g -> held-out mIoU %.2f", lr, scores[f"{lr:g}"])
+    return max(config.schedule.lr_grid, key=lambda lr: scores[f"{lr:g}"]), scores
 
 
 def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskResult:
-    """Train and evaluate with mmseg; metrics are mmseg's (mIoU, mAcc, aAcc in percent, IoU.<class>)."""
+    """Train and evaluate with mmseg; metrics are mmseg's (mIoU, mAcc, aAcc in percent, IoU.<class>). With
+    schedule.lr_grid, the lr is chosen first on held-out training images (`choose_lr`)."""
+    from omegaconf import OmegaConf
     from pretrain.distributed import init_distributed
     from transfer import export, mmseg_glue
     from transfer.scenes import CLASSES
@@ -189,7 +245,16 @@ def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskRe
     distributed = processes.is_distributed
     weights_file = export.write(backbone, "mmseg", task_run.run_dir / "backbone.mmseg.pth")
     num_classes = len(CLASSES) if config.data.dataset == "scenes" else 21
-    cfg = mmseg_config(config, backbone, weights_file, num_classes, distributed, processes.world_size)
     gloo = config.device == "cpu" or not torch.cuda.is_available()
-    metrics = mmseg_glue.train_and_evaluate(cfg, distributed, gloo)
-    return TaskResult(metrics, config.data.dataset, f"fcn dilated-c5, {config.schedule.iterations} iterations")
+
+    def train_one(run_config: Config) -> dict[str, float]:
+        cfg = mmseg_config(run_config, backbone, weights_file, num_classes, distributed, processes.world_size)
+        return mmseg_glue.train_and_evaluate(cfg, distributed, gloo)
+    extra = {}
+    if config.schedule.lr_grid:
+        lr, held_out = choose_lr(config, train_one)
+        config = OmegaConf.merge(config, {"schedule": {"lr": lr}})
+        extra = {"chosen_lr": lr, "heldout_mIoU": held_out, "heldout": config.data.heldout}
+    metrics = train_one(config)
+    return TaskResult(metrics, config.data.dataset, f"fcn dilated-c5, {config.schedule.iterations} iterations",
+                      extra)

@@ -97,18 +97,20 @@ overrides: [[data.limit_train=300, data.limit_test=100, data.num_workers=0, cach
     assert "submitted 4 jobs (slurm)" in result.stdout and result.stdout.count("DONE") == 4
     result = run_cli("slurm", "collect", str(tmp_path / "sweep"))
     assert result.returncode == 0, result.stderr
-    csv = (tmp_path / "sweep" / "report" / "report.csv").read_text().splitlines()
-    assert csv[0].startswith("task,dataset,metric,pretrained_mean")
-    rows = [line.split(",") for line in csv[1:]]
-    assert {row[2] for row in rows} == {"top1", "top5"}
-    assert all(row[8] == "4" for row in rows)  # random-init column: 4 runs (2 backbones x 2 seeds)
     import json
+    import pandas as pd
+    frame = pd.read_csv(tmp_path / "sweep" / "report" / "report.csv")
+    assert set(frame.metric) == {"top1", "top5"} and len(frame) == 4 * 2  # one row per run and metric
+    # two random-init architectures are two backbones, each over its 2 seeds (they used to merge into one column)
+    assert frame.groupby("backbone").seed.nunique().to_dict() == {"random-resnet18": 2, "random-resnet34": 2}
     runs = sorted((tmp_path / "sweep" / "knn").glob("*/seed*/metrics.json"))
     assert len(runs) == 4
-    top1 = [json.loads(p.read_text())["metrics"]["top1"] for p in runs]
-    assert all(0 <= t <= 100 for t in top1)
-    expected_mean = sum(top1) / 4
-    assert float(rows[[r[2] for r in rows].index("top1")][6]) == pytest.approx(expected_mean)
+    for path in runs:
+        record = json.loads(path.read_text())
+        row = frame[(frame.run_dir == str(path.parent)) & (frame.metric == "top1")]
+        assert row.value.item() == pytest.approx(record["metrics"]["top1"]) and 0 <= row.value.item() <= 100
+    table = (tmp_path / "sweep" / "report" / "report.md").read_text()
+    assert "| metric | random-resnet18 (baseline) | random-resnet34 |" in table
 
 
 def _distributed_probe():

@@ -25,7 +25,7 @@ setup(
     description="SSL-HSIC pretraining of image backbones and their transfer evaluation, locally or on SLURM.",
     python_requires=">=3.10",
     packages=find_packages(include=["pretrain*", "transfer*", "slurm*"]),
-    package_data={"": ["*.yaml"]},
+    package_data={"": ["*.yaml"], "transfer": ["splits/*.txt", "splits/*.md"]},
     install_requires=CORE,
     extras_require=EXTRAS,
     entry_points={"console_scripts": [

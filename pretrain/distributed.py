@@ -90,7 +90,7 @@ def shutdown_distributed() -> None:
     last collective ("terminate called without an active exception", SIGABRT)."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
 
 
@@ -110,3 +110,11 @@ def rank0_decides(flag: bool) -> bool:
     value = torch.tensor([int(flag)])
     dist.broadcast(value, 0)
     return bool(value.item())
+
+
+def check_global_batch(key: str, batch: int, processes: int, among: str | None = None) -> None:
+    """UserError unless the global batch `key`=`batch` divides among `processes` (described by `among`)."""
+    if batch % processes:
+        from pretrain.errors import UserError
+        raise UserError(f"{key}={batch} (the global batch) does not divide among {among or f'the {processes} processes'}"
+                        f"; choose a multiple of {processes}")

@@ -83,7 +83,7 @@ class Pretrainer:
     def __init__(self, config: DictConfig):
         from pretrain.data import build_dataset
         from pretrain.hsic import SSLHSICLoss
-        from pretrain.distributed import detect, init_distributed, match_threads_to_allocation
+        from pretrain.distributed import check_global_batch, detect, init_distributed, match_threads_to_allocation
         from pretrain.networks import Encoder, OnlineNetwork
 
         self.config = config  # its values were checked when it loaded (pretrain.checks)
@@ -103,9 +103,7 @@ class Pretrainer:
                             "lower optim.batch_size or add data")
 
         world = detect().world_size  # from the environment, before joining the other processes
-        if batch % world:
-            raise UserError(f"optim.batch_size={batch} (the global batch) does not divide among the {world} "
-                            f"processes; choose a multiple of {world}")
+        check_global_batch("optim.batch_size", batch, world)
         self.local_batch = batch // world
         self.dist = init_distributed()
         match_threads_to_allocation()

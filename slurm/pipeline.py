@@ -106,10 +106,9 @@ class Pipeline:
         pretrain = self._pretrain_config()
         processes = for_step(self.executor_config, "pretrain")
         processes = processes.nodes * processes.tasks_per_node if self.executor_config.cluster == "slurm" else 1
-        if pretrain.optim.batch_size % processes:
-            raise UserError(f"optim.batch_size={pretrain.optim.batch_size} (the global batch) does not divide among "
-                            f"the pretrain profile's {processes} processes (nodes x tasks_per_node); choose a "
-                            f"multiple of {processes}")
+        from pretrain.distributed import check_global_batch
+        check_global_batch("optim.batch_size", pretrain.optim.batch_size, processes,
+                           f"the pretrain profile's {processes} processes (nodes x tasks_per_node)")
         data = Path(pretrain.data.root) / (pretrain.data.split if pretrain.data.dataset == "imagefolder" else "")
         if not data.exists():
             raise UserError(f"pretraining data {data} does not exist; set data.root in {c.pretrain_config} or "

@@ -33,6 +33,15 @@ def slurm_cluster(tmp_path_factory):
         os.environ["SLURM_CONF"] = previous
 
 
+@pytest.fixture(scope="session")
+def scenes(tmp_path_factory):
+    """Generated scenes in every layout (16 train, 6 val, 96 px): what the dense-task tests read."""
+    from transfer.scenes import write_all
+    out = tmp_path_factory.mktemp("scenes")
+    write_all(out, 16, 6, 96, 3)
+    return out
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `python -m <args>` in a fresh interpreter, as a user would."""
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd or ROOT, capture_output=True, text=True,

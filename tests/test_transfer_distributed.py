@@ -5,7 +5,7 @@ thread per process, so a difference comes from the processes, not from thread co
 Tolerances: kNN and the linear classifier on cached features are exact (the features are bitwise those of one
 process, and the classifier trains on the joined features). Depth: in float64 the 2-process gradient is the
 1-process gradient to 1e-10; in float32 it is not a fair yardstick, because a randomly initialised FCRN's
-gradient is ill-conditioned (one process in float32 is itself 3-6% off float64 in the decoder), so float
+gradient is ill-conditioned (one process in float32 is itself far from float64 in the decoder), so float
 noise grows over steps and the CLI runs are compared after 3 steps, to 1e-3."""
 import json
 import os
@@ -189,14 +189,6 @@ def test_batch_shards_are_whole_batches_that_concatenate_to_the_whole_set(length
     assert all(shard.start % batch == 0 for shard in shards if len(shard))
     sizes = [len(shard) for shard in shards]
     assert max(sizes) - min(sizes) <= batch  # at most one batch apart (some ranks may hold none)
-
-
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory):
-    from transfer.scenes import write_all
-    out = tmp_path_factory.mktemp("scenes")
-    write_all(out, 16, 6, 96, 3)
-    return out
 
 
 def test_segmentation_and_detection_run_as_two_cpu_processes(scenes, tmp_path):

@@ -10,14 +10,6 @@ from pretrain.errors import UserError
 from tests.conftest import run_cli
 
 
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory):
-    from transfer.scenes import write_all
-    out = tmp_path_factory.mktemp("scenes")
-    write_all(out, 16, 6, 96, 3)
-    return out
-
-
 # ------------------------------------------------------------------------------------ classification
 
 def test_topk_accuracy_by_hand():

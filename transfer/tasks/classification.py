@@ -191,24 +191,24 @@ class FeatureCache:
         return (torch.from_numpy(np.load(folder / "features.npy", mmap_mode="r")),
                 torch.from_numpy(np.load(folder / "labels.npy")))
 
-    def put(self, key: str, features: Tensor, labels: Tensor, description: dict) -> None:
-        folder = self.root / key
+    @staticmethod
+    def _save(folder: Path, prefix: str, features: Tensor, labels: Tensor) -> None:
+        """folder/{prefix}features.npy and {prefix}labels.npy, each written to a temporary name and renamed."""
         folder.mkdir(parents=True, exist_ok=True)
         for name, array in (("features", features.numpy()), ("labels", labels.numpy())):
-            tmp = folder / f".{name}.tmp.npy"
+            tmp = folder / f".{prefix}{name}.tmp.npy"
             np.save(tmp, array)
-            tmp.replace(folder / f"{name}.npy")
+            tmp.replace(folder / f"{prefix}{name}.npy")
+
+    def put(self, key: str, features: Tensor, labels: Tensor, description: dict) -> None:
+        folder = self.root / key
+        self._save(folder, "", features, labels)
         (folder / "description.json").write_text(json.dumps(description, indent=2, default=str))
         (folder / "complete").touch()
 
     def put_part(self, key: str, rank: int, features: Tensor, labels: Tensor) -> None:
         """One rank's shard, beside the entry it will join."""
-        folder = self.root / key / "parts"
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, array in (("features", features.numpy()), ("labels", labels.numpy())):
-            tmp = folder / f".{rank}.{name}.tmp.npy"
-            np.save(tmp, array)
-            tmp.replace(folder / f"{rank}.{name}.npy")
+        self._save(self.root / key / "parts", f"{rank}.", features, labels)
 
     def join_parts(self, key: str, world: int, description: dict) -> None:
         """Concatenate the shards of ranks 0 ... world-1 into the entry (rank 0), then drop them."""
@@ -346,10 +346,9 @@ def prepare(task: str, config: Config):
 
 def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskResult:
     from pretrain.augment import eval_transform
-    from pretrain.distributed import detect, init_distributed
+    from pretrain.distributed import init_distributed
     from pretrain.rundir import pick_device
-    init_distributed()
-    processes = detect()
+    processes = init_distributed()
     train_set, test_set = data
     d = config.data
     num_classes = len(train_set.classes)
@@ -399,4 +398,4 @@ def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskRe
         protocol = f"linear {config.linear.optimizer} {config.linear.epochs} epochs" + \
             (" augmented" if config.linear.augment else " cached features")
     extra = {"feature_cache_hit": bool(train_hit and test_hit), "world_size": processes.world_size}
-    return TaskResult(metrics, d.dataset, protocol, {**extra, **(chosen if task == "linear" else {})})
+    return TaskResult(metrics, d.dataset, protocol, {**extra, **chosen})

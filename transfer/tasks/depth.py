@@ -325,12 +325,9 @@ Keys and defaults: transfer/tasks/depth.py (Config)."""
 
 
 def prepare(task: str, config: Config) -> None:
-    from pretrain.distributed import detect
+    from pretrain.distributed import check_global_batch, detect
     from transfer.datasets import NyuRawFrames, build_depth_dataset
-    world = detect().world_size
-    if config.batch_size % world:
-        raise UserError(f"batch_size={config.batch_size} (the global batch) does not divide among the {world} "
-                        f"processes; choose a multiple of {world}")
+    check_global_batch("batch_size", config.batch_size, detect().world_size)
     d = config.data
     for split in (d.train_split, d.test_split):
         build_depth_dataset(d.kind, d.root, split, d.splits_file)

@@ -101,9 +101,6 @@ def mmseg_config(config: Config, backbone: Backbone, weights_file: Path, num_cla
     """The complete mmengine config of this protocol, as a plain dict. schedule.batch_size is the global batch:
     each of the `world_size` processes loads batch_size / world_size images per iteration."""
     d, s = config.data, config.schedule
-    if s.batch_size % world_size:
-        raise UserError(f"schedule.batch_size={s.batch_size} (the global batch) does not divide among the "
-                        f"{world_size} processes; choose a multiple of {world_size}")
     on_gpu = torch.cuda.is_available() and config.device != "cpu"
     synced = "SyncBN" if on_gpu else "GlobalBN"  # torch's SyncBatchNorm refuses CPU tensors
     norm = dict(type=synced if distributed and config.sync_bn else "BN", requires_grad=True)
@@ -174,11 +171,8 @@ Keys and defaults: transfer/tasks/segmentation.py (Config). mmseg's logs and che
 
 
 def prepare(task: str, config: Config) -> None:
-    from pretrain.distributed import detect
-    world = detect().world_size
-    if config.schedule.batch_size % world:
-        raise UserError(f"schedule.batch_size={config.schedule.batch_size} (the global batch) does not divide among "
-                        f"the {world} processes; choose a multiple of {world}")
+    from pretrain.distributed import check_global_batch, detect
+    check_global_batch("schedule.batch_size", config.schedule.batch_size, detect().world_size)
     _dataset(config.data, "train", []), _dataset(config.data, "val", [])
     if config.schedule.lr_grid:
         ids = [line for line in (Path(config.data.root) / config.data.train_list).read_text().splitlines() if line.strip()]

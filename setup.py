@@ -13,7 +13,7 @@ EXTRAS = {
     "detection": ["fvcore>=0.1.5,<0.1.6", "iopath>=0.1.7,<0.1.10", "pycocotools>=2.0.2", "termcolor", "yacs",
                   "tabulate", "cloudpickle", "opencv-python-headless"],
     "slurm": ["submitit>=1.5"],
-    "data": ["imgviz", "h5py", "scipy"],
+    "data": ["imgviz", "h5py", "scipy", "scikit-learn"],  # scikit-learn: the digits set of the classify task
     "test": ["pytest>=8", "pytest-timeout", "ruff", "jax", "jaxlib", "dm-haiku", "pandas", "scikit-learn"],
     "bench": ["lightly"],
 }

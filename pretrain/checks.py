@@ -44,11 +44,11 @@ def greater_than(low: float) -> Rule:
     return Rule(f"> {low}", lambda v: _number(v) and v > low)
 
 
-def between(low: float, high: float, *, open_high: bool = False) -> Rule:
-    """low <= v <= high (or < high)."""
-    bracket = ")" if open_high else "]"
-    return Rule(f"in [{low}, {high}{bracket}",
-                lambda v: _number(v) and low <= v and (v < high if open_high else v <= high))
+def between(low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> Rule:
+    """low <= v <= high (or low < v, v < high)."""
+    left, right = "(" if open_low else "[", ")" if open_high else "]"
+    return Rule(f"in {left}{low}, {high}{right}",
+                lambda v: _number(v) and (low < v if open_low else low <= v) and (v < high if open_high else v <= high))
 
 
 def one_of(*choices: Any) -> Rule:

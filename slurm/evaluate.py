@@ -35,6 +35,7 @@ def plan(config: EvaluateConfig) -> list:
     """The graph: a node per task x backbone x seed, then the report."""
     from slurm.graph import Node
     from transfer.names import split_named
+    from transfer.tasks import task_of
     if not config.tasks:
         raise UserError("nothing to evaluate: give at least one task (tasks: {task: config file})")
     root = Path(config.root)
@@ -55,7 +56,7 @@ def plan(config: EvaluateConfig) -> list:
                 run_dir = root / task / name / f"seed{seed}"
                 argv = ["--backbone", f"{name}={split_named(spec)[1]}", "--weights", config.weights, "--config",
                         task_config, f"run_dir={run_dir}", f"seed={seed}", *config.task_overrides.get(task, [])]
-                nodes.append(Node(f"{task}/{name}/seed{seed}", task, argv, str(run_dir / "metrics.json"),
+                nodes.append(Node(f"{task}/{name}/seed{seed}", task_of(task), argv, str(run_dir / "metrics.json"),
                                   group=f"{task}/{name}"))
                 run_dirs.append(str(run_dir))
     baseline = ["--baseline", config.baseline] if config.baseline else []

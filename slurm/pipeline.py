@@ -16,11 +16,11 @@ from pathlib import Path
 
 from pretrain.checks import NON_NEGATIVE, Rule, checked, each, existing_file, one_of
 from pretrain.errors import UserError
-from transfer.tasks import TASKS
+from transfer.tasks import TASKS, task_of
 
 
 def _task_files(value) -> bool:
-    return isinstance(value, dict) and all(task in TASKS and Path(path).is_file() for task, path in value.items())
+    return isinstance(value, dict) and all(task_of(key) and Path(path).is_file() for key, path in value.items())
 
 
 def _scene_sizes(value) -> bool:
@@ -29,9 +29,10 @@ def _scene_sizes(value) -> bool:
             and value["train"] >= 1 and value["test"] >= 1 and value["size"] >= 32 and value["seed"] >= 0)
 
 
-TASK_FILES = Rule(f"a mapping of tasks ({', '.join(TASKS)}) to existing config files", _task_files)
-TASK_OVERRIDES = Rule(f"a mapping of tasks ({', '.join(TASKS)}) to lists of key=value",
-                      lambda v: isinstance(v, dict) and all(t in TASKS and isinstance(o, list) for t, o in v.items()))
+TASK_FILES = Rule(f"a mapping of tasks ({', '.join(TASKS)}; TASK/LABEL to run one several times) to existing config "
+                  "files", _task_files)
+TASK_OVERRIDES = Rule(f"a mapping of tasks ({', '.join(TASKS)}, or TASK/LABEL) to lists of key=value",
+                      lambda v: isinstance(v, dict) and all(task_of(t) and isinstance(o, list) for t, o in v.items()))
 SCENE_SIZES = Rule("{train: >= 1, test: >= 1, size: >= 32, seed: >= 0}", _scene_sizes)
 
 
@@ -46,7 +47,9 @@ class PipelineConfig:
     tasks: dict = checked({
         "linear": "configs/transfer/linear_fashion_mnist.yaml", "knn": "configs/transfer/linear_fashion_mnist.yaml",
         "segmentation": "configs/transfer/segmentation_scenes.yaml",
-        "detection": "configs/transfer/detection_scenes.yaml", "depth": "configs/transfer/depth_scenes.yaml"},
+        "detection": "configs/transfer/detection_scenes.yaml", "depth": "configs/transfer/depth_scenes.yaml",
+        "finetune": "configs/transfer/finetune_fashion_mnist.yaml",
+        "classify/digits": "configs/transfer/classify_digits.yaml"},
         TASK_FILES)
     task_overrides: dict = checked({}, TASK_OVERRIDES)      # task -> [key=value, ...]
     seeds: list = checked([0], each(NON_NEGATIVE))
@@ -75,7 +78,7 @@ def scene_overrides(task: str, scenes: Path) -> list[str]:
                           f"data.train_images={coco / 'train'}",
                           f"data.test_json={coco / 'annotations' / 'instances_val.json'}",
                           f"data.test_images={coco / 'val'}"],
-            "depth": [f"data.root={scenes / 'nyu'}"]}.get(task, [])
+            "depth": [f"data.root={scenes / 'nyu'}"]}.get(task_of(task), [])
 
 
 class Pipeline:
@@ -151,7 +154,7 @@ class Pipeline:
                             f"run_dir={run_dir}", f"seed={seed}",
                             *(scene_overrides(task, scenes) if c.use_scenes else []),
                             *c.task_overrides.get(task, [])]
-                    nodes.append(Node(f"{task}/{kind}/seed{seed}", task, argv, str(run_dir / "metrics.json"),
+                    nodes.append(Node(f"{task}/{kind}/seed{seed}", task_of(task), argv, str(run_dir / "metrics.json"),
                                       needs=list(needs), group=f"{task}/{kind}"))
                     task_dirs.append(str(run_dir))
         nodes.append(Node("report", "report", [str(pretrain_dir), *task_dirs, "--out", str(root / "report")],

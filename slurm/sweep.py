@@ -17,8 +17,8 @@ from pretrain.io import atomic_write_bytes
 
 
 def _known_tasks(value) -> bool:
-    from transfer.tasks import TASKS
-    return isinstance(value, dict) and all(task in TASKS for task in value)
+    from transfer.tasks import task_of
+    return isinstance(value, dict) and all(task_of(key) for key in value)
 
 
 @dataclass
@@ -26,7 +26,7 @@ class SweepConfig:
     run_root: str = "runs/sweep"
     backbones: list = checked([], Rule("a list of [NAME=]checkpoint paths or [NAME=]random:ARCH",
                                        lambda v: isinstance(v, list) and all(isinstance(b, str) for b in v)))
-    tasks: dict = checked({}, Rule("a mapping of registered tasks to config files", _known_tasks))  # task -> config
+    tasks: dict = checked({}, Rule("a mapping of registered tasks (or TASK/LABEL) to config files", _known_tasks))
     seeds: list = checked([0], each(NON_NEGATIVE))
     overrides: list = checked([[]], Rule("a list of override lists, e.g. [[], [linear.lr=0.1]]",
                                          lambda v: isinstance(v, list) and v and all(isinstance(o, list) for o in v)))
@@ -36,8 +36,8 @@ def plan(config: SweepConfig) -> list[dict]:
     if not config.backbones or not config.tasks:
         raise UserError("a sweep needs at least one backbone (backbones: [...]) and one task (tasks: {task: config})")
     from transfer.names import split_named
-    from transfer.tasks import TASKS
-    unknown = sorted(set(config.tasks) - set(TASKS))
+    from transfer.tasks import TASKS, task_of
+    unknown = sorted(key for key in config.tasks if not task_of(key))
     if unknown:
         raise UserError(f"unknown sweep tasks {unknown}; choose from {', '.join(TASKS)}")
     named: dict[str, str] = {}
@@ -53,7 +53,7 @@ def plan(config: SweepConfig) -> list[dict]:
         suffix = f"_o{index}" if len(config.overrides) > 1 else ""
         run_dir = Path(config.run_root) / task / split_named(backbone)[0] / f"seed{seed}{suffix}"
         argv = ["--backbone", backbone, "--config", task_config, f"run_dir={run_dir}", f"seed={seed}", *overrides]
-        jobs.append({"task": task, "backbone": backbone, "seed": seed, "overrides": list(overrides),
+        jobs.append({"task": task_of(task), "backbone": backbone, "seed": seed, "overrides": list(overrides),
                      "run_dir": str(run_dir), "argv": argv})
     return jobs
 

@@ -27,22 +27,29 @@ def test_tiny_pipeline_runs_end_to_end_and_a_rerun_skips_everything(tmp_path):
                              "data.crop=[64,64]", "data.num_workers=0", "head_channels=32"],
             "detection": ["iterations=2", "batch_size=2", "warmup_iters=1", "data.min_size_train=[96]",
                           "data.min_size_test=96", "data.num_workers=0"],
-            "depth": ["steps=2", "batch_size=4", "data.resize=[96,96]", "data.crop=[96,96]", "data.num_workers=0"]},
+            "depth": ["steps=2", "batch_size=4", "data.resize=[96,96]", "data.crop=[96,96]", "data.num_workers=0"],
+            "finetune": ["data.limit_train=600", "data.limit_test=100", "data.fractions=[0.1]", "data.heldout=50",
+                         "images.size=16", "images.num_workers=0", "finetune.batch_size=20", "finetune.lr_grid=[0.05]",
+                         "finetune.epochs_grid=[1]"],
+            "classify/digits": ["images.size=16", "finetune.batch_size=100", "finetune.lr_grid=[0.05]",
+                                "finetune.epochs_grid=[1]", f"cache_dir={cache}"]},
     }))
     result = run_cli("slurm", "pipeline", "--config", str(config), timeout=2000)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     root = tmp_path / "demo"
     table = (root / "report" / "report.md").read_text()
-    for task, metric in (("linear", "top1"), ("knn", "top1"), ("segmentation", "mIoU"), ("detection", "bbox.AP"),
-                         ("depth", "rms")):
+    for key, metric in (("linear", "top1"), ("knn", "top1"), ("segmentation", "mIoU"), ("detection", "bbox.AP"),
+                        ("depth", "rms"), ("finetune", "top1@10%"), ("classify/digits", "linear.top1"),
+                        ("classify/digits", "finetune.top1")):
+        task = key.split("/")[0]
         assert f"### {task} ·" in table and f"| {metric} " in table
         for kind, name in (("pretrained", "ssl-hsic"), ("random", "random-resnet18"), ("supervised", "supervised")):
-            record = json.loads((root / task / kind / "seed0" / "metrics.json").read_text())
+            record = json.loads((root / key / kind / "seed0" / "metrics.json").read_text())
             assert record["task"] == task and record["backbone"]["name"] == name
             assert record["backbone"]["weights"] == {"pretrained": "ema", "random": "random"}.get(kind, "as-is")
     assert (root / "report" / "pretrain_pretrain.png").exists() and (root / "report" / "task_depth.png").exists()
     assert json.loads((root / "export" / "backbone_ema.pkl.json").read_text())["arch"] == "resnet18"
     rerun = run_cli("slurm", "pipeline", "--config", str(config), timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    # pretrain, supervised, scenes, export, verify + 5 tasks x 3 backbones
-    assert rerun.stdout.count("done before, skipped") == 5 + 15
+    # pretrain, supervised, scenes, export, verify + 7 tasks x 3 backbones
+    assert rerun.stdout.count("done before, skipped") == 5 + 21

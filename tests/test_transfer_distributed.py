@@ -216,3 +216,23 @@ def test_segmentation_and_detection_run_as_two_cpu_processes(scenes, tmp_path):
     assert "GlobalBN" in mmseg_config and "SyncBN'" not in mmseg_config
     model_printout = (tmp_path / "detection" / "detectron2" / "log.txt").read_text()  # detectron2 logs the model
     assert "NaiveSyncBatchNorm" in model_printout and "(bn1): BatchNorm2d" not in model_printout
+
+
+def test_finetune_on_two_processes_trains_the_network_of_one_process(tmp_path):
+    """Global-batch BatchNorm + DDP + each rank's slice of every batch: the fine-tuned weights agree to float
+    rounding and the held-out / test top-1 to one image."""
+    def make(folder):
+        return ["finetune", "--backbone", "random:resnet18", "--config", "configs/transfer/finetune_fashion_mnist.yaml",
+                f"run_dir={folder / 'run'}", "data.limit_train=400", "data.limit_test=60", "data.fractions=[0.1]",
+                "data.heldout=40", "images.size=16", "images.num_workers=0", "finetune.batch_size=20",
+                "finetune.lr_grid=[0.05]", "finetune.epochs_grid=[2]", "finetune.eval_batch_size=20"]
+    runs = one_and_two_processes(tmp_path, make)
+    assert runs[2]["world_size"] == 2 and runs[1]["world_size"] == 1
+    one, two = runs[1]["fractions"]["10%"], runs[2]["fractions"]["10%"]
+    assert abs(one["heldout_top1"]["lr0.05_ep2_wd0"] - two["heldout_top1"]["lr0.05_ep2_wd0"]) <= 100 / 40 + 1e-9
+    assert abs(runs[1]["metrics"]["top1@10%"] - runs[2]["metrics"]["top1@10%"]) <= 100 / 60 + 1e-9
+    a, b = (torch.load(tmp_path / f"world{w}" / "run" / "finetune" / "10%" / "lr0.05_ep2_wd0.pt",
+                       weights_only=True)["model"] for w in (1, 2))
+    for key in a:
+        if a[key].is_floating_point():
+            torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4, msg=key)

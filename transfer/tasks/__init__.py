@@ -31,7 +31,21 @@ TASKS = {task.name: task for task in (
     Task("segmentation", "transfer.tasks.segmentation", "semantic segmentation (FCN) through mmsegmentation"),
     Task("detection", "transfer.tasks.detection", "detection / instance segmentation through detectron2"),
     Task("depth", "transfer.tasks.depth", "monocular depth (FCRN up-projection decoder, berHu loss)"),
+    Task("finetune", "transfer.tasks.finetune", "fine-tuning the whole network on 1% / 10% of the labels"),
+    Task("classify", "transfer.tasks.classify", "transfer to other classification datasets: linear (L-BFGS) and "
+                                                "fine-tuning"),
 )}
+
+
+def task_of(key: str) -> str | None:
+    """The task a key of a tasks mapping (pipeline, evaluate, sweep) runs: 'TASK', or 'TASK/LABEL' for one task run
+    several times with different configs (classify/pets, classify/cars); None when TASK is not registered or
+    LABEL is not a plain name."""
+    import re
+    task, _, label = key.partition("/")
+    if task not in TASKS or (_ and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", label)):
+        return None
+    return task
 
 
 def get(name: str) -> Task:

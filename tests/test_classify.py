@@ -1,0 +1,95 @@
+"""The classify task: linear transfer (L-BFGS over 45 penalties, refit on train + val) checked against
+scikit-learn on the very features it used, fine-tuning chosen on val and refit, the multi-label VOC2007 path,
+and bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.errors import UserError
+from tests import classify_layouts
+from tests.conftest import ROOT
+
+CONFIG = str(ROOT / "configs/transfer/classify_digits.yaml")
+SMALL = ["images.size=16", "finetune.batch_size=100", "finetune.lr_grid=[0.05,0.01]", "finetune.epochs_grid=[1]"]
+
+
+def cached(cache_dir, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from transfer.tasks.classification import FeatureCache
+    for description in (cache_dir).glob("*/description.json"):
+        if json.loads(description.read_text())["split"] == split:
+            return FeatureCache(cache_dir).get(description.parent.name)[:2]
+    raise AssertionError(f"no cached {split} features")
+
+
+def test_digits_linear_transfer_equals_scikit_learn_on_the_same_features_and_finetune_is_chosen_on_val(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from transfer.runner import run_task
+    record = run_task("classify", "random:resnet18", "ema", CONFIG,
+                      [f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", *SMALL])
+    assert record["dataset"] == "digits" and set(record["metrics"]) == {"linear.top1", "finetune.top1"}
+    assert record["sizes"] == {"train": 1008, "val": 250, "test": 539}
+    penalty = record["linear"]["penalty"]
+    assert len(record["linear"]["validation"]) == 45
+    # an independent refit: scikit-learn on the cached train + val features, the same standardisation and penalty
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = (cached(tmp_path / "cache", s) for s in ("train", "val", "test"))
+    mean, std = train_x.double().mean(0), train_x.double().std(0) + 1e-8
+    x = ((torch.cat([train_x, val_x]).double() - mean) / std).numpy()
+    model = LogisticRegression(C=1 / (penalty * len(x)), max_iter=5000, tol=1e-10).fit(x, torch.cat([train_y, val_y]))
+    accuracy = 100 * (model.predict(((test_x.double() - mean) / std).numpy()) == test_y.numpy()).mean()
+    assert record["metrics"]["linear.top1"] == pytest.approx(accuracy, abs=100 / len(test_y) + 1e-9)
+    # fine-tuning: both lrs scored on val, the best retrained on train + val and scored on test
+    validation = record["finetune"]["validation"]
+    assert set(validation) == {"lr0.05_ep1_wd0", "lr0.01_ep1_wd0"}
+    best = max(validation, key=lambda tag: (validation[tag], tag == "lr0.05_ep1_wd0"))
+    assert f"lr{record['finetune']['chosen']['lr']:g}_ep1_wd0" == best
+    assert (tmp_path / "run" / "finetune" / f"refit_{best}.pt").exists()
+    assert 0 <= record["metrics"]["finetune.top1"] <= 100
+    rerun = run_task("classify", "random:resnet18", "ema", CONFIG,
+                     [f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", *SMALL])
+    assert rerun["metrics"] == record["metrics"]
+
+
+def test_voc2007_linear_transfer_is_one_binary_classifier_per_class_scored_by_11_point_map(tmp_path):
+    from transfer.logistic import voc07_map
+    from transfer.runner import run_task
+    classify_layouts.voc2007(tmp_path / "voc")
+    record = run_task("classify", "random:resnet18", "ema", CONFIG,
+                      [f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", "data.dataset=voc2007",
+                       f"data.root={tmp_path / 'voc'}", "protocols=[linear]", "images.size=16"])
+    assert set(record["metrics"]) == {"linear.voc07_map"}
+    _, test_y = cached(tmp_path / "cache", "test")
+    assert test_y.dim() == 2 and test_y.shape[1] == 20
+    chance = voc07_map(torch.zeros(test_y.shape, dtype=torch.float64), test_y)  # ties ranked in order
+    assert 0 <= record["metrics"]["linear.voc07_map"] <= 100 and chance >= 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.dataset=imagenet", r"data.dataset.*food101, cifar10"),
+    ("data.val_fraction=1.0", r"data.val_fraction"),
+    ("protocols=[svm]", r"protocols.*linear or finetune"),
+])
+def test_bad_classify_input_is_one_line_and_writes_nothing(tmp_path, override, message):
+    from transfer.runner import run_task
+    with pytest.raises(UserError, match=message) as caught:
+        run_task("classify", "random:resnet18", "ema", CONFIG, [f"run_dir={tmp_path / 'run'}", override])
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_dataset_missing_its_standard_validation_split_is_refused_before_anything_is_written(tmp_path):
+    from transfer.runner import run_task
+    classify_layouts.flowers102(tmp_path / "flowers")
+    setid = tmp_path / "flowers" / "flowers-102" / "setid.mat"
+    import scipy.io
+    ids = scipy.io.loadmat(setid)
+    scipy.io.savemat(setid, {"trnid": ids["trnid"], "tstid": ids["tstid"]})  # no valid
+    with pytest.raises(UserError, match="validation") as caught:
+        run_task("classify", "random:resnet18", "ema", CONFIG,
+                 [f"run_dir={tmp_path / 'run'}", "data.dataset=flowers102", f"data.root={tmp_path / 'flowers'}"])
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "run").exists()
+    assert np.asarray(ids["valid"]).size  # the fixture did have one

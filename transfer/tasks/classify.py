@@ -1,0 +1,128 @@
+"""The classify task: transfer to other classification datasets (BYOL App. D, Kornblith et al. 2019).
+
+One dataset per run (data.dataset; readers and standard splits in transfer.classify_datasets), one or both
+protocols:
+* linear: frozen features of the eval transform, cached (transfer.tasks.classification.cached_features);
+  multinomial logistic regression by L-BFGS over 45 log-spaced l2 penalties in [1e-6, 1e5], chosen on the
+  validation split, refitted on train + validation, scored on test (transfer.logistic.select_and_fit); for the
+  multi-label VOC2007, one binary classifier per class (select_and_fit_multilabel);
+* finetune: the whole network and a new head (transfer.finetune), the grid chosen on the validation split, the
+  chosen candidate retrained on train + validation and scored on test.
+Each dataset reports its own metric: mean per-class accuracy for Aircraft, Pets, Caltech-101 and Flowers,
+11-point mAP for VOC2007, top-1 for the others; metrics.json holds linear.<metric> and finetune.<metric>.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch.utils.data import ConcatDataset
+
+from pretrain.checks import DEVICE, NON_NEGATIVE, POSITIVE_INT, Rule, between, checked, each
+from pretrain.errors import UserError
+from transfer.backbone import Backbone
+from transfer.finetune import FinetuneProtocol, Images
+from transfer.runner import TaskResult
+
+PROTOCOLS = ("linear", "finetune")
+
+
+def _dataset_names() -> list[str]:
+    from transfer.classify_datasets import DATASETS
+    return list(DATASETS)
+
+
+DATASET = Rule("a dataset of transfer.classify_datasets (food101, cifar10, cifar100, birdsnap, sun397, cars, "
+               "aircraft, voc2007, dtd, pets, caltech101, flowers102, digits)", lambda v: v in _dataset_names())
+
+
+@dataclass
+class ClassifyData:
+    dataset: str = checked("digits", DATASET)
+    root: str = ""                                 # where the dataset lies in its standard layout
+    val_fraction: float = checked(0.2, between(0, 1, open_low=True, open_high=True))  # without a standard val split
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/classify"
+    protocol_id: str = ""
+    seed: int = checked(0, NON_NEGATIVE)
+    data: ClassifyData = field(default_factory=ClassifyData)
+    images: Images = field(default_factory=Images)
+    protocols: tuple = checked(PROTOCOLS, each(Rule("linear or finetune", lambda v: v in PROTOCOLS)))
+    finetune: FinetuneProtocol = field(default_factory=lambda: FinetuneProtocol(
+        batch_size=256, lr_grid=(0.001, 0.0032, 0.01, 0.032, 0.1, 0.32, 1.0), epochs_grid=(30,),
+        weight_decay_grid=(0.0, 1e-6, 1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2)))
+    extract_batch_size: int = checked(256, POSITIVE_INT)
+    cache_dir: str = "~/.cache/ssl-hsic/features"
+    device: Optional[str] = checked(None, DEVICE)
+
+
+EXAMPLES = """\
+examples:
+  python -m transfer classify --backbone runs/fm/checkpoints/last.pt --config configs/transfer/classify_digits.yaml
+  python -m transfer classify --backbone r50.pth --config configs/transfer/classify_kornblith.yaml data.dataset=pets \\
+      data.root=/data/pets
+Keys and defaults: transfer/tasks/classify.py (Config); datasets and layouts: transfer/classify_datasets.py."""
+
+
+def metric_function(name: str):
+    from transfer import logistic
+    return {"top1": logistic.top1, "mean_per_class": logistic.mean_per_class_accuracy,
+            "voc07_map": logistic.voc07_map}[name]
+
+
+def prepare(task: str, config: Config):
+    from transfer.classify_datasets import load_splits
+    if not config.protocols:
+        raise UserError("protocols is empty; choose linear, finetune or both")
+    return load_splits(config.data.dataset, config.data.root, config.seed, config.data.val_fraction)
+
+
+def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskResult:
+    from pretrain.distributed import init_distributed
+    from pretrain.rundir import pick_device
+    processes = init_distributed()
+    device = pick_device(config.device)
+    metrics, extra = {}, {"val_source": data.val_source, "world_size": processes.world_size,
+                          "sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)}}
+    if "linear" in config.protocols:
+        result = linear(config, backbone, data, device)
+        metrics[f"linear.{data.metric}"] = result["test"]
+        extra["linear"] = {"penalty": result["penalty"], "validation": result["validation"],
+                           "feature_cache_hit": result["cache_hit"]}
+    if "finetune" in config.protocols:
+        from pretrain.networks import feature_width
+        from transfer.finetune import Finetuner, select_and_finetune
+        finetuner = Finetuner(backbone.model, feature_width(backbone.arch), len(data.classes), config.finetune,
+                              config.images, metric_function(data.metric), config.seed, device,
+                              task_run.run_dir / "finetune", processes.rank == 0)
+        result = select_and_finetune(finetuner, data.train, data.val, data.test,
+                                     refit=ConcatDataset([data.train, data.val]))
+        metrics[f"finetune.{data.metric}"] = result["test"]
+        extra["finetune"] = {"chosen": result["chosen"], "validation": result["heldout"]}
+    protocol = f"{'+'.join(config.protocols)} (Kornblith et al. 2019), {data.metric}"
+    return TaskResult(metrics, config.data.dataset, protocol, extra)
+
+
+def linear(config: Config, backbone: Backbone, data, device) -> dict:
+    """Cached frozen features of the three splits, then the penalty sweep."""
+    from transfer import logistic
+    from transfer.finetune import eval_transform
+    from transfer.tasks.classification import FeatureCache, Transformed, cached_features
+    model, transform, cache = backbone.model(), eval_transform(config.images), FeatureCache(config.cache_dir)
+    splits, hits = {}, []
+    for name in ("train", "val", "test"):
+        description = {"dataset": config.data.dataset, "root": config.data.root, "split": name,
+                       "seed": config.seed if name != "test" else None, "val_fraction": config.data.val_fraction,
+                       "transform": repr(transform)}
+        x, y, hit = cached_features(backbone, model, Transformed(getattr(data, name), transform), description, cache,
+                                    config.extract_batch_size, config.images.num_workers, device)
+        splits[name], _ = (x, y), hits.append(hit)
+    if data.multilabel:
+        result = logistic.select_and_fit_multilabel(splits["train"], splits["val"], splits["test"])
+    else:
+        result = logistic.select_and_fit(splits["train"], splits["val"], splits["test"], len(data.classes),
+                                         metric=metric_function(data.metric))
+    return {**result, "cache_hit": all(hits)}

@@ -14,7 +14,7 @@ from tests import classify_layouts
 from tests.conftest import ROOT
 
 CONFIG = str(ROOT / "configs/transfer/classify_digits.yaml")
-SMALL = ["images.size=16", "finetune.batch_size=100", "finetune.lr_grid=[0.05,0.01]", "finetune.epochs_grid=[1]"]
+SMALL = ["images.size=16", "linear.max_iter=200", "finetune.batch_size=100", "finetune.lr_grid=[0.05,0.01]", "finetune.epochs_grid=[1]"]
 
 
 def cached(cache_dir, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +40,8 @@ def test_digits_linear_transfer_equals_scikit_learn_on_the_same_features_and_fin
     x = ((torch.cat([train_x, val_x]).double() - mean) / std).numpy()
     model = LogisticRegression(C=1 / (penalty * len(x)), max_iter=5000, tol=1e-10).fit(x, torch.cat([train_y, val_y]))
     accuracy = 100 * (model.predict(((test_x.double() - mean) / std).numpy()) == test_y.numpy()).mean()
-    assert record["metrics"]["linear.top1"] == pytest.approx(accuracy, abs=100 / len(test_y) + 1e-9)
+    # (to 1%: 200 L-BFGS iterations per penalty here, scikit-learn to convergence)
+    assert record["metrics"]["linear.top1"] == pytest.approx(accuracy, abs=1.0)
     # fine-tuning: both lrs scored on val, the best retrained on train + val and scored on test
     validation = record["finetune"]["validation"]
     assert set(validation) == {"lr0.05_ep1_wd0", "lr0.01_ep1_wd0"}
@@ -59,7 +60,7 @@ def test_voc2007_linear_transfer_is_one_binary_classifier_per_class_scored_by_11
     classify_layouts.voc2007(tmp_path / "voc")
     record = run_task("classify", "random:resnet18", "ema", CONFIG,
                       [f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", "data.dataset=voc2007",
-                       f"data.root={tmp_path / 'voc'}", "protocols=[linear]", "images.size=16"])
+                       f"data.root={tmp_path / 'voc'}", "protocols=[linear]", "images.size=16", "linear.max_iter=50"])
     assert set(record["metrics"]) == {"linear.voc07_map"}
     _, test_y = cached(tmp_path / "cache", "test")
     assert test_y.dim() == 2 and test_y.shape[1] == 20
@@ -93,3 +94,21 @@ def test_a_dataset_missing_its_standard_validation_split_is_refused_before_anyth
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "run").exists()
     assert np.asarray(ids["valid"]).size  # the fixture did have one
+
+
+def test_binary_logistic_per_class_equals_scikit_learn_one_class_at_a_time_leaving_difficult_entries_out():
+    from sklearn.linear_model import LogisticRegression
+    from transfer.logistic import fit_binary_logistic
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 6, generator=generator, dtype=torch.float64)
+    scores = x @ torch.randn(6, 3, generator=generator, dtype=torch.float64)
+    targets = torch.where(scores > 0, 1, -1)
+    targets[torch.rand(120, 3, generator=generator) < 0.15] = 0  # 'difficult'
+    penalty = 0.05
+    weight, bias = fit_binary_logistic(x, targets, penalty)
+    for c in range(3):
+        known = targets[:, c] != 0
+        reference = LogisticRegression(C=1 / (penalty * int(known.sum())), tol=1e-12, max_iter=10_000).fit(
+            x[known].numpy(), (targets[known, c] > 0).numpy())
+        np.testing.assert_allclose(weight[c].numpy(), reference.coef_[0], rtol=1e-4, atol=1e-6)
+        assert bias[c].item() == pytest.approx(reference.intercept_[0], abs=1e-5)

@@ -36,7 +36,7 @@ BAD_VALUES = [
     ("segmentation", "schedule.milestones", "[0.9,0.7]"), ("segmentation", "dropout", "1.0"),
     ("detection", "iterations", "1"), ("detection", "lr", "nan"), ("detection", "steps", "[0.5,1.5]"),
     ("depth", "steps", "0"), ("depth", "data.kind", "kitti"), ("depth", "batch_size", "0"),
-    ("sweep", "seeds", "[-1]"), ("sweep", "tasks", "{classify: x.yaml}"),
+    ("sweep", "seeds", "[-1]"), ("sweep", "tasks", "{segment: x.yaml}"),
     ("pipeline", "tasks", "{linear: missing.yaml}"), ("pipeline", "scenes", "{size: 8}"), ("pipeline", "weights", "final"),
     ("executor", "timeout_min", "0"), ("executor", "cluster", "kubernetes"), ("executor", "nodes", "0"),
     ("executor", "mem_gb", "-4"),

@@ -80,13 +80,13 @@ def test_every_registered_task_is_complete_and_reachable_from_every_entry_point(
     from slurm.jobs import steps
     from slurm.pipeline import PipelineConfig
     from transfer.__main__ import commands
-    from transfer.tasks import TASKS
+    from transfer.tasks import TASKS, task_of
     for name, task in TASKS.items():
         module = task.load()
         for attribute in ("Config", "EXAMPLES", "prepare", "run"):
             assert hasattr(module, attribute), f"task module {task.module} has no {attribute}"
     assert set(TASKS) <= set(commands()) and set(TASKS) <= set(steps())
-    assert set(PipelineConfig().tasks) == set(TASKS)
+    assert {task_of(key) for key in PipelineConfig().tasks} == set(TASKS)
 
 
 def test_an_unknown_task_is_refused_by_the_sweep_and_the_pipeline(tmp_path):
@@ -118,10 +118,10 @@ def test_every_shipped_config_loads_against_its_schema(path):
     from pretrain.config import load_config
     config = load_config(schema_of(path), path)
     assert OmegaConf.to_container(config)
-    if path.parent.name == "pipeline":  # the files it names load against theirs
-        from transfer.tasks import TASKS
-        for task, task_config in config.tasks.items():
-            load_config(TASKS[task].load().Config, ROOT / task_config)
+    if path.parent.name == "pipeline":  # the files it names load against theirs, with the pipeline's overrides
+        from transfer.tasks import TASKS, task_of
+        for key, task_config in config.tasks.items():
+            load_config(TASKS[task_of(key)].load().Config, ROOT / task_config, list(config.task_overrides.get(key, [])))
 
 
 # Documents beside the checkout that a user who clones the project does not have; spelled in parts so that this

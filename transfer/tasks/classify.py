@@ -44,12 +44,18 @@ class ClassifyData:
 
 
 @dataclass
+class LinearTransfer:
+    max_iter: int = checked(1000, POSITIVE_INT)    # L-BFGS iterations per penalty (to convergence or this many)
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/classify"
     protocol_id: str = ""
     seed: int = checked(0, NON_NEGATIVE)
     data: ClassifyData = field(default_factory=ClassifyData)
     images: Images = field(default_factory=Images)
+    linear: LinearTransfer = field(default_factory=LinearTransfer)
     protocols: tuple = checked(PROTOCOLS, each(Rule("linear or finetune", lambda v: v in PROTOCOLS)))
     finetune: FinetuneProtocol = field(default_factory=lambda: FinetuneProtocol(
         batch_size=256, lr_grid=(0.001, 0.0032, 0.01, 0.032, 0.1, 0.32, 1.0), epochs_grid=(30,),
@@ -121,8 +127,9 @@ def linear(config: Config, backbone: Backbone, data, device) -> dict:
                                     config.extract_batch_size, config.images.num_workers, device)
         splits[name], _ = (x, y), hits.append(hit)
     if data.multilabel:
-        result = logistic.select_and_fit_multilabel(splits["train"], splits["val"], splits["test"])
+        result = logistic.select_and_fit_multilabel(splits["train"], splits["val"], splits["test"],
+                                                    max_iter=config.linear.max_iter)
     else:
         result = logistic.select_and_fit(splits["train"], splits["val"], splits["test"], len(data.classes),
-                                         metric=metric_function(data.metric))
+                                         metric=metric_function(data.metric), max_iter=config.linear.max_iter)
     return {**result, "cache_hit": all(hits)}

@@ -106,8 +106,9 @@ def select_and_fit(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], tes
                    num_classes: int, metric=top1, penalties=PENALTIES, max_iter: int = 1000) -> dict:
     """Choose the penalty on val by `metric` (the smallest among ties), refit on train + val, score test.
     Features are standardised with the training split's mean and std. The penalties are fitted along the
-    regularisation path, from the largest down, each fit starting from the previous one's solution (the
-    objective is strictly convex, so the start changes the path to the optimum, not the optimum)."""
+    regularisation path, from the largest down, each fit starting from the previous one's solution. The objective
+    is strictly convex in W and in b up to a shift shared by all classes, which the softmax ignores (L-BFGS keeps
+    the biases' sum where it starts): the start changes the path to the optimum, not the predictions there."""
     return _select(train, val, test, penalties,
                    lambda x, y, penalty, start: fit_logistic(x, y, num_classes, penalty, max_iter, start=start),
                    metric)

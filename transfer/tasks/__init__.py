@@ -31,7 +31,7 @@ TASKS = {task.name: task for task in (
     Task("segmentation", "transfer.tasks.segmentation", "semantic segmentation (FCN) through mmsegmentation"),
     Task("detection", "transfer.tasks.detection", "detection / instance segmentation through detectron2"),
     Task("depth", "transfer.tasks.depth", "monocular depth (FCRN up-projection decoder, berHu loss)"),
-    Task("finetune", "transfer.tasks.finetune", "fine-tuning the whole network on 1% / 10% of the labels"),
+    Task("finetune", "transfer.tasks.finetune", "fine-tuning the whole network on few labels (1 and 10 percent)"),
     Task("classify", "transfer.tasks.classify", "transfer to other classification datasets: linear (L-BFGS) and "
                                                 "fine-tuning"),
 )}

@@ -31,7 +31,7 @@ import itertools
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -118,19 +118,6 @@ def collate_labelled(items: list) -> tuple[Tensor, Tensor]:
     return torch.stack(images), torch.stack([_as_target(label) for label in labels])
 
 
-class EvalView(Dataset):
-    def __init__(self, dataset: Dataset, transform):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        from pretrain.data import CorruptImage
-        image, label = self.dataset[index]
-        return image if isinstance(image, CorruptImage) else (self.transform(image), label)
-
-
 # ---------------------------------------------------------------------------------------------- network
 
 class Classifier(nn.Module):
@@ -170,7 +157,6 @@ class Finetuner:
     device: torch.device
     folder: Path                      # checkpoints and scores of each candidate
     save: bool = True                 # rank 0 writes
-    scores_on: dict = field(default_factory=dict)
 
     def build(self) -> nn.Module:
         torch.manual_seed(self.seed)
@@ -224,9 +210,9 @@ class Finetuner:
     def score(self, model: nn.Module, dataset: Dataset) -> float:
         """The metric on dataset (eval transform), the images sharded over the processes by whole batches."""
         from pretrain.distributed import detect
-        from transfer.tasks.classification import batch_shard
+        from transfer.tasks.classification import Transformed, batch_shard
         p, processes = self.protocol, detect()
-        view = EvalView(dataset, eval_transform(self.images))
+        view = Transformed(dataset, eval_transform(self.images))  # a corrupt image: a one-line error naming it
         shard = batch_shard(len(view), p.eval_batch_size, processes.rank, processes.world_size)
         loader = DataLoader(Subset(view, shard), batch_size=p.eval_batch_size, num_workers=self.images.num_workers,
                             collate_fn=collate_labelled)
@@ -263,15 +249,13 @@ def select_and_finetune(finetuner: Finetuner, train: Dataset, heldout: Dataset, 
     Returns {"test", "chosen": {lr, epochs, weight_decay}, "heldout": {tag: score}}."""
     finetuner.folder.mkdir(parents=True, exist_ok=True)
     candidates = grid(finetuner.protocol)
-    trained: dict[str, nn.Module] = {}
 
     def run(candidate: Candidate) -> dict:
-        trained[candidate.tag] = finetuner.train(candidate, train, candidate.tag)
-        return {"heldout": finetuner.score(trained[candidate.tag], heldout), **candidate.as_dict()}
+        model = finetuner.train(candidate, train, candidate.tag)
+        return {"heldout": finetuner.score(model, heldout), **candidate.as_dict()}
     on_heldout = {}
     for candidate in candidates:
         on_heldout[candidate.tag] = finetuner.evaluated(candidate.tag, lambda c=candidate: run(c))["heldout"]
-        trained.pop(candidate.tag, None)  # one network in memory at a time
         log.info("finetune: %s -> held-out %.2f", candidate.tag, on_heldout[candidate.tag])
     best = max(candidates, key=lambda c: (on_heldout[c.tag], -candidates.index(c)))
 

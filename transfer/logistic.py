@@ -31,8 +31,7 @@ def _lbfgs(objective, start: np.ndarray, max_iter: int, tolerance: float, work: 
     until the largest gradient entry is below `tolerance` or `max_iter` iterations.
 
     A small problem (`work` multiply-adds per evaluation) runs on one thread: its tensors are too small to split,
-    and on a machine whose other cores are busy every parallel region would wait for a descheduled thread (100x
-    slower evaluations measured on 2 cores with one busy)."""
+    and on a machine whose other cores are busy every parallel region would wait for a descheduled thread."""
     from scipy.optimize import minimize
     threads = torch.get_num_threads()
     if work < SMALL_WORK:

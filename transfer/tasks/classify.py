@@ -18,27 +18,19 @@ from typing import Optional
 
 from torch.utils.data import ConcatDataset
 
-from pretrain.checks import DEVICE, NON_NEGATIVE, POSITIVE_INT, Rule, between, checked, each
+from pretrain.checks import DEVICE, NON_NEGATIVE, POSITIVE_INT, Rule, between, checked, each, one_of
 from pretrain.errors import UserError
 from transfer.backbone import Backbone
+from transfer.classify_datasets import DATASETS
 from transfer.finetune import FinetuneProtocol, Images
 from transfer.runner import TaskResult
 
 PROTOCOLS = ("linear", "finetune")
 
 
-def _dataset_names() -> list[str]:
-    from transfer.classify_datasets import DATASETS
-    return list(DATASETS)
-
-
-DATASET = Rule("a dataset of transfer.classify_datasets (food101, cifar10, cifar100, birdsnap, sun397, cars, "
-               "aircraft, voc2007, dtd, pets, caltech101, flowers102, digits)", lambda v: v in _dataset_names())
-
-
 @dataclass
 class ClassifyData:
-    dataset: str = checked("digits", DATASET)
+    dataset: str = checked("digits", one_of(*DATASETS))
     root: str = ""                                 # where the dataset lies in its standard layout
     val_fraction: float = checked(0.2, between(0, 1, open_low=True, open_high=True))  # without a standard val split
 

@@ -7,6 +7,7 @@ separate the backbones far more than all 60,000 (BENCHMARKS.md), at a quarter of
 
     .venv/bin/python bench/test_recipe_margins.py [--seeds 0 1 2] [--out runs/test_recipe]
         [--pretrain key=value ...]     (pretraining overrides, e.g. loss.estimator=exact; use another --out)
+        [--transfer key=value ...]     (linear / kNN overrides, e.g. data.image_size=40)
 
 Prints one row per (task, seed) and the smallest margin per task; the test asserts about half of it.
 """
@@ -26,7 +27,7 @@ def run(*args: str) -> None:
     subprocess.run([sys.executable, "-m", *args], check=True)
 
 
-def margins(seed: int, out: Path, overrides: list[str] = ()) -> dict[str, tuple[float, float]]:
+def margins(seed: int, out: Path, overrides: list[str] = (), transfer: list[str] = ()) -> dict[str, tuple[float, float]]:
     root = out / f"seed{seed}"
     run("pretrain", *PRETRAIN, f"run_dir={root / 'pretrain'}", f"seed={seed}", *overrides)
     scores = {}
@@ -35,7 +36,7 @@ def margins(seed: int, out: Path, overrides: list[str] = ()) -> dict[str, tuple[
                                ("random", "random:resnet18")):
             run_dir = root / f"{task}_{name}"
             run("transfer", task, "--backbone", backbone, *TASK, f"run_dir={run_dir}", f"seed={seed}",
-                f"cache_dir={out / 'cache'}")
+                f"cache_dir={out / 'cache'}", *transfer)
             scores[(task, name)] = json.loads((run_dir / "metrics.json").read_text())["metrics"]["top1"]
     return {task: (scores[(task, "pretrained")], scores[(task, "random")]) for task in ("linear", "knn")}
 
@@ -45,8 +46,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/test_recipe"))
     parser.add_argument("--pretrain", nargs="*", default=[], metavar="key=value", help="pretraining overrides")
+    parser.add_argument("--transfer", nargs="*", default=[], metavar="key=value", help="linear / kNN overrides")
     args = parser.parse_args()
-    results = {seed: margins(seed, args.out, args.pretrain) for seed in args.seeds}
+    results = {seed: margins(seed, args.out, args.pretrain, args.transfer) for seed in args.seeds}
     print("| task | seed | top-1 pretrained | top-1 random init | margin |\n|---|---|---|---|---|")
     for task in ("linear", "knn"):
         for seed, by_task in results.items():

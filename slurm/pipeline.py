@@ -56,6 +56,7 @@ class PipelineConfig:
     weights: str = checked("ema", one_of("ema", "online", "target", "student", "teacher"))  # which network the tasks evaluate
     use_scenes: bool = True                               # generate scenes and point the dense tasks at them
     supervised: bool = True                               # the positive control: the network trained on the labels
+    pretrain_per_seed: bool = False                       # pretrain (and train the control) once per seed, not once
     name: str = checked("ssl-hsic", Rule("a backbone name (letters, digits, _ . + -)", lambda v: _is_name(v)))
     backbones: list = checked([], Rule("a list of NAME=PATH checkpoints evaluated beside the pretrained one",
                                        lambda v: isinstance(v, list) and all(_is_named(b) for b in v)))
@@ -117,47 +118,59 @@ class Pipeline:
             raise UserError(f"pretraining data {data} does not exist; set data.root in {c.pretrain_config} or "
                             "pretrain_overrides")
         arch = pretrain.model.backbone
-        pretrain_dir, scenes, export_dir = root / "pretrain", root / "scenes", root / "export"
-        checkpoint = pretrain_dir / "checkpoints" / "last.pt"
-        nodes = [Node("pretrain", "pretrain", ["--config", c.pretrain_config, f"run_dir={pretrain_dir}",
-                                               *c.pretrain_overrides], str(pretrain_dir / "metrics.json"))]
+        scenes = root / "scenes"
+        nodes, task_dirs, self.report_dirs = [], [], []
         if c.use_scenes:
             s = c.scenes
             nodes.append(Node("scenes", "scenes", ["--out", str(scenes), "--train", str(s["train"]), "--test",
                                                    str(s["test"]), "--size", str(s["size"]), "--seed", str(s["seed"])],
                               str(scenes / "classes.json")))
-        nodes.append(Node("export", "export", ["--checkpoint", str(checkpoint), "--format", "all", "--out",
-                                               str(export_dir), "--weights", c.weights],
-                          str(export_dir / f"backbone_{c.weights}.pkl.json"), needs=["pretrain"]))
-        nodes.append(Node("verify", "verify", ["--checkpoint", str(checkpoint), "--weights", c.weights, "--record",
-                                               str(export_dir / "verified.json")],
-                          str(export_dir / "verified.json"), needs=["pretrain"]))
-        task_dirs = []
-        evaluated = [("pretrained", f"{c.name}={checkpoint}"), ("random", f"random-{arch}=random:{arch}"),
-                     *((spec.split("=", 1)[0], spec) for spec in c.backbones)]
-        if c.supervised:  # the same network and budget on the labels: how far apart the evaluation puts backbones
-            supervised_dir = root / "supervised"
-            nodes.append(Node("supervised", "supervised", ["--config", c.pretrain_config, f"run_dir={supervised_dir}",
-                                                           *c.pretrain_overrides], str(supervised_dir / "metrics.json")))
-            evaluated.append(("supervised", f"supervised={supervised_dir / 'backbone.pth'}"))
-        names = [spec.split("=", 1)[0] for _, spec in evaluated]
-        if len(set(names)) < len(names) or {"pretrained", "random"} & set(names[2:]):
-            raise UserError(f"backbone names must differ from each other and from 'pretrained' / 'random' / "
-                            f"'supervised': {names}")
-        for task, task_config in c.tasks.items():
-            for kind, backbone in evaluated:
-                needs = ({"pretrained": ["verify"], "supervised": ["supervised"]}.get(kind, [])
-                         + (["scenes"] if c.use_scenes and scene_overrides(task, scenes) else []))
-                for seed in c.seeds:
-                    run_dir = root / task / kind / f"seed{seed}"
-                    argv = ["--backbone", backbone, "--weights", c.weights, "--config", task_config,
-                            f"run_dir={run_dir}", f"seed={seed}",
-                            *(scene_overrides(task, scenes) if c.use_scenes else []),
-                            *c.task_overrides.get(task, [])]
-                    nodes.append(Node(f"{task}/{kind}/seed{seed}", task_of(task), argv, str(run_dir / "metrics.json"),
-                                      needs=list(needs), group=f"{task}/{kind}"))
-                    task_dirs.append(str(run_dir))
-        nodes.append(Node("report", "report", [str(pretrain_dir), *task_dirs, "--out", str(root / "report")],
+        # one pretraining (and supervised control) for every task seed, or one per seed: pretrain/seedK/, ...
+        recipes = [(f"/seed{seed}", [seed], [f"seed={seed}"]) for seed in c.seeds] if c.pretrain_per_seed \
+            else [("", list(c.seeds), [])]
+        for suffix, seeds, seed_override in recipes:
+            pretrain_dir, export_dir = root / f"pretrain{suffix}", root / f"export{suffix}"
+            supervised_dir = root / f"supervised{suffix}"
+            checkpoint = pretrain_dir / "checkpoints" / "last.pt"
+            overrides = [*c.pretrain_overrides, *seed_override]
+            nodes.append(Node(f"pretrain{suffix}", "pretrain", ["--config", c.pretrain_config,
+                                                                f"run_dir={pretrain_dir}", *overrides],
+                              str(pretrain_dir / "metrics.json")))
+            nodes.append(Node(f"export{suffix}", "export", ["--checkpoint", str(checkpoint), "--format", "all", "--out",
+                                                            str(export_dir), "--weights", c.weights],
+                              str(export_dir / f"backbone_{c.weights}.pkl.json"), needs=[f"pretrain{suffix}"]))
+            nodes.append(Node(f"verify{suffix}", "verify", ["--checkpoint", str(checkpoint), "--weights", c.weights,
+                                                            "--record", str(export_dir / "verified.json")],
+                              str(export_dir / "verified.json"), needs=[f"pretrain{suffix}"]))
+            self.report_dirs.append(str(pretrain_dir))
+            evaluated = [("pretrained", f"{c.name}={checkpoint}", [f"verify{suffix}"]),
+                         ("random", f"random-{arch}=random:{arch}", []),
+                         *((spec.split("=", 1)[0], spec, []) for spec in c.backbones)]
+            if c.supervised:  # the same network and budget on the labels: how far apart the evaluation puts backbones
+                nodes.append(Node(f"supervised{suffix}", "supervised", ["--config", c.pretrain_config,
+                                                                        f"run_dir={supervised_dir}", *overrides],
+                                  str(supervised_dir / "metrics.json")))
+                evaluated.append(("supervised", f"supervised={supervised_dir / 'backbone.pth'}", [f"supervised{suffix}"]))
+            names = [spec.split("=", 1)[0] for _, spec, _ in evaluated]
+            if len(set(names)) < len(names) or {"pretrained", "random"} & set(names[2:]):
+                raise UserError(f"backbone names must differ from each other and from 'pretrained' / 'random' / "
+                                f"'supervised': {names}")
+            for task, task_config in c.tasks.items():
+                for kind, backbone, needs in evaluated:
+                    needs = needs + (["scenes"] if c.use_scenes and scene_overrides(task, scenes) else [])
+                    for seed in seeds:
+                        run_dir = root / task / kind / f"seed{seed}"
+                        argv = ["--backbone", backbone, "--weights", c.weights, "--config", task_config,
+                                f"run_dir={run_dir}", f"seed={seed}",
+                                *(scene_overrides(task, scenes) if c.use_scenes else []),
+                                *c.task_overrides.get(task, [])]
+                        nodes.append(Node(f"{task}/{kind}/seed{seed}", task_of(task), argv,
+                                          str(run_dir / "metrics.json"), needs=list(needs), group=f"{task}/{kind}{suffix}"))
+                        task_dirs.append(str(run_dir))
+        self.report_dirs += task_dirs
+        self.pooled = [c.name, *(["supervised"] if c.supervised else [])] if c.pretrain_per_seed else []
+        nodes.append(Node("report", "report", [*self.report_dirs, "--out", str(root / "report"),
+                                               *(["--pool", *self.pooled] if self.pooled else [])],
                           str(root / "report" / "report.md"), needs=[n.name for n in nodes if n.step in TASKS]))
         for step in {node.step for node in nodes}:  # every profile in use is valid
             for_step(self.executor_config, step)
@@ -165,9 +178,8 @@ class Pipeline:
 
     def run(self) -> dict:
         nodes = self.plan()
-        report_node = nodes[-1]
-        run_dirs = [report_node.argv[0], *report_node.argv[1:-2]]
-        return run_graph(nodes, self.executor_config, self.root, self.dry_run, "pipeline", run_dirs)
+        return run_graph(nodes, self.executor_config, self.root, self.dry_run, "pipeline", self.report_dirs,
+                         pooled=self.pooled)
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -200,7 +212,7 @@ def describe_graph(nodes, executor_config, label: str) -> None:
 
 
 def run_graph(nodes, executor_config, root: Path, dry_run: bool, label: str, report_dirs: list[str],
-              baseline: str | None = None) -> dict:
+              baseline: str | None = None, pooled: list[str] = ()) -> dict:
     """Print the graph (dry run), submit it to SLURM as one dependency graph and return, or run its steps here
     one after another (the last node is the report, built in this process) and return the report."""
     if dry_run:
@@ -216,7 +228,7 @@ def run_graph(nodes, executor_config, root: Path, dry_run: bool, label: str, rep
     for node in nodes[:-1]:
         run_job(node, executor_config, label, timings)
     from transfer.report import build_report
-    report = build_report(report_dirs, root / "report", baseline=baseline)
+    report = build_report(report_dirs, root / "report", baseline=baseline, pooled=pooled)
     total = time.time() - started
     timing = {"total_s": round(total, 1), **{k: round(v, 1) for k, v in timings.items()}}
     (root / "report" / "timings.json").write_text(json.dumps(timing, indent=2))

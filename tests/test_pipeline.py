@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import yaml
 
 from tests.conftest import run_cli
 from tests.conftest import TINY
@@ -53,3 +54,30 @@ def test_tiny_pipeline_runs_end_to_end_and_a_rerun_skips_everything(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     # pretrain, supervised, scenes, export, verify + 7 tasks x 3 backbones
     assert rerun.stdout.count("done before, skipped") == 5 + 21
+
+
+@pytest.mark.timeout(1200)
+def test_pretraining_once_per_seed_pairs_each_seed_with_its_own_backbone_and_pools_the_recipe(tmp_path):
+    """pretrain_per_seed: seed k pretrains under pretrain/seedK (seed=k) and its task runs evaluate that
+    checkpoint; the report pools the recipe's seeds into one column (n = 2), as random init's."""
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(json.dumps({
+        "root": str(tmp_path / "demo"), "pretrain_config": "configs/pretrain/fashion_mnist_resnet18.yaml",
+        "pretrain_overrides": [*TINY, "optim.epochs=1"], "use_scenes": False, "supervised": False,
+        "tasks": {"knn": "configs/transfer/linear_fashion_mnist.yaml"},
+        "task_overrides": {"knn": ["data.limit_train=300", "data.limit_test=100", "data.num_workers=0",
+                                   f"cache_dir={tmp_path / 'cache'}"]},
+        "seeds": [0, 1], "pretrain_per_seed": True}))
+    result = run_cli("slurm", "pipeline", "--config", str(config), timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    root = tmp_path / "demo"
+    fingerprints = set()
+    for seed in (0, 1):
+        assert yaml.safe_load((root / "pretrain" / f"seed{seed}" / "config.yaml").read_text())["seed"] == seed
+        record = json.loads((root / "knn" / "pretrained" / f"seed{seed}" / "metrics.json").read_text())
+        assert record["backbone"]["path"] == str(root / "pretrain" / f"seed{seed}" / "checkpoints" / "last.pt")
+        fingerprints.add(record["backbone"]["fingerprint"])
+    assert len(fingerprints) == 2
+    table = (root / "report" / "report.md").read_text()
+    assert "| metric | random-resnet18 (baseline) | ssl-hsic |" in table and table.count("n=2") >= 2
+    assert (root / "report" / "pretrain_pretrain_seed1.png").exists()

@@ -105,6 +105,31 @@ def test_two_pretrained_checkpoints_never_merge_even_under_one_name(tmp_path):
     assert "| metric | last [aaaaaaaa] | last [bbbbbbbb] |" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_a_recipe_pretrained_once_per_seed_pools_over_its_checkpoints_when_named(tmp_path):
+    """The main job's pretrain_per_seed: seed k's runs evaluate seed k's checkpoint; `pooled` makes the recipe one
+    column whose interval spans the pretraining seeds, the way random init's spans its draws."""
+    from transfer.report import build_report
+    values = {"ssl-hsic": [80.0, 82.0, 84.0], "random-resnet18": [70.0, 71.0, 72.0]}
+    dirs = []
+    for seed in range(3):
+        dirs.append(write_run(tmp_path / f"ssl{seed}", "knn", {"top1": values["ssl-hsic"][seed]},
+                              named("ssl-hsic", "abc"[seed]), seed))
+        dirs.append(write_run(tmp_path / f"random{seed}", "knn", {"top1": values["random-resnet18"][seed]},
+                              {**RANDOM, "fingerprint": f"{seed}" * 64}, seed))
+    apart = build_report(dirs, tmp_path / "apart", plots=False, echo=False)["comparisons"][0]
+    assert len(apart.summaries) == 4  # three checkpoints of n = 1 and random init
+    pooled = build_report(dirs, tmp_path / "out", plots=False, echo=False, pooled=["ssl-hsic"])["comparisons"][0]
+    summary = {ident.name: s for ident, s in pooled.summaries.items()}
+    assert summary["ssl-hsic"].values == [80.0, 82.0, 84.0]
+    half = T_975[2] * 2.0 / math.sqrt(3)  # s = 2 for both
+    assert summary["ssl-hsic"].interval == pytest.approx((82.0 - half, 82.0 + half))
+    assert summary["random-resnet18"].interval == pytest.approx((71.0 - T_975[2] / math.sqrt(3),
+                                                                 71.0 + T_975[2] / math.sqrt(3)))
+    assert pooled.best is not None and pooled.best.name == "ssl-hsic"  # 77.0 > 72.4: clear of random init
+    table = (tmp_path / "out" / "report.md").read_text()
+    assert "| metric | random-resnet18 (baseline) | ssl-hsic |" in table and "n=3" in table
+
+
 def test_the_long_csv_has_one_row_per_run_and_metric_that_pandas_reads(three_backbones, tmp_path):
     import pandas as pd
     from transfer.report import LONG_COLUMNS, build_report

@@ -100,8 +100,10 @@ def report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for report.md, report.csv and the PNG plots")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--baseline", help="the backbone every other is compared with (a name; default: random init)")
+    parser.add_argument("--pool", nargs="+", default=[], metavar="NAME",
+                        help="backbones pretrained once per seed: their runs pool over the weights (one recipe)")
 
 
 def run_report(args: argparse.Namespace) -> None:
     from transfer.report import build_report
-    build_report(args.run_dirs, args.out, plots=not args.no_plots, baseline=args.baseline)
+    build_report(args.run_dirs, args.out, plots=not args.no_plots, baseline=args.baseline, pooled=args.pool)

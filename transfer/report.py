@@ -7,6 +7,8 @@ Backbones. A run's metrics.json names its backbone (backbone.name) and fingerpri
 (backbone.fingerprint, the sha256 of the tensors). Runs are grouped by task, dataset, protocol and backbone. A
 backbone is its name and its fingerprint, so two checkpoints never merge, even under one name (they are shown
 as `name [fingerprint]`); random init is its name and architecture instead, since every seed draws other weights.
+Names passed as `pooled` are recipes pretrained once per seed (the main job's `pretrain_per_seed`): their runs pool
+over the weights, like random init's, so seed-to-seed spread includes the pretraining's.
 
 Statistics over seeds, per backbone: the mean, the sample standard deviation s, n, and the 95% confidence
 interval mean ± t(0.975, n-1) s / sqrt(n). Against the baseline (random init unless named):
@@ -61,13 +63,17 @@ class Identity:
     random: bool
 
 
-def identity(record: dict) -> Identity:
+def identity(record: dict, pooled: frozenset = frozenset()) -> Identity:
     backbone = record.get("backbone") or {}
     path = str(backbone.get("path", ""))
     random = backbone.get("weights") == "random" or path.startswith("random:")
     name = backbone.get("name") or default_name(path or "backbone")
-    key = f"random:{backbone.get('arch', path.split(':')[-1])}" if random else \
-        str(backbone.get("fingerprint") or backbone.get("sha256") or path)
+    if random:
+        key = f"random:{backbone.get('arch', path.split(':')[-1])}"
+    elif name in pooled:
+        key = f"seeds:{name}"
+    else:
+        key = str(backbone.get("fingerprint") or backbone.get("sha256") or path)
     return Identity(name, key, random)
 
 
@@ -173,7 +179,7 @@ def choose_baseline(identities: set[Identity], baseline: str | None) -> Identity
     return randoms[0] if randoms else None
 
 
-def comparisons(records: list[dict], baseline: str | None = None) -> list[Comparison]:
+def comparisons(records: list[dict], baseline: str | None = None, pooled: frozenset = frozenset()) -> list[Comparison]:
     groups: dict[tuple, dict[Identity, list[float]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
         if record["task"] == "pretrain":
@@ -181,7 +187,7 @@ def comparisons(records: list[dict], baseline: str | None = None) -> list[Compar
         for metric, value in record["metrics"].items():
             if metric.startswith("IoU."):  # per-class IoU stays in metrics.json; the table shows mIoU
                 continue
-            groups[(*group_key(record), metric)][identity(record)].append(float(value))
+            groups[(*group_key(record), metric)][identity(record, pooled)].append(float(value))
     out = []
     for (task, dataset, protocol, metric), by_backbone in sorted(groups.items(), key=lambda kv: kv[0]):
         summaries = {ident: Summary(values) for ident, values in by_backbone.items()}
@@ -256,12 +262,12 @@ def _global_batch(config: dict) -> str:
     return ""
 
 
-def long_rows(records: list[dict]) -> list[dict]:
+def long_rows(records: list[dict], pooled: frozenset = frozenset()) -> list[dict]:
     """One row per run and metric (tidy: pandas reads it as is; pivot on `metric` for a wide table)."""
-    names = labels({identity(r) for r in records})
+    names = labels({identity(r, pooled) for r in records})
     rows = []
     for record in records:
-        ident, backbone, config = identity(record), record.get("backbone") or {}, record.get("config") or {}
+        ident, backbone, config = identity(record, pooled), record.get("backbone") or {}, record.get("config") or {}
         hyper = {k: v for k, v in config.items() if k not in ("run_dir", "data", "device", "cache_dir")}
         for metric, value in record["metrics"].items():
             rows.append({"backbone": names[ident], "fingerprint": ident.key, "backbone_path": backbone.get("path", ""),
@@ -306,7 +312,9 @@ def plot_pretraining(records: list[dict], out_dir: Path) -> list[Path]:
             ax.set_title(titles[key])
             ax.set_xlabel("step")
         fig.tight_layout()
-        path = out_dir / f"pretrain_{Path(record['run_dir']).name}.png"
+        run_dir = Path(record["run_dir"])  # pretrain/ or, one per seed, pretrain/seedK/
+        label = f"{run_dir.parent.name}_{run_dir.name}" if run_dir.name.startswith("seed") else run_dir.name
+        path = out_dir / f"pretrain_{label}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
@@ -345,16 +353,18 @@ def plot_tasks(comparisons_: list[Comparison], out_dir: Path) -> list[Path]:
 # ------------------------------------------------------------------------------------------- report
 
 def build_report(run_dirs: list[str | Path], out_dir: str | Path, plots: bool = True, echo: bool = True,
-                 baseline: str | None = None) -> dict:
-    """Write report.md, report.csv (long) and the plots into out_dir; return {"comparisons", "rows", "files"}."""
+                 baseline: str | None = None, pooled: list[str] = ()) -> dict:
+    """Write report.md, report.csv (long) and the plots into out_dir; return {"comparisons", "rows", "files"}.
+    `pooled`: backbone names whose runs pool over their weights (one recipe, pretrained once per seed)."""
     records = load_records(run_dirs)
-    found = comparisons(records, baseline)
+    pooled = frozenset(pooled)
+    found = comparisons(records, baseline, pooled)
     if baseline and found and all(c.baseline is None for c in found):
         raise UserError(f"baseline '{baseline}' names no backbone of these runs; choose one of "
                         f"{', '.join(sorted({identity(r).name for r in records if r['task'] != 'pretrain'}))}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = long_rows(records)
+    rows = long_rows(records, pooled)
     (out / "report.csv").write_text(csv_text(rows))
     files = [out / "report.md", out / "report.csv"]
     figures = (plot_pretraining(records, out) + plot_tasks(found, out)) if plots else []

@@ -397,5 +397,7 @@ def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskRe
             shutil.rmtree(task_run.run_dir / "epoch_features", ignore_errors=True)
         protocol = f"linear {config.linear.optimizer} {config.linear.epochs} epochs" + \
             (" augmented" if config.linear.augment else " cached features")
+    if d.limit_train:  # few labels are another protocol: the report keeps them apart from all labels
+        protocol += f", the first {d.limit_train} training images"
     extra = {"feature_cache_hit": bool(train_hit and test_hit), "world_size": processes.world_size}
     return TaskResult(metrics, d.dataset, protocol, {**extra, **chosen})

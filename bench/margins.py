@@ -17,7 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
-HEADLINE = {"linear": ("top1", 1), "knn": ("top1", 1), "finetune": ("top1@1%", 1), "finetune@10": ("top1@10%", 1),
+HEADLINE = {"linear": ("top1", 1), "knn": ("top1", 1), "linear/1000": ("top1", 1), "knn/1000": ("top1", 1),
+            "finetune": ("top1@1%", 1), "finetune@10": ("top1@10%", 1),
             "classify/digits": ("linear.top1", 1), "classify/digits@finetune": ("finetune.top1", 1),
             "segmentation": ("mIoU", 1), "detection": ("bbox.AP", 1), "depth": ("rms", -1)}  # metric, sign of better
 KINDS = ("pretrained", "random", "supervised")

@@ -6,6 +6,10 @@ Layout under `root`: pretrain/, scenes/, export/, <task>/<pretrained|random|NAME
 pretrained backbone is reported as `name` (ssl-hsic), random init as random-ARCH, the positive control
 (`supervised`: the same network trained on the labels for the pretraining's budget, pretrain.supervised) as
 supervised, and each of `backbones` (NAME=PATH, e.g. a published checkpoint) under its own name.
+
+With `pretrain_per_seed`, seed k pretrains (seed=k) under pretrain/seed<k>/ (export/seed<k>/,
+supervised/seed<k>/) and its task runs evaluate that checkpoint; the report pools each recipe's seeds into one
+column, so its interval spans the pretraining's seed-to-seed spread, not only the tasks'.
 """
 from __future__ import annotations
 

@@ -361,7 +361,10 @@ def train_and_evaluate(config, backbone, weights: Path) -> dict[str, float]:
         trainer.resume_or_load(resume=True)  # our own checkpoint in the run dir
     else:
         load_backbone_strictly(trainer.model.module if distributed else trainer.model, weights)
-    results = trainer.train()  # DefaultTrainer's EvalHook evaluates once at the end and train() returns that
+    trainer.train()
+    # DefaultTrainer's EvalHook evaluates once at the end and keeps the result here; train() itself returns it only
+    # when cfg.TEST.EXPECTED_RESULTS is set
+    results = getattr(trainer, "_last_eval_results", None)
     metrics = {}
     for task in ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",):
         values = (results or {}).get(task) or {}

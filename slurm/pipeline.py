@@ -129,6 +129,11 @@ class Pipeline:
             nodes.append(Node("scenes", "scenes", ["--out", str(scenes), "--train", str(s["train"]), "--test",
                                                    str(s["test"]), "--size", str(s["size"]), "--seed", str(s["seed"])],
                               str(scenes / "classes.json")))
+        names = [c.name, f"random-{arch}", *(spec.split("=", 1)[0] for spec in c.backbones),
+                 *(["supervised"] if c.supervised else [])]
+        if len(set(names)) < len(names) or {"pretrained", "random"} & set(names[2:]):
+            raise UserError(f"backbone names must differ from each other and from 'pretrained' / 'random' / "
+                            f"'supervised': {names}")
         # one pretraining (and supervised control) for every task seed, or one per seed: pretrain/seedK/, ...
         recipes = [(f"/seed{seed}", [seed], [f"seed={seed}"]) for seed in c.seeds] if c.pretrain_per_seed \
             else [("", list(c.seeds), [])]
@@ -155,10 +160,6 @@ class Pipeline:
                                                                         f"run_dir={supervised_dir}", *overrides],
                                   str(supervised_dir / "metrics.json")))
                 evaluated.append(("supervised", f"supervised={supervised_dir / 'backbone.pth'}", [f"supervised{suffix}"]))
-            names = [spec.split("=", 1)[0] for _, spec, _ in evaluated]
-            if len(set(names)) < len(names) or {"pretrained", "random"} & set(names[2:]):
-                raise UserError(f"backbone names must differ from each other and from 'pretrained' / 'random' / "
-                                f"'supervised': {names}")
             for task, task_config in c.tasks.items():
                 for kind, backbone, needs in evaluated:
                     needs = needs + (["scenes"] if c.use_scenes and scene_overrides(task, scenes) else [])

@@ -81,3 +81,11 @@ def test_pretraining_once_per_seed_pairs_each_seed_with_its_own_backbone_and_poo
     table = (root / "report" / "report.md").read_text()
     assert "| metric | random-resnet18 (baseline) | ssl-hsic |" in table and table.count("n=2") >= 2
     assert (root / "report" / "pretrain_pretrain_seed1.png").exists()
+
+
+def test_a_backbone_named_like_another_is_refused_before_anything_runs(tmp_path):
+    result = run_cli("slurm", "pipeline", "--config", "configs/pipeline/demo.yaml", "--dry-run",
+                     f"root={tmp_path / 'demo'}", "backbones=[supervised=/x.pth]")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: backbone names must differ from each other") and "'supervised']" in result.stderr
+    assert not (tmp_path / "demo").exists()

@@ -58,13 +58,14 @@ def one_of(*choices: Any) -> Rule:
 
 def each(rule: Rule, length: int | None = None, ordered: bool = False, empty: bool = False) -> Rule:
     """A list / tuple whose items all pass `rule` (of `length` items; non-decreasing if `ordered`; an empty
-    one only if `empty`)."""
-    words = f"{length} values" if length else ("a list of values, possibly empty" if empty else "a list of values")
+    one only if `empty`, whatever `length`)."""
+    words = (f"{length} values" + (" (or none)" if empty else "") if length else
+             ("a list of values, possibly empty" if empty else "a list of values"))
     words += f", each {rule.allowed}" + (", in non-decreasing order" if ordered else "")
 
     def test(v: Any) -> bool:
         items = list(v) if isinstance(v, (list, tuple)) else None
-        if items is None or (length is not None and len(items) != length) or (not items and not empty):
+        if items is None or (not items and not empty) or (items and length is not None and len(items) != length):
             return False
         return all(rule.test(x) for x in items) and (not ordered or items == sorted(items))
     return Rule(words, test)

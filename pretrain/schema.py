@@ -66,6 +66,8 @@ class LossConfig:
     scale_lr: float = checked(3e-4, NON_NEGATIVE)  # Adam on the kernel bandwidth
     draws: int = checked(1, POSITIVE_INT)  # independent random-feature draws averaged per process; every process
     #                                        draws its own, so W processes average W x draws (docs/loss.md)
+    total_draws: int = checked(0, NON_NEGATIVE)  # > 0: the draws per step summed over all W processes, each rank
+    #                                              drawing total_draws / W (replaces draws); the official run: 128
 
 
 @dataclass

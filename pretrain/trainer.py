@@ -49,6 +49,17 @@ RESUMABLE_CHANGES = {"run_dir", "data.num_workers", "train.log_every", "train.ch
                      "train.rankme_every", "optim.max_steps", "device"}
 
 
+def draws_per_rank(loss, world_size: int) -> int:
+    """Each rank's random-feature draws per step: loss.draws, or loss.total_draws / world_size when total_draws
+    is set (the official code: one draw per device, so the draws of a step are the devices' count)."""
+    if not loss.total_draws:
+        return loss.draws
+    if loss.total_draws % world_size:
+        raise UserError(f"loss.total_draws={loss.total_draws} does not divide among the {world_size} processes; "
+                        f"choose a multiple of {world_size} (or 0 to use loss.draws per process)")
+    return loss.total_draws // world_size
+
+
 class TrainingDiverged(UserError):
     """The loss or the features became NaN / inf."""
 
@@ -105,6 +116,7 @@ class Pretrainer:
         world = detect().world_size  # from the environment, before joining the other processes
         check_global_batch("optim.batch_size", batch, world)
         self.local_batch = batch // world
+        self.draws_per_rank = draws_per_rank(config.loss, world)
         self.dist = init_distributed()
         match_threads_to_allocation()
         self.is_main = self.dist.rank == 0
@@ -325,7 +337,7 @@ class Pretrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         hiddens, features, logits = self.hiddens(view1, view2)
-        draws = self.config.loss.draws  # this rank's draws: rank * draws .. (rank + 1) * draws - 1
+        draws = self.draws_per_rank  # this rank's draws: rank * draws .. (rank + 1) * draws - 1
         generators = draw_generators(self.config.seed, self.step, self.dist.rank * draws, draws)
         try:  # the loss checks its inputs once; a non-finite embedding means the run diverged
             loss, stats = self.loss_fn(hiddens, generators)

@@ -56,7 +56,8 @@ def test_each_dataset_reads_its_standard_splits(name, layouts):
         assert (len(splits.train), len(splits.val), splits.val_source) == (want["train"], want["val"], "standard")
     else:
         assert len(splits.train) + len(splits.val) == want["train"]
-        assert splits.val_source == "20% of train held out per class, seed 0"
+        assert splits.val_source.endswith("held out of train, seed 0") or \
+            splits.val_source.endswith("held out per class, seed 0")
     for dataset in (splits.train, splits.val, splits.test):
         assert len(dataset.labels) == len(dataset)
         for index in range(len(dataset)) if name != "digits" else (0, len(dataset) - 1):
@@ -70,12 +71,28 @@ def test_each_dataset_reads_its_standard_splits(name, layouts):
                 assert abs(image[0].float().mean().item() - shade(label)) < 4, (name, index, label)
 
 
+def expected_val_counts(rule: str, train: Counter, test: Counter) -> dict:
+    """Per class, what BYOL's Table 10 rule holds out of a class of n training images (keeping at least one)."""
+    if rule.endswith("%"):
+        return {c: min(n - 1, max(1, round(float(rule[:-1]) / 100 * n))) for c, n in train.items()}
+    count = rule.split("/")[0]
+    wanted = {c: (test[c] if count == "test" else int(count)) for c in train}
+    return {c: min(train[c] - 1, wanted[c]) for c in train if min(train[c] - 1, wanted[c]) > 0}
+
+
+def test_the_hold_out_rules_are_byols_table_10():
+    assert {name: info.holdout for name, info in DATASETS.items() if not info.standard_val} == {
+        "food101": "10%", "cifar10": "10%", "cifar100": "10%", "birdsnap": "test/class", "sun397": "10/class",
+        "cars": "20%", "pets": "20/class", "caltech101": "5/class", "digits": "20%"}
+
+
 @pytest.mark.parametrize("name", HELD_OUT)
-def test_held_out_validation_is_stratified_disjoint_and_drawn_from_the_seed(name, layouts):
+def test_held_out_validation_follows_the_published_rule_is_disjoint_and_drawn_from_the_seed(name, layouts):
     root, _ = layouts[name]
     first, again, other = (load_splits(name, root, seed=seed) for seed in (0, 0, 1))
     counts = Counter(first.train.labels) + Counter(first.val.labels)
-    assert Counter(first.val.labels) == {c: min(n - 1, max(1, round(0.2 * n))) for c, n in counts.items()}
+    rule = DATASETS[name].holdout
+    assert Counter(first.val.labels) == expected_val_counts(rule, counts, Counter(first.test.labels))
     train, val = identities(first.train), identities(first.val)
     assert not set(train) & set(val) and len(set(train)) == len(train) and len(set(val)) == len(val)
     assert identities(again.train) == train and identities(again.val) == val
@@ -83,19 +100,22 @@ def test_held_out_validation_is_stratified_disjoint_and_drawn_from_the_seed(name
     assert sorted(identities(other.train) + identities(other.val)) == sorted(train + val)
     assert identities(other.test) == identities(first.test)  # the test split never moves with the seed
     assert "seed 1" in other.val_source
-    half = load_splits(name, root, seed=0, val_fraction=0.5)
-    assert Counter(half.val.labels) == {c: min(n - 1, max(1, round(0.5 * n))) for c, n in counts.items()}
+    half = load_splits(name, root, seed=0, val_fraction=0.5)  # a user's share overrides the rule
+    assert Counter(half.val.labels) == expected_val_counts("50%", counts, Counter())
+    assert half.val_source == "50% of train held out per class, seed 0"
     assert identities(half.test) == identities(first.test)
 
 
-def test_caltech101_trains_on_30_images_per_class_drawn_once_for_every_seed(layouts):
+def test_caltech101_has_102_classes_with_background_and_trains_on_30_images_of_each_drawn_once(layouts):
+    """Kornblith et al.'s Caltech-101: BACKGROUND_Google is a class (torchvision's reader drops it); 30 training
+    images per class, the same for every seed."""
     root, _ = layouts["caltech101"]
     runs = [load_splits("caltech101", root, seed=seed) for seed in (0, 7)]
     for splits in runs:
-        assert Counter(splits.train.labels) + Counter(splits.val.labels) == {0: 30, 1: 30, 2: 30}
-        assert Counter(splits.test.labels) == {0: 2, 1: 4, 2: 1}
+        assert splits.classes == ["BACKGROUND_Google", "accordion", "airplanes", "anchor"]
+        assert Counter(splits.train.labels) + Counter(splits.val.labels) == {0: 30, 1: 30, 2: 30, 3: 30}
+        assert Counter(splits.test.labels) == {0: 3, 1: 2, 2: 4, 3: 1}
     assert runs[0].test.paths == runs[1].test.paths and runs[0].val.paths != runs[1].val.paths
-    assert not any("BACKGROUND_Google" in path for s in runs for path in s.train.paths + s.val.paths + s.test.paths)
     gray = str(Path(root) / "caltech101" / "101_ObjectCategories" / "accordion" / "image_0001.jpg")
     gray_image = next(d[d.paths.index(gray)][0] for d in (runs[0].train, runs[0].val, runs[0].test) if gray in d.paths)
     assert gray_image.shape == (3, HEIGHT, WIDTH) and torch.equal(gray_image[0], gray_image[1])  # expanded

@@ -34,10 +34,10 @@ def largest_relative_difference(a: dict, b: dict) -> tuple[float, str]:
 
 # ---------------------------------------------------------------------- draws and processes
 
-def _pretrain_worker(rank, world, port, run_dir, out_dir):
+def _pretrain_worker(rank, world, port, run_dir, out_dir, *overrides):
     join_group(rank, world, port)
     from pretrain.trainer import Pretrainer
-    trainer = Pretrainer(tiny_config(run_dir))
+    trainer = Pretrainer(tiny_config(run_dir, *overrides))
     trainer.run()
     torch.save({"scale": trainer.loss_fn.scale.detach().clone(), "online": trainer.online.state_dict()},
                Path(out_dir) / f"rank{rank}.pt")
@@ -45,12 +45,13 @@ def _pretrain_worker(rank, world, port, run_dir, out_dir):
 
 
 def test_two_processes_follow_one_process_with_two_draws(tmp_path):
-    """6 steps of the tiny run: 2 processes (one draw each, gradients averaged, BatchNorm over both halves) end
-    where 1 process with loss.draws=2 ends, to float tolerance; with one draw it ends far away."""
+    """6 steps of the tiny run with loss.total_draws=2: 2 processes (one draw each, gradients averaged, BatchNorm
+    over both halves) end where 1 process (two draws) ends, to float tolerance; with one draw it ends far away."""
     from pretrain.trainer import train
     (tmp_path / "ranks").mkdir()
-    mp.spawn(_pretrain_worker, args=(2, free_port(), str(tmp_path / "two"), str(tmp_path / "ranks")), nprocs=2)
-    train(tiny_config(tmp_path / "draws2", "loss.draws=2"))
+    mp.spawn(_pretrain_worker, args=(2, free_port(), str(tmp_path / "two"), str(tmp_path / "ranks"),
+                                     "loss.total_draws=2"), nprocs=2)
+    train(tiny_config(tmp_path / "draws2", "loss.total_draws=2"))
     train(tiny_config(tmp_path / "draws1", "loss.draws=1"))
     two, draws2, draws1 = (final_state(tmp_path / name) for name in ("two", "draws2", "draws1"))
     for part in ("online", "target", "ema"):
@@ -61,6 +62,22 @@ def test_two_processes_follow_one_process_with_two_draws(tmp_path):
     assert torch.equal(ranks[0]["scale"], ranks[1]["scale"])  # one bandwidth on every rank
     assert ranks[0]["scale"].item() == pytest.approx(draws2["loss"]["scale"].item(), abs=1e-6)
     assert all(torch.equal(ranks[0]["online"][k], ranks[1]["online"][k]) for k in ranks[0]["online"])
+
+
+@pytest.mark.parametrize("total, world, per_rank", [(0, 4, 3), (128, 32, 4), (128, 128, 1), (2, 1, 2)])
+def test_total_draws_are_shared_among_the_processes(total, world, per_rank):
+    from omegaconf import OmegaConf
+    from pretrain.trainer import draws_per_rank
+    assert draws_per_rank(OmegaConf.create({"draws": 3, "total_draws": total}), world) == per_rank
+
+
+def test_total_draws_that_do_not_divide_among_the_processes_are_refused_on_one_line():
+    from omegaconf import OmegaConf
+    from pretrain.errors import UserError
+    from pretrain.trainer import draws_per_rank
+    with pytest.raises(UserError, match=r"^loss.total_draws=6 does not divide among the 4 processes; choose a "
+                                        r"multiple of 4 \(or 0 to use loss.draws per process\)$"):
+        draws_per_rank(OmegaConf.create({"draws": 1, "total_draws": 6}), 4)
 
 
 def test_the_loss_of_several_draws_is_the_mean_of_each_draws_loss():

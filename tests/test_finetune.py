@@ -138,3 +138,67 @@ def test_simclr_split_naming_images_that_are_not_there_is_refused(tmp_path):
                  [f"run_dir={tmp_path / 'run'}", "data.dataset=imagefolder", f"data.root={tmp_path / 'imagenet'}",
                   "data.test_split=val", "data.subsets=simclr", "data.fractions=[0.01]", "data.heldout=1"])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_diverging_candidate_is_scored_failed_the_search_goes_on_and_a_rerun_keeps_the_record(tmp_path):
+    from transfer.runner import run_task
+    args = [f"run_dir={tmp_path / 'run'}", *SMALL, "finetune.lr_grid=[1e9,0.05]", "finetune.epochs_grid=[2]"]
+    run_task("finetune", "random:resnet18", "ema", CONFIG, args)
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())["fractions"]["10%"]
+    assert record["heldout_top1"]["lr1e+09_ep2_wd0"] is None
+    assert record["failed"]["lr1e+09_ep2_wd0"].startswith("diverged: loss ")
+    assert record["chosen"]["lr"] == 0.05 and record["heldout_top1"]["lr0.05_ep2_wd0"] > 0
+    saved = json.loads((tmp_path / "run" / "finetune" / "10%" / "lr1e+09_ep2_wd0.json").read_text())
+    assert saved["heldout"] is None and "nan" in saved["failed"] or "inf" in saved["failed"]
+    assert not (tmp_path / "run" / "finetune" / "10%" / "lr1e+09_ep2_wd0.pt").exists()
+
+
+def test_a_grid_where_every_candidate_diverges_is_one_line():
+    from transfer.runner import run_task
+    with pytest.raises(UserError, match=r"^fine-tuning diverged for every candidate of the grid \(1: first "
+                                        r"lr1e\+09_ep1_wd0, diverged: loss .*\); lower finetune.lr_grid$"):
+        run_task("finetune", "random:resnet18", "ema", CONFIG,
+                 [f"run_dir={os.devnull}_never", *SMALL, "finetune.lr_grid=[1e9]", "finetune.epochs_grid=[1]"])
+
+
+def test_kornblith_candidates_train_a_number_of_steps_with_decay_over_lr_and_bn_momentum_from_the_epoch(tmp_path):
+    """20,000 steps in the protocol, 7 here: 3 steps per epoch, so two whole epochs and one step of a third; the
+    cosine spans the 7 steps; weight decay / lr; BatchNorm momentum min(10 / s, 0.1)."""
+    from pretrain.data import FashionMNIST
+    from transfer.backbone import resolve_backbone
+    from transfer.finetune import (Candidate, FinetuneProtocol, Finetuner, Images, bn_momentum, grid)
+    from transfer.logistic import top1
+    protocol = FinetuneProtocol(batch_size=20, steps=7, lr_grid=(0.01,), weight_decay_grid=(0.0, 1e-4),
+                                weight_decay_over_lr=True, bn_momentum_from_epoch=True)
+    assert grid(protocol) == [Candidate(0.01, 0, 0.0, 7), Candidate(0.01, 0, 1e-4, 7)]
+    assert grid(protocol)[1].tag == "lr0.01_steps7_wd0.0001"
+    assert grid(protocol)[1].effective(protocol) == (0.01, pytest.approx(0.01))  # 1e-4 / 0.01
+    scaled = FinetuneProtocol(batch_size=1024, scale_lr_by_batch=True)
+    assert Candidate(0.05, 30, 0.0).effective(scaled) == (pytest.approx(0.2), 0.0)  # BYOL: base lr x 1024 / 256
+    assert bn_momentum(3) == 0.1 and bn_momentum(266) == pytest.approx(10 / 266)  # TF: max(1 - 10/s, 0.9)
+    backbone = resolve_backbone("random:resnet18")
+    finetuner = Finetuner(backbone.model, 512, 10, protocol, Images(size=16, num_workers=0), top1, 0,
+                          torch.device("cpu"), tmp_path)
+    images = FashionMNIST("/usr/share/datasets/fashion-mnist", "train", 60)
+    model = finetuner.train(grid(protocol)[1], images, "run")
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.momentum == pytest.approx(0.1) for m in norms)  # s = 3: min(10 / 3, 0.1)
+    state = torch.load(tmp_path / "run.pt", weights_only=True)
+    assert state["epoch"] == 3 and state["schedule"]["last_epoch"] == 7
+    group = state["optimizer"]["param_groups"][0]
+    assert group["weight_decay"] == pytest.approx(0.01) and group["nesterov"] and group["lr"] == 0.0
+    with_bigger_epochs = Finetuner(backbone.model, 512, 10, FinetuneProtocol(batch_size=2, steps=1,
+                                   lr_grid=(0.01,), bn_momentum_from_epoch=True), Images(size=16, num_workers=0),
+                                   top1, 0, torch.device("cpu"), tmp_path)
+    model = with_bigger_epochs.train(Candidate(0.01, 0, 0.0, 1), images, "long")  # 30 steps per epoch
+    assert all(m.momentum == pytest.approx(10 / 30) if 10 / 30 < 0.1 else m.momentum == pytest.approx(0.1)
+               for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_semi_supervised_reports_top5_beside_top1(tmp_path):
+    from transfer.runner import run_task
+    run_task("finetune", "random:resnet18", "ema", CONFIG, [f"run_dir={tmp_path / 'run'}", *SMALL,
+                                                            "finetune.lr_grid=[0.05]", "finetune.epochs_grid=[1]"])
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(record["metrics"]) == {"top1@10%", "top5@10%"}
+    assert record["metrics"]["top1@10%"] <= record["metrics"]["top5@10%"] <= 100

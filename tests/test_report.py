@@ -156,6 +156,48 @@ def test_a_published_reference_shows_only_for_its_protocol(tmp_path):
     assert "SSL-HSIC (ResNet-50)" not in md  # its protocol id is imagenet-linear-sslhsic
 
 
+
+def test_a_reference_naming_a_dataset_shows_only_beside_that_datasets_runs(tmp_path):
+    """One protocol id covers the twelve classification datasets: a reference with a dataset field matches only
+    runs of that dataset; one without matches every dataset of its protocol id and task."""
+    from transfer.report import comparisons, load_records, markdown
+    runs = [write_run(tmp_path / name, "classify", {f"linear.{metric}": 80.0}, named("ssl-hsic", "a"), 0, name,
+                      protocol_id="kornblith-transfer-byol")
+            for name, metric in (("pets", "mean_per_class"), ("flowers102", "mean_per_class"))]
+    references = [
+        {"protocol_id": "kornblith-transfer-byol", "task": "classify", "dataset": "pets",
+         "metric": "linear.mean_per_class", "value": 11.1, "method": "A", "arch": "ResNet-50", "source": "pets paper"},
+        {"protocol_id": "kornblith-transfer-byol", "task": "classify", "dataset": "flowers102",
+         "metric": "linear.mean_per_class", "value": 22.2, "method": "B", "arch": "ResNet-50", "source": "flowers"},
+        {"protocol_id": "kornblith-transfer-byol", "task": "classify", "metric": "linear.top1", "value": 33.3,
+         "method": "C", "arch": "ResNet-50", "source": "every dataset"},
+        {"protocol_id": "kornblith-transfer-byol", "task": "classify", "dataset": "cars", "metric": "linear.top1",
+         "value": 44.4, "method": "D", "arch": "ResNet-50", "source": "cars paper"}]
+    md = markdown(comparisons(load_records(runs)), references)
+    blocks = {block.splitlines()[0]: block for block in md.split("\n\n### ")[1:]}
+    pets = blocks["classify · pets · kornblith-transfer-byol"]
+    flowers = blocks["classify · flowers102 · kornblith-transfer-byol"]
+    assert "linear.mean_per_class 11.1 — pets paper" in pets and "22.2" not in pets
+    assert "linear.mean_per_class 22.2 — flowers" in flowers and "11.1" not in flowers
+    assert all("33.3 — every dataset" in b for b in (pets, flowers))
+    assert "44.4" not in md  # no cars run
+
+
+def test_every_reference_is_well_formed():
+    """Each entry names its protocol, task, metric, value, method, arch and a source with its table; a dataset,
+    where given, is one the classification table knows."""
+    from transfer.classify_datasets import DATASETS
+    from transfer.report import load_references
+    known = set(DATASETS)
+    references = load_references()
+    assert references
+    for r in references:
+        assert {"protocol_id", "task", "metric", "value", "method", "arch", "source"} <= set(r), r
+        assert isinstance(r["value"], (int, float)) and ("Table" in r["source"] or "README" in r["source"]), r
+        assert r.get("dataset") in ({None} | known), r
+    keys = [(r["protocol_id"], r["task"], r.get("dataset"), r["metric"], r["method"], r["arch"]) for r in references]
+    assert len(keys) == len(set(keys)), "duplicate reference"
+
 def test_report_cli_writes_plots_embedded_in_report_md(three_backbones, tmp_path):
     result = run_cli("transfer", "report", *map(str, three_backbones), "--out", str(tmp_path / "out"),
                      "--baseline", "byol")

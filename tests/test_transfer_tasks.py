@@ -1,6 +1,7 @@
 """Transfer tasks: linear / kNN, depth, segmentation (real mmseg), detection (real detectron2)."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -388,15 +389,54 @@ def test_depth_colour_is_tensorflows_additive_brightness_hsv_saturation_and_hue_
 
 def test_segmentation_chooses_its_lr_on_held_out_training_images(scenes, tmp_path):
     result = run_cli("transfer", *seg_args(scenes, tmp_path, "random:resnet18", "schedule.lr_grid=[0.001,0.05]",
-                                           "data.heldout=4", "schedule.iterations=2"))
+                                           "data.heldout=4", "schedule.iterations=2",
+                                           "data.aug_list=ImageSets/Segmentation/aug.txt"))
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     held_out = record["heldout_mIoU"]
     assert set(held_out) == {"0.001", "0.05"} and record["heldout"] == 4
     assert record["chosen_lr"] == max((0.001, 0.05), key=lambda lr: held_out[f"{lr:g}"])
     select = tmp_path / "run" / "select"
-    held, fit = (select / "heldout.txt").read_text().split(), (select / "fit.txt").read_text().split()
-    train = (scenes / "voc" / "VOC2012" / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
-    assert len(held) == 4 and sorted(held + fit) == sorted(train) and not set(held) & set(fit)
+    held, fit = (select / "heldout.txt").read_text().split(), (select / "fit_train.txt").read_text().split()
+    aug = (select / "fit_aug.txt").read_text().split()
+    listed = scenes / "voc" / "VOC2012" / "ImageSets" / "Segmentation"
+    train, aug_all = (listed / "train.txt").read_text().split(), (listed / "aug.txt").read_text().split()
+    assert len(held) == 4 and sorted(held + fit + aug) == sorted(train + aug_all)  # held out of train + aug
+    assert not set(held) & set(fit + aug) and set(fit) <= set(train) and set(aug) <= set(aug_all)
+    for image_id in held:  # each held-out label from the folder of the list that holds the image
+        source = "SegmentationClass" if image_id in train else "SegmentationClassAug"
+        assert (select / "heldout_labels" / f"{image_id}.png").resolve() == \
+            (scenes / "voc" / "VOC2012" / source / f"{image_id}.png").resolve()
     bad = run_cli("transfer", *seg_args(scenes, tmp_path / "bad", "random:resnet18", "schedule.lr_grid=[0.01]"))
     assert bad.returncode == 2 and "schedule.lr_grid needs data.heldout between 1 and 15" in bad.stderr
+
+
+def test_the_voc_protocol_rescales_the_original_image_and_tests_at_its_original_size(scenes):
+    """BYOL D.4: training rescales the original image by a ratio in [0.5, 2]; testing reads it as it is."""
+    from mmseg.registry import TRANSFORMS
+    from pretrain.config import load_config
+    from transfer import mmseg_glue
+    from transfer.backbone import resolve_backbone
+    from transfer.tasks import segmentation
+    mmseg_glue.register_modules()
+    rescale = TRANSFORMS.build(dict(type="RandomRescale", ratio_range=(0.5, 2.0)))
+    labels = np.arange(40 * 60, dtype=np.uint8).reshape(40, 60) % 7
+    np.random.seed(0)
+    ratios = []
+    for _ in range(200):
+        out = rescale.transform({"img": np.zeros((40, 60, 3), np.uint8), "gt_seg_map": labels.copy(),
+                                 "seg_fields": ["gt_seg_map"]})
+        height, width = out["img"].shape[:2]
+        assert out["gt_seg_map"].shape == (height, width)
+        assert set(np.unique(out["gt_seg_map"])) <= set(range(7))  # nearest: no interpolated labels
+        assert abs(width / 60 - height / 40) < 0.05  # the aspect ratio kept
+        ratios.append(width / 60)
+    assert 0.5 - 0.02 <= min(ratios) < 0.6 and 1.9 < max(ratios) <= 2.0 + 0.02
+    assert np.mean(ratios) == pytest.approx(1.25, abs=0.1)  # uniform on [0.5, 2]
+    config = load_config(segmentation.Config, "configs/transfer/segmentation_voc_fcn.yaml",
+                         [f"data.root={scenes / 'voc' / 'VOC2012'}"])
+    cfg = segmentation.mmseg_config(config, resolve_backbone("random:resnet50"), Path("w.pth"), 21, False)
+    train = [step["type"] for step in cfg["train_dataloader"]["dataset"]["datasets"][0]["pipeline"]]
+    test = [step["type"] for step in cfg["val_dataloader"]["dataset"]["pipeline"]]
+    assert train[:3] == ["LoadImageFromFile", "LoadAnnotations", "RandomRescale"]
+    assert "Resize" not in test and "RandomResize" not in train

@@ -7,8 +7,10 @@ a list of class indices, or for the multi-label VOC2007 an int8 tensor [N, 20] i
 convention (1 present, -1 absent, 0 only 'difficult' instances), whose row an item returns as its label.
 
 Splits: each dataset's standard train / test partition. Where the dataset has a standard validation split
-(FGVC Aircraft, VOC2007, DTD, Flowers-102) it is the validation split; otherwise `val_fraction` of each class of
-the training split is held out from `seed` (`transfer.subsets.stratified_holdout`) and the rest stays train.
+(FGVC Aircraft, VOC2007, DTD, Flowers-102) it is the validation split; otherwise a part of the training split is
+held out from `seed` as BYOL's appendix D.1 (Table 10) holds it out (DatasetInfo.holdout): 10% of each class for
+Food-101 and CIFAR, 20% for Cars, 10 images per class for SUN397 (40 train + 10 val), 20 for Pets, 5 for
+Caltech-101 (25 train + 5 val), and for Birdsnap as many per class as the test split holds.
 The test split never depends on `seed`: Caltech-101's split (30 random images per class for training, the rest
 for test) and the digits' (30% of each class for test) are drawn from the fixed seed 0.
 
@@ -53,8 +55,10 @@ class DatasetInfo:
     name: str
     metric: str          # one of METRICS
     layout: str          # the expected on-disk layout under the data root, in one line
-    standard_val: bool   # False: val is held out of train
+    standard_val: bool   # False: val is held out of train, as `holdout` says
     multilabel: bool
+    holdout: str = ""    # BYOL's Table 10 / App. D.1: "10%" of each class, "20/class" images of each class, or
+    #                      "test/class": as many of each class as the test split holds
 
 
 @dataclass
@@ -70,28 +74,30 @@ class ClassifySplits:
 
 DATASETS: dict[str, DatasetInfo] = {info.name: info for info in (
     DatasetInfo("food101", "top1", "root/food-101/{images/<class>/<id>.jpg, meta/train.json, meta/test.json}",
-                False, False),
+                False, False, "10%"),
     DatasetInfo("cifar10", "top1", "root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta} (the python "
-                "version)", False, False),
-    DatasetInfo("cifar100", "top1", "root/cifar-100-python/{train, test, meta} (the python version)", False, False),
+                "version)", False, False, "10%"),
+    DatasetInfo("cifar100", "top1", "root/cifar-100-python/{train, test, meta} (the python version)", False, False,
+                "10%"),
     DatasetInfo("birdsnap", "top1", "root/{species.txt, test_images.txt, images/<species dir>/<image>.jpg} (the "
-                "official release, images fetched by its get_birdsnap.py)", False, False),
+                "official release, images fetched by its get_birdsnap.py)", False, False, "test/class"),
     DatasetInfo("sun397", "top1", "root/SUN397/{ClassName.txt, <letter>/<class>/sun_*.jpg} with Training_01.txt and "
-                "Testing_01.txt in root or root/Partitions", False, False),
+                "Testing_01.txt in root or root/Partitions", False, False, "10/class"),
     DatasetInfo("cars", "top1", "root/stanford_cars/{cars_train/, cars_test/, cars_test_annos_withlabels.mat, "
-                "devkit/{cars_meta.mat, cars_train_annos.mat}}", False, False),
+                "devkit/{cars_meta.mat, cars_train_annos.mat}}", False, False, "20%"),
     DatasetInfo("aircraft", "mean_per_class", "root/fgvc-aircraft-2013b/data/{images/<id>.jpg, variants.txt, "
                 "images_variant_{train,val,test}.txt}", True, False),
     DatasetInfo("voc2007", "voc07_map", "root/VOCdevkit/VOC2007 (or root/VOC2007)/{JPEGImages/<id>.jpg, "
                 "Annotations/<id>.xml, ImageSets/Main/{train,val,test}.txt}", True, True),
     DatasetInfo("dtd", "top1", "root/dtd/dtd/{images/<class>/<image>.jpg, labels/{train1,val1,test1}.txt}", True, False),
     DatasetInfo("pets", "mean_per_class", "root/oxford-iiit-pet/{images/<Breed>_<n>.jpg, annotations/{trainval,test}.txt}",
-                False, False),
+                False, False, "20/class"),
     DatasetInfo("caltech101", "mean_per_class", "root/caltech101/101_ObjectCategories/{BACKGROUND_Google, <class>}/"
-                "image_NNNN.jpg", False, False),
+                "image_NNNN.jpg", False, False, "5/class"),
     DatasetInfo("flowers102", "mean_per_class", "root/flowers-102/{jpg/image_NNNNN.jpg, imagelabels.mat, setid.mat}",
                 True, False),
-    DatasetInfo("digits", "top1", "none: scikit-learn's bundled copy (load_digits; root is not read)", False, False),
+    DatasetInfo("digits", "top1", "none: scikit-learn's bundled copy (load_digits; root is not read)", False, False,
+                "20%"),
 )}
 
 
@@ -269,18 +275,20 @@ def _pets(root: Path) -> Loaded:
 
 
 def _caltech101(root: Path) -> Loaded:
-    """torchvision's Caltech101 (BACKGROUND_Google left out), split as Kornblith et al.: 30 random images of each
-    class for training, the rest for test, drawn from the fixed seed 0."""
-    from torchvision.datasets import Caltech101
+    """Caltech-101's 102 categories as Kornblith et al. count them: the 101 object classes and BACKGROUND_Google
+    (which torchvision's reader leaves out), in sorted folder order; 30 random images of each for training, the
+    rest for test, drawn from the fixed seed 0 (3,060 / 6,084 on the full set)."""
     categories = root / "caltech101" / "101_ObjectCategories"
-    if not categories.is_dir():  # checked first: torchvision would create root/caltech101
+    if not categories.is_dir():
         raise RuntimeError("Dataset not found")
-    data = Caltech101(root, target_type="category", download=False)
-    paths = [str(categories / data.categories[label] / f"image_{number:04d}.jpg")
-             for number, label in zip(data.index, data.y)]
-    everything = ImageList(paths, [int(label) for label in data.y])
+    classes = sorted(d.name for d in categories.iterdir() if d.is_dir())
+    if "BACKGROUND_Google" not in classes:
+        raise FileNotFoundError(2, "No BACKGROUND_Google folder (the 102nd class)", str(categories))
+    files = [(str(path), label) for label, name in enumerate(classes)
+             for path in sorted((categories / name).glob("image_*.jpg"))]
+    everything = ImageList([path for path, _ in files], [label for _, label in files])
     train, test = per_class_sample(everything.labels, CALTECH_TRAIN_PER_CLASS, FIXED_SPLIT_SEED)
-    return {"train": everything.subset(train), "test": everything.subset(test)}, list(data.categories)
+    return {"train": everything.subset(train), "test": everything.subset(test)}, classes
 
 
 class _FlowersPresence:
@@ -398,13 +406,26 @@ def _check_files(name: str, root: Path, layout: str, splits: dict[str, Dataset])
                                 f"images are missing, e.g. {missing[0]}; expected {layout}")
 
 
-def load_splits(name: str, root: str, seed: int = 0, val_fraction: float = 0.2) -> ClassifySplits:
+def held_out(labels: list[int], test_labels: list[int], holdout: str, seed: int) -> tuple[list[int], list[int]]:
+    """(keep, held) indices of a training split by a hold-out rule of the table: "P%" of each class, "N/class"
+    images of each class, or "test/class" (each class as many as the test split holds of it); drawn from `seed`."""
+    from collections import Counter
+    from transfer.subsets import per_class_holdout
+    if holdout.endswith("%"):
+        return stratified_holdout(labels, float(holdout[:-1]) / 100, seed)
+    count = holdout.split("/")[0]
+    counts = Counter(test_labels) if count == "test" else {c: int(count) for c in set(labels)}
+    return per_class_holdout(labels, dict(counts), seed)
+
+
+def load_splits(name: str, root: str, seed: int = 0, val_fraction: float | None = None) -> ClassifySplits:
     """The train / val / test splits of dataset `name` (a key of DATASETS) under `root`; val is the standard
-    validation split where the dataset has one, else `val_fraction` of each training class held out from `seed`."""
+    validation split where the dataset has one, else held out of train from `seed` by the dataset's published rule
+    (DatasetInfo.holdout), or `val_fraction` of each class when given."""
     if name not in DATASETS:
         raise UserError(f"unknown classification dataset '{name}'; choose one of {', '.join(DATASETS)}")
     info = DATASETS[name]
-    if not 0 < val_fraction < 1:
+    if val_fraction is not None and not 0 < val_fraction < 1:
         raise UserError(f"val_fraction {val_fraction} must be in (0, 1): the share of each training class held out")
     root_path = Path(root)
     if name != "digits" and not root_path.is_dir():
@@ -418,7 +439,11 @@ def load_splits(name: str, root: str, seed: int = 0, val_fraction: float = 0.2) 
     if info.standard_val:
         train, val, val_source = splits["train"], splits["val"], "standard"
     else:
-        keep, held = stratified_holdout(splits["train"].labels, val_fraction, seed)
+        holdout = f"{100 * val_fraction:g}%" if val_fraction is not None else info.holdout
+        keep, held = held_out(list(splits["train"].labels), list(splits["test"].labels), holdout, seed)
         train, val = splits["train"].subset(keep), splits["train"].subset(held)
-        val_source = f"{100 * val_fraction:g}% of train held out per class, seed {seed}"
+        rule = (f"{holdout} of train held out per class" if holdout.endswith("%") else
+                f"{holdout.split('/')[0]} images per class held out of train" if not holdout.startswith("test")
+                else "as many images per class as the test split, held out of train")
+        val_source = f"{rule}, seed {seed}"
     return ClassifySplits(train, val, splits["test"], list(classes), info.metric, info.multilabel, val_source)

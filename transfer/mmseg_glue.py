@@ -1,6 +1,7 @@
 """All of this project's mmsegmentation / mmengine glue, in one place; mmseg is imported inside the functions.
 
-* `register_modules()`: mmseg's registry plus three of ours: GeneratedScenesDataset (PascalVOCDataset's
+* `register_modules()`: mmseg's registry plus four of ours: RandomRescale (a random rescale of the original
+  image, which mmcv's RandomResize cannot express: it scales a reference size), GeneratedScenesDataset (PascalVOCDataset's
   loading with the generated scenes' 11 classes; mmseg only narrows a dataset's classes to a subset, so the
   scenes need their own class), PerClassIoUMetric (IoUMetric plus IoU.<class>) and BackboneLoadCheckHook
   (mmengine loads pretrained weights non-strictly and only logs mismatches, so before the first iteration every
@@ -58,7 +59,8 @@ def trusting(folder: str | Path):
 
 
 def register_modules() -> None:
-    """mmseg's registry, the scenes dataset, the per-class IoU metric and the weight-check hook."""
+    """mmseg's registry, the original-size random rescale, the scenes dataset, the per-class IoU metric and the
+    weight-check hook."""
     import numpy as np
     from mmengine.hooks import Hook
     from mmseg.datasets import PascalVOCDataset
@@ -71,6 +73,21 @@ def register_modules() -> None:
     from mmengine.registry import MODELS as ENGINE_MODELS
     from pretrain.sync_batchnorm import GlobalBatchNorm
     ENGINE_MODELS.register_module("GlobalBN", module=GlobalBatchNorm, force=True)  # SyncBN for CPU processes
+
+    from mmcv.transforms import BaseTransform, Resize
+    from mmseg.registry import TRANSFORMS
+
+    @TRANSFORMS.register_module(force=True)
+    class RandomRescale(BaseTransform):
+        """The image and its label map rescaled by a ratio drawn uniformly from ratio_range (of the original size,
+        not of a reference scale: BYOL D.4), through mmcv's Resize (bilinear image, nearest label)."""
+
+        def __init__(self, ratio_range: tuple[float, float]):
+            self.ratio_range = tuple(ratio_range)
+
+        def transform(self, results: dict) -> dict:
+            ratio = float(np.random.uniform(*self.ratio_range))  # mmengine seeds numpy per worker
+            return Resize(scale_factor=ratio, keep_ratio=True)(results)
 
     @DATASETS.register_module(force=True)
     class GeneratedScenesDataset(PascalVOCDataset):

@@ -21,7 +21,8 @@ marked * for p < 0.05 and ** for p < 0.01 (no test with fewer than 2 runs on a s
 best mean, lower being better for the error metrics, only where its interval lies clear of every other
 backbone's interval.
 
-Published references (transfer/references.yaml) are shown beside a table only where its protocol id matches.
+Published references (transfer/references.yaml) are shown beside a table only where its protocol id and task
+match, and, for a reference that names a dataset, the table's dataset too.
 """
 from __future__ import annotations
 
@@ -214,6 +215,13 @@ def load_references() -> list[dict]:
     return yaml.safe_load(REFERENCES.read_text())["references"] if REFERENCES.exists() else []
 
 
+def matches(reference: dict, task: str, dataset: str, protocol: str) -> bool:
+    """A published reference belongs beside a table of this protocol id and task; one that names a dataset (one
+    protocol id covering several datasets, like the twelve of kornblith-transfer-byol) only beside that dataset's."""
+    return (reference["protocol_id"] == protocol and reference["task"] == task
+            and reference.get("dataset") in (None, dataset))
+
+
 def markdown(comparisons_: list[Comparison], references: list[dict]) -> str:
     by_group: dict[tuple, list[Comparison]] = defaultdict(list)
     for c in comparisons_:
@@ -229,7 +237,7 @@ def markdown(comparisons_: list[Comparison], references: list[dict]) -> str:
         for c in rows:
             arrow = " (lower is better)" if c.metric in LOWER_IS_BETTER else ""
             lines.append(f"| {c.metric}{arrow} | " + " | ".join(cell(c, i) for i in order) + " |")
-        published = [r for r in references if r["protocol_id"] == protocol and r["task"] == task]
+        published = [r for r in references if matches(r, task, dataset, protocol)]
         if published:
             lines += ["", "Published with this protocol:"]
             lines += [f"* {r['method']} ({r['arch']}): {r['metric']} {r['value']} — {r['source']}" for r in published]

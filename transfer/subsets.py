@@ -8,8 +8,8 @@ from a seed; the run writes the chosen names into its run dir as a split file (`
 subset is on record and a rerun reads the same one.
 
 Splits drawn per class (the linear-transfer datasets, transfer/classify_datasets.py): `stratified_holdout` holds
-out a validation share of each class of a training split; `per_class_sample` takes a fixed number of each class
-(Caltech-101's 30 training images per class).
+out a validation share of each class of a training split, `per_class_holdout` a given number of each class;
+`per_class_sample` takes a fixed number of each class (Caltech-101's 30 training images per class).
 """
 from __future__ import annotations
 
@@ -37,11 +37,19 @@ def balanced_subset(labels: Sequence[int], fraction: float, seed: int) -> list[i
     one's (as SimCLR's 1% inside its 10%)."""
     if not 0 < fraction <= 1:
         raise UserError(f"label fraction {fraction} must be in (0, 1]")
-    return _split_per_class(labels, lambda n: max(1, round(fraction * n)), seed)[0]
+    return _split_per_class(labels, lambda n, _: max(1, round(fraction * n)), seed)[0]
 
 
-def _split_per_class(labels: Sequence[int], size: Callable[[int], int], seed: int) -> tuple[list[int], list[int]]:
-    """(chosen, rest), both sorted: for each class c (in increasing order) with n_c samples, the first size(n_c) of
+def per_class_holdout(labels: Sequence[int], counts: dict[int, int], seed: int) -> tuple[list[int], list[int]]:
+    """(keep, held), both sorted: counts[c] samples of each class c held out (at most n_c - 1, so a class keeps a
+    training sample; none of a class that counts does not name), drawn from `seed`."""
+    held, keep = _split_per_class(labels, lambda n, c: min(n - 1, counts.get(c, 0)), seed)
+    return keep, held
+
+
+def _split_per_class(labels: Sequence[int], size: Callable[[int, int], int], seed: int
+                     ) -> tuple[list[int], list[int]]:
+    """(chosen, rest), both sorted: for each class c (in increasing order) with n_c samples, the first size(n_c, c) of
     a permutation of its members drawn from one generator seeded by `seed` (numpy's PCG64). The permutation does
     not depend on size, so a smaller size chooses a subset of what a larger one chooses."""
     labels = np.asarray(labels)
@@ -49,7 +57,7 @@ def _split_per_class(labels: Sequence[int], size: Callable[[int], int], seed: in
     chosen = []
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
-        chosen.extend(rng.permutation(members)[:size(len(members))].tolist())
+        chosen.extend(rng.permutation(members)[:size(len(members), int(c))].tolist())
     chosen_set = set(chosen)
     return sorted(chosen), [i for i in range(len(labels)) if i not in chosen_set]
 
@@ -60,7 +68,7 @@ def stratified_holdout(labels: Sequence[int], fraction: float, seed: int) -> tup
     stays whole in keep); drawn from `seed`, so the same labels and seed always hold out the same indices."""
     if not 0 < fraction < 1:
         raise UserError(f"held-out fraction {fraction} must be in (0, 1)")
-    held, keep = _split_per_class(labels, lambda n: min(n - 1, max(1, round(fraction * n))), seed)
+    held, keep = _split_per_class(labels, lambda n, _: min(n - 1, max(1, round(fraction * n))), seed)
     return keep, held
 
 
@@ -68,7 +76,7 @@ def per_class_sample(labels: Sequence[int], count: int, seed: int) -> tuple[list
     """(chosen, rest), both sorted: `count` samples of each class (all of a class with fewer), drawn from `seed`."""
     if count < 1:
         raise UserError(f"per-class count {count} must be at least 1")
-    return _split_per_class(labels, lambda n: min(n, count), seed)
+    return _split_per_class(labels, lambda n, _: min(n, count), seed)
 
 
 def write_split(path: str | Path, names: Sequence[str]) -> Path:

@@ -9,7 +9,8 @@ For each label fraction f, the labelled images are
 The run dir records each fraction's images in split_<f>%.txt. `data.heldout` training images outside every
 labelled subset (BYOL: 10,009) choose the learning rate x epochs (x weight decay) of the grid
 (transfer.finetune.select_and_finetune); the chosen values and every candidate's held-out top-1 go into
-metrics.json, and the chosen network's top-1 on the test split is the result: metrics top1@<f>%.
+metrics.json, and the chosen network's top-1 and top-5 on the test split are the result: metrics top1@<f>% and top5@<f>%. A
+candidate that diverges is recorded as failed (with its loss) and the selection goes on.
 """
 from __future__ import annotations
 
@@ -124,6 +125,7 @@ def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskRe
     from pretrain.rundir import pick_device
     from transfer.finetune import Finetuner, select_and_finetune
     from transfer.logistic import top1
+    from transfer.tasks.classification import topk_accuracy
     from transfer.subsets import write_split
     processes = init_distributed()
     train_set, test_set, subsets, heldout = data
@@ -136,11 +138,13 @@ def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskRe
         if is_main:
             write_split(task_run.run_dir / f"split_{label}.txt", [names[i] for i in indices])
         finetuner = Finetuner(backbone.model, feature_width(backbone.arch), len(train_set.classes), config.finetune,
-                              config.images, top1, config.seed, device, task_run.run_dir / "finetune" / label, is_main)
+                              config.images, top1, config.seed, device, task_run.run_dir / "finetune" / label, is_main,
+                              test_metrics={"top5": lambda scores, y: topk_accuracy(scores, y, (5,))["top5"]})
         result = select_and_finetune(finetuner, Subset(train_set, indices), Subset(train_set, heldout), test_set)
         metrics[f"top1@{label}"] = result["test"]
+        metrics[f"top5@{label}"] = result["test_metrics"]["top5"]
         chosen[label] = {"labelled_images": len(indices), "chosen": result["chosen"],
-                         "heldout_top1": result["heldout"]}
+                         "heldout_top1": result["heldout"], "failed": result["failed"]}
     protocol = (f"finetune {'SimCLR' if config.data.subsets == 'simclr' else 'balanced'} subsets, SGD Nesterov, "
                 f"batch {config.finetune.batch_size}, grid on {config.data.heldout} held-out")
     return TaskResult(metrics, config.data.dataset, protocol,

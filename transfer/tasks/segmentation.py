@@ -2,7 +2,9 @@
 
 The protocol (BYOL appendix D.4): an FCN on the backbone with conv5 dilated (stride 1, dilation 2); the head
 is 2 x [3x3 conv 256, dilation 6, BN, ReLU] + a 1x1 classifier; random scale 0.5-2, crop, flip; SGD with
-momentum 0.9, weight decay 1e-4, lr x0.1 at 70% and 90% of the iterations; mIoU on the validation split.
+momentum 0.9, weight decay 1e-4, lr x0.1 at 70% and 90% of the iterations; mIoU on the validation split. With
+data.scale empty, training rescales the original image by a ratio drawn from ratio_range and testing reads it at
+its original size (BYOL D.4); with data.scale (w, h), the image is first fitted into it (mmseg's RandomResize).
 mmsegmentation's `ResNet` is used with its torchvision-style stem (conv1 7x7), not the deep-stem ResNetV1c.
 
 The backbone comes from the canonical weights through the mmseg export (transfer.export) and init_cfg=
@@ -37,8 +39,10 @@ class SegmentationData:
     aug_list: str = ""                      # VOC: ImageSets/Segmentation/aug.txt, as mmseg's voc_aug converter writes it
     aug_labels: str = "SegmentationClassAug"  # its labels; trained on with train_list's images (empty aug_list: none)
     val_labels: str = "SegmentationClass"
-    heldout: int = checked(0, NON_NEGATIVE)  # schedule.lr_grid: images of train_list held out to choose the lr on
-    scale: tuple[int, int] = checked((128, 128), each(POSITIVE_INT, 2))  # (w, h) before the random rescale
+    heldout: int = checked(0, NON_NEGATIVE)  # schedule.lr_grid: training images (train + aug lists) held out to
+    #                                          choose the lr on
+    scale: tuple = checked((128, 128), each(POSITIVE_INT, 2, empty=True))  # (w, h) each image is fitted into
+    #                                         before the random rescale and for testing; []: the original image
     crop: tuple[int, int] = checked((96, 96), each(POSITIVE_INT, 2))
     ratio_range: tuple[float, float] = checked((0.5, 2.0), each(greater_than(0), 2, ordered=True))
     num_workers: int = checked(2, NON_NEGATIVE)
@@ -105,13 +109,15 @@ def mmseg_config(config: Config, backbone: Backbone, weights_file: Path, num_cla
     synced = "SyncBN" if on_gpu else "GlobalBN"  # torch's SyncBatchNorm refuses CPU tensors
     norm = dict(type=synced if distributed and config.sync_bn else "BN", requires_grad=True)
     width = feature_width(backbone.arch)
+    rescale = (dict(type="RandomResize", scale=tuple(d.scale), ratio_range=tuple(d.ratio_range), keep_ratio=True)
+               if d.scale else dict(type="RandomRescale", ratio_range=tuple(d.ratio_range)))
     train_pipeline = [
-        dict(type="LoadImageFromFile"), dict(type="LoadAnnotations"),
-        dict(type="RandomResize", scale=tuple(d.scale), ratio_range=tuple(d.ratio_range), keep_ratio=True),
+        dict(type="LoadImageFromFile"), dict(type="LoadAnnotations"), rescale,
         dict(type="RandomCrop", crop_size=tuple(d.crop[::-1]), cat_max_ratio=0.75),
         dict(type="RandomFlip", prob=0.5), dict(type="PackSegInputs")]
-    test_pipeline = [dict(type="LoadImageFromFile"), dict(type="Resize", scale=tuple(d.scale), keep_ratio=True),
-                     dict(type="LoadAnnotations"), dict(type="PackSegInputs")]
+    test_resize = [dict(type="Resize", scale=tuple(d.scale), keep_ratio=True)] if d.scale else []
+    test_pipeline = [dict(type="LoadImageFromFile"), *test_resize, dict(type="LoadAnnotations"),
+                     dict(type="PackSegInputs")]
     return dict(
         default_scope="mmseg",
         work_dir=str(Path(config.run_dir) / "mmseg"),
@@ -175,35 +181,54 @@ def prepare(task: str, config: Config) -> None:
     check_global_batch("schedule.batch_size", config.schedule.batch_size, detect().world_size)
     _dataset(config.data, "train", []), _dataset(config.data, "val", [])
     if config.schedule.lr_grid:
-        ids = [line for line in (Path(config.data.root) / config.data.train_list).read_text().splitlines() if line.strip()]
-        if not 0 < config.data.heldout < len(ids):
-            raise UserError(f"schedule.lr_grid needs data.heldout between 1 and {len(ids) - 1} (images of "
-                            f"{config.data.train_list} to choose the lr on), got {config.data.heldout}")
+        total = len(training_images(config.data))
+        if not 0 < config.data.heldout < total:
+            raise UserError(f"schedule.lr_grid needs data.heldout between 1 and {total - 1} (training images to choose "
+                            f"the lr on), got {config.data.heldout}")
 
 
-def heldout_lists(config: Config, folder: Path) -> tuple[Path, Path]:
-    """Split data.train_list by a seeded permutation: `heldout` ids to choose the lr on, the rest to fit on;
-    written as fit.txt / heldout.txt in `folder` (the same split on every rank and every rerun)."""
+def training_images(d: SegmentationData) -> list[tuple[str, str]]:
+    """(image id, label folder) of every training image: train_list's, then aug_list's."""
+    parts = [(d.train_list, d.train_labels)] + ([(d.aug_list, d.aug_labels)] if d.aug_list else [])
+    return [(line.strip(), labels) for listing, labels in parts
+            for line in (Path(d.root) / listing).read_text().splitlines() if line.strip()]
+
+
+def heldout_lists(config: Config, folder: Path) -> dict[str, Path]:
+    """Split the training images (train_list + aug_list) by a seeded permutation: `heldout` of them to choose the
+    lr on, the rest to fit on. Written in `folder` (the same split on every rank and every rerun): fit_train.txt
+    and fit_aug.txt (each list's images that stay, trained with that list's labels), heldout.txt, and
+    heldout_labels/ (a link to each held-out image's label, from whichever folder holds it)."""
     import random
     d = config.data
-    ids = [line.strip() for line in (Path(d.root) / d.train_list).read_text().splitlines() if line.strip()]
-    order = list(range(len(ids)))
+    images = training_images(d)
+    order = list(range(len(images)))
     random.Random(config.seed + 7_777).shuffle(order)
-    held = sorted(order[:d.heldout])
-    fit = sorted(order[d.heldout:])
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = folder / "fit.txt", folder / "heldout.txt"
-    for path, chosen in zip(paths, (fit, held)):
-        text = "".join(f"{ids[i]}\n" for i in chosen)
-        if not path.exists() or path.read_text() != text:
-            path.write_text(text)
+    held = set(order[:d.heldout])
+    labels = folder / "heldout_labels"
+    labels.mkdir(parents=True, exist_ok=True)
+    lists = {"fit_train": [i for i, (_, f) in enumerate(images) if i not in held and f == d.train_labels],
+             "fit_aug": [i for i, (_, f) in enumerate(images) if i not in held and f != d.train_labels],
+             "heldout": sorted(held)}
+    paths = {}
+    for name, chosen in lists.items():
+        paths[name] = folder / f"{name}.txt"
+        text = "".join(f"{images[i][0]}\n" for i in chosen)
+        if not paths[name].exists() or paths[name].read_text() != text:
+            paths[name].write_text(text)
+    for i in held:
+        image_id, source = images[i]
+        link = labels / f"{image_id}.png"
+        if not link.is_symlink():
+            link.symlink_to((Path(d.root) / source / f"{image_id}.png").resolve())
+    paths["heldout_labels"] = labels
     return paths
 
 
 def choose_lr(config: Config, train_one) -> tuple[float, dict[str, float]]:
-    """BYOL D.4's selection: for each lr of schedule.lr_grid, train on data.train_list less `heldout` images (plus
-    the aug list) and score mIoU on the held-out images; return the best lr (the first among ties) and each
-    lr's held-out mIoU. Each candidate runs in RUN_DIR/select/lr<lr>/ and resumes there."""
+    """BYOL D.4's selection: for each lr of schedule.lr_grid, train on the training images (train + aug lists) less
+    `heldout` of them and score mIoU on those; return the best lr (the first among ties) and each lr's held-out
+    mIoU. Each candidate runs in RUN_DIR/select/lr<lr>/ and resumes there."""
     import json
     from omegaconf import OmegaConf
     from pretrain.distributed import barrier, detect
@@ -211,7 +236,7 @@ def choose_lr(config: Config, train_one) -> tuple[float, dict[str, float]]:
     if detect().rank == 0:
         heldout_lists(config, folder)
     barrier()
-    fit, held = folder / "fit.txt", folder / "heldout.txt"
+    lists = {name: str((folder / f"{name}.txt").resolve()) for name in ("fit_train", "fit_aug", "heldout")}
     scores = {}
     for lr in config.schedule.lr_grid:
         result = folder / f"lr{lr:g}.json"
@@ -219,8 +244,10 @@ def choose_lr(config: Config, train_one) -> tuple[float, dict[str, float]]:
             scores[f"{lr:g}"] = json.loads(result.read_text())["mIoU"]
             continue
         candidate = OmegaConf.merge(config, {"run_dir": str(folder / f"lr{lr:g}"), "schedule": {"lr": lr},
-                                             "data": {"train_list": str(fit.resolve()), "val_list": str(held.resolve()),
-                                                      "val_labels": config.data.train_labels}})
+                                             "data": {"train_list": lists["fit_train"],
+                                                      "aug_list": lists["fit_aug"] if config.data.aug_list else "",
+                                                      "val_list": lists["heldout"],
+                                                      "val_labels": str((folder / "heldout_labels").resolve())}})
         scores[f"{lr:g}"] = train_one(candidate)["mIoU"]
         if detect().rank == 0:
             result.write_text(json.dumps({"lr": lr, "mIoU": scores[f"{lr:g}"]}))

@@ -133,9 +133,11 @@ class Diverged(Exception):
 # ------------------------------------------------------------------------------------------------- data
 
 def train_transform(images: Images, crop_scale: tuple):
-    from torchvision.transforms import InterpolationMode, v2
-    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(images.size, scale=tuple(crop_scale),
-                                                          interpolation=InterpolationMode.BICUBIC, antialias=True),
+    """The official random crop (pretrain.augment.InceptionCrop: BYOL's _decode_and_random_crop, TensorFlow's
+    Inception-style crop of Kornblith et al.) + a flip, normalised."""
+    from torchvision.transforms import v2
+    from pretrain.augment import InceptionCrop
+    return v2.Compose([v2.ToImage(), InceptionCrop(images.size, scale=tuple(crop_scale)),
                        v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(list(images.mean), list(images.std))])
 

@@ -370,9 +370,11 @@ def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskRe
     else:
         feature_fn = None
         if config.linear.augment:  # the standard protocol: new random crops every epoch, so no cache
-            from torchvision.transforms import InterpolationMode, v2
+            from torchvision.transforms import v2
+
+            from pretrain.augment import InceptionCrop  # the official code's crop (byol/utils/dataset.py LINEAR_TRAIN)
             train_transform = v2.Compose([
-                v2.ToImage(), v2.RandomResizedCrop(d.image_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                v2.ToImage(), InceptionCrop(d.image_size),
                 v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(d.mean), list(d.std))])
             augmented = SeededTransformed(train_set, train_transform, config.seed)
             epoch_cache = FeatureCache(task_run.run_dir / "epoch_features")

@@ -110,7 +110,8 @@ def import_detectron2():
 # ------------------------------------------------------------------------------ the protocol's model
 
 def register_extra_norm_head() -> None:
-    """Res5ROIHeads with a norm after res5, as in MoCo's detection/train_net.py."""
+    """Res5ROIHeads with a norm (of MODEL.RESNETS.NORM) after res5, as in MoCo's detection/train_net.py:23-34
+    (since facebookresearch/moco 87e36d3, which stopped overriding detectron2's private _build_res5_block)."""
     import_detectron2()
     from detectron2.layers import get_norm
     from detectron2.modeling import ROI_HEADS_REGISTRY
@@ -120,11 +121,11 @@ def register_extra_norm_head() -> None:
 
     @ROI_HEADS_REGISTRY.register()
     class Res5ROIHeadsExtraNorm(Res5ROIHeads):
-        def _build_res5_block(self, cfg):
-            seq, out_channels = super()._build_res5_block(cfg)
-            norm = get_norm(cfg.MODEL.RESNETS.NORM, out_channels)
-            seq.add_module("norm", norm)
-            return seq, out_channels
+        """As described in the MoCo paper, an extra BN layer follows the res5 stage."""
+
+        def __init__(self, cfg, input_shape):
+            super().__init__(cfg, input_shape)
+            self.res5.add_module("norm", get_norm(cfg.MODEL.RESNETS.NORM, self.res5[-1].out_channels))
 
 
 def detectron2_cfg(config, backbone, weights: Path, num_classes: int, distributed: bool):
@@ -151,13 +152,18 @@ def detectron2_cfg(config, backbone, weights: Path, num_classes: int, distribute
     cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
     cfg.MODEL.RESNETS.NORM = norm
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
-    if cfg.MODEL.FPN.IN_FEATURES:
+    if cfg.MODEL.FPN.IN_FEATURES:  # FPN: the conv box / mask heads are normalised too
         cfg.MODEL.FPN.NORM = norm
-    cfg.MODEL.ROI_BOX_HEAD.NORM = norm
-    cfg.MODEL.ROI_MASK_HEAD.NORM = norm if cfg.MODEL.MASK_ON else cfg.MODEL.ROI_MASK_HEAD.NORM
+        cfg.MODEL.ROI_BOX_HEAD.NORM = norm
+        cfg.MODEL.ROI_MASK_HEAD.NORM = norm if cfg.MODEL.MASK_ON else cfg.MODEL.ROI_MASK_HEAD.NORM
+    # C4: the box head is res5 (normalised by RESNETS.NORM); MoCo's Base-RCNN-C4-BN.yaml leaves the ROI box / mask
+    # head NORM at detectron2's "" (config/defaults.py), which Res5ROIHeads does not read
     if config.extra_norm_res5:
         register_extra_norm_head()
         cfg.MODEL.ROI_HEADS.NAME = "Res5ROIHeadsExtraNorm"
+    if cfg.MODEL.ROI_HEADS.NAME.startswith("Res5ROIHeads") and depth < 50:
+        raise UserError(f"{config.base} is a C4 model: detectron2 builds its res5 box head of bottleneck blocks "
+                        f"(Res5ROIHeads), which {backbone.arch}'s basic blocks cannot load; use a ResNet-50 or deeper")
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = dataset_names(config)
     cfg.TEST.PRECISE_BN.ENABLED = bool(config.precise_bn)

@@ -160,4 +160,5 @@ def test_a_network_that_is_not_a_resnet_is_refused_saying_what_it_looks_like(tmp
     with pytest.raises(UserError) as error:
         load_backbone(tmp_path / "other.pth")
     assert str(error.value) == (f"{tmp_path / 'other.pth'}: looks like {looks_like}, not a ResNet; this platform "
-                                "evaluates torchvision-style ResNets (resnet18, resnet34, resnet50, resnet101, resnet152)")
+                                "evaluates torchvision-style ResNets (resnet18, resnet34, resnet50, resnet101, resnet152, "
+                                "resnet50x2, resnet50x4, resnet200, resnet200x2)")

@@ -54,14 +54,16 @@ class Backbone:
 
 
 def detect_arch(state_dict: dict[str, Tensor]) -> str | None:
-    """The torchvision ResNet whose block type and stage depths match the keys, or None."""
+    """The ResNet of the table whose block type, stage depths and width (the stem's channels / 64) match, or None."""
     block = "bottleneck" if any(k.endswith("conv3.weight") for k in state_dict) else "basic"
     depths = []
     for stage in range(1, 5):
         indices = {int(m.group(1)) for k in state_dict if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
         depths.append(max(indices) + 1 if indices else 0)
-    for name, (kind, blocks, _) in ARCHITECTURES.items():
-        if kind == block and tuple(depths) == blocks:
+    stem = state_dict.get("conv1.weight")
+    width = stem.shape[0] // 64 if stem is not None and stem.dim() == 4 else 1
+    for name, arch in ARCHITECTURES.items():
+        if (arch.block, arch.layers, arch.width) == (block, tuple(depths), width):
             return name
     return None
 

@@ -1,5 +1,7 @@
-"""Checkpoints people have: the official SSL-HSIC / BYOL JAX checkpoints (checked against the haiku network's own
-forward pass in jax), DINO's and timm's training checkpoints, and networks that are not ResNets."""
+"""Checkpoints people have: the official SSL-HSIC JAX checkpoint as ssl_hsic/experiment.py writes it
+(tests/released_checkpoints.py; checked against the haiku network's own forward pass in jax), DINO's and timm's
+training checkpoints, and networks that are not ResNets. BYOL's dill pickles, the widths and the other released
+layouts: tests/test_released_layouts.py."""
 import argparse
 
 import numpy as np
@@ -8,6 +10,7 @@ import torch
 
 from pretrain.errors import UserError
 from pretrain.networks import build_resnet
+from tests import released_checkpoints as released
 from transfer.backbone import load_backbone
 
 
@@ -55,21 +58,21 @@ def official_checkpoint(tmp_path_factory):
     state = jax.tree_util.tree_map(np.asarray, state)
     folder = tmp_path_factory.mktemp("jax")
     path = folder / "ssl_hsic_checkpoint.npy"
-    np.save(path, {"experiment_state": {"online_params": params, "online_state": state, "target_params": params,
-                                        "target_state": state},
-                   "ema_state": {"online_params": params}, "step": np.array(1000)}, allow_pickle=True)
+    # as ssl_hsic/experiment.py saves it: haiku 0.0.5 FlatMappings, optax 0.1.0 / BYOL optimizer NamedTuples
+    released.save_ssl_hsic(path, released.ssl_hsic_checkpoint(params, state, params))
     features = {}
     for size in (64, 57):  # even and odd sizes pad differently under SAME
         batch = rng.normal(size=(2, size, size, 3)).astype(np.float32)
         features[size] = (batch, np.asarray(network.apply(params, state, None, batch, False)[0]))
-    return path, features
+    return path, features, (params, state)
 
 
 def test_the_official_jax_checkpoint_imports_to_the_haiku_networks_features(official_checkpoint):
-    path, features = official_checkpoint
+    path, features, _ = official_checkpoint
     backbone = load_backbone(path, "ema")
-    assert backbone.arch == "resnet50" and backbone.padding == "same"
-    assert backbone.layout == "official JAX checkpoint (ema: online network state)"
+    assert backbone.arch == "resnet50" and backbone.padding == "same" and backbone.weights == "ema"
+    assert backbone.layout == ("SSL-HSIC checkpoint (experiment_state / ema_state), ema_state.online_params with "
+                               "experiment_state.online_state")
     model = backbone.model().eval()
     symmetric = build_resnet("resnet50", backbone.state_dict).eval()  # torchvision's own padding
     for size, (images, expected) in features.items():
@@ -82,15 +85,18 @@ def test_the_official_jax_checkpoint_imports_to_the_haiku_networks_features(offi
 
 
 def test_the_jax_import_takes_the_network_asked_for_and_refuses_what_is_missing(official_checkpoint, tmp_path):
-    path, _ = official_checkpoint
-    assert load_backbone(path, "target").layout == "official JAX checkpoint (target: target network state)"
-    content = np.load(path, allow_pickle=True).item()
+    path, _, (params, state) = official_checkpoint
+    target = load_backbone(path, "target")
+    assert target.weights == "target" and target.layout == (
+        "SSL-HSIC checkpoint (experiment_state / ema_state), experiment_state.target_params with "
+        "experiment_state.target_state")
+    content = released.ssl_hsic_checkpoint(params, state, params)
     del content["ema_state"]
-    np.save(tmp_path / "no_ema.npy", content, allow_pickle=True)
+    released.save_ssl_hsic(tmp_path / "no_ema.npy", content)
     with pytest.raises(UserError, match="no ema_state.online_params"):
         load_backbone(tmp_path / "no_ema.npy", "ema")
-    content["experiment_state"]["online_state"] = {}
-    np.save(tmp_path / "no_state.npy", content, allow_pickle=True)
+    content["experiment_state"]["online_state"] = released.to_haiku({})
+    released.save_ssl_hsic(tmp_path / "no_state.npy", content)
     with pytest.raises(UserError, match="holds no BatchNorm statistics"):
         load_backbone(tmp_path / "no_state.npy", "online")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,15 @@ from pretrain.networks import ARCHITECTURES, build_resnet
 PREFIXES = ("", "module.", "encoder.", "backbone.", "model.", "module.encoder.", "module.backbone.",
             "module.encoder_q.", "encoder_q.", "online_network.encoder.", "module.online_network.encoder.",
             "online_network.", "student.backbone.", "teacher.backbone.", "module.base_encoder.", "base_encoder.",
-            "net.", "trunk.", "encoder.backbone.")
-CONTAINER_KEYS = ("state_dict", "model", "model_state", "network", "teacher", "student")
+            "net.", "trunk.", "encoder.backbone.", "_feature_blocks.", "trunk._feature_blocks.",
+            "trunk.base_model._feature_blocks.")
+CONTAINER_KEYS = ("state_dict", "model", "model_state", "model_state_dict", "network", "teacher", "student")
+# What the importer reads (docs/export.md "What the importer accepts" has each with its test).
+LAYOUTS = ("this project's pretraining checkpoint", "SSL-HSIC's checkpoint.npy (experiment_state / ema_state)",
+           "BYOL's dill pickle (pretrain_res50x1.pkl, res200x2 ...)", "haiku parameter dicts",
+           "torchvision state_dicts (V1 / V2 weights)", "detectron2 pickles", "VISSL (classy_state_dict trunk)",
+           "MMPretrain / MMSelfSup (state_dict with meta, backbone.)", "SimCLR converted to PyTorch (state_dict)",
+           "MoCo / DINO / timm / BYOL-PyTorch training checkpoints")
 BACKBONE_KEY = re.compile(r"^(conv1\.|bn1\.|layer[1-4]\.)")
 
 
@@ -70,19 +78,145 @@ def detect_arch(state_dict: dict[str, Tensor]) -> str | None:
 
 # ------------------------------------------------------------------------------------------ reading
 
+# Modules whose globals are never taken as data records: the standard library (os.system, builtins.exec,
+# subprocess.Popen ...), and the libraries whose few safe globals are listed by name below.
+_NEVER_RECORDS = frozenset(sys.stdlib_module_names) | {"builtins", "__builtin__", "__main__", "numpy", "torch",
+                                                      "dill", "jax", "jaxlib"}
+_CLASS_NAME = re.compile(r"_*[A-Z]\w*(\.\w+)*")
+
+
+class ForeignRecord(tuple):
+    """An instance of a class that a checkpoint names and this project does not have (optax's ScaleByAdamState,
+    BYOL's _ByolExperimentState ...): only its fields, as the pickle gives them. Its class is never imported and
+    nothing of it is called. The positional fields are the tuple; `fields` names them where known (from dill's
+    namedtuple record, or `haiku_import.RELEASED_FIELDS`); `state` is what the pickle's BUILD set, if anything."""
+    source = ""                          # module.qualname as the pickle names it
+    fields: tuple[str, ...] | None = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "ForeignRecord":
+        record = tuple.__new__(cls, args)
+        record.kwargs, record.state = kwargs, None
+        return record
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __getattr__(self, name: str) -> Any:  # record.online_params, as the released code reads its NamedTuples
+        fields = type(self).fields or ()
+        if name in fields:
+            return self[fields.index(name)]
+        raise AttributeError(f"{self.source} record has no field {name!r} (fields: {fields})")
+
+    def as_dict(self) -> dict[str, Any]:
+        """{field: value}: the named positional fields, keyword fields and a dict state."""
+        named = dict(zip(self.fields or (), self))
+        return {**named, **self.kwargs, **(self.state if isinstance(self.state, dict) else {})}
+
+    def __repr__(self) -> str:
+        return f"<record {self.source}{tuple(self)!r}>"
+
+
+def _record_class(module: str, qualname: str, fields: tuple[str, ...] | None = None) -> type[ForeignRecord]:
+    from transfer.haiku_import import RELEASED_FIELDS
+    fields = tuple(fields) if fields else RELEASED_FIELDS.get(f"{module}.{qualname}")
+    return type(qualname.rsplit(".", 1)[-1], (ForeignRecord,), {"source": f"{module}.{qualname}", "fields": fields,
+                                                                 "__module__": __name__})
+
+
+class _ModuleName(str):
+    """dill's _import_module(name), kept as the name: the module is never imported."""
+
+
+def _haiku_mapping(data: Any = ()) -> dict:
+    """haiku's FlatMapping / FlatMap / frozendict pickle as (class, (mapping,)): read as the dict they hold."""
+    if not isinstance(data, dict):
+        raise pickle.UnpicklingError(f"a haiku mapping of a {type(data).__name__} is not a weights mapping")
+    return dict(data)
+
+
+def _latin1_bytes(text: Any, encoding: str = "latin1") -> bytes:
+    """_codecs.encode as pickle protocol 2 writes bytes (dill's checkpoints use it): latin-1 text to bytes only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("refusing _codecs.encode other than of latin-1 text")
+    return text.encode("latin1")
+
+
 class _SafeUnpickler(pickle.Unpickler):
-    """Admits numpy arrays, numpy scalars and plain containers; refuses every other global (no code runs)."""
+    """Admits numpy arrays, numpy scalars and plain containers, and reads what the released JAX checkpoints name:
+    haiku's mappings as dicts, dill's array / namedtuple / module helpers by safe equivalents, and instances of
+    classes this project does not have (optax's, BYOL's) as inert `ForeignRecord`s. Nothing from the file is
+    ever imported or called: the one thing it may call is numpy's array reconstruction. Every other global of
+    the standard library, builtins, numpy, torch or dill, and every name that is not a class name, is refused."""
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core._multiarray_umath", "_reconstruct"), ("numpy._core._multiarray_umath", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
                ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
                ("numpy._core.numeric", "_frombuffer"), ("collections", "OrderedDict"), ("builtins", "set")}
+    HAIKU_MAPPINGS = {("haiku._src.data_structures", name) for name in ("FlatMapping", "FlatMap", "frozendict",
+                                                                         "FrozenDict")}
+    SAFE_TYPES = {"dict": dict, "list": list, "tuple": tuple, "set": set, "frozenset": frozenset, "bytes": bytes,
+                  "str": str, "int": int, "float": float, "complex": complex, "bool": bool}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._records: dict[str, type[ForeignRecord]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
+        if (module, name) in self.HAIKU_MAPPINGS:
+            return _haiku_mapping
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
+        if module in ("dill._dill", "dill.dill") and name in ("_create_array", "_create_namedtuple", "_import_module",
+                                                             "_get_attr", "_load_type"):
+            return getattr(self, f"_dill{name}")
+        if module.split(".")[0] not in _NEVER_RECORDS and _CLASS_NAME.fullmatch(name):
+            return self._record(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a weights pickle holds only numpy "
                                      "arrays and plain containers")
+
+    def _record(self, module: str, qualname: str, fields: tuple[str, ...] | None = None) -> type[ForeignRecord]:
+        key = f"{module}.{qualname}"
+        if key not in self._records or (fields and not self._records[key].fields):
+            self._records[key] = _record_class(module, qualname, fields)
+        return self._records[key]
+
+    # dill's helpers (dill._dill), as dill writes BYOL's checkpoints; none imports or calls anything of the file
+    def _dill_create_array(self, f: Any, args: tuple, state: Any, npdict: Any = None) -> Any:
+        if f is not _numpy_reconstruct() or npdict:
+            raise pickle.UnpicklingError("refusing dill._dill._create_array of anything but a plain numpy array")
+        array = f(*args)
+        array.__setstate__(state)
+        return array
+
+    def _dill_create_namedtuple(self, name: str, fieldnames: Any, modulename: str) -> type[ForeignRecord]:
+        if not _CLASS_NAME.fullmatch(str(name)):
+            raise pickle.UnpicklingError(f"refusing dill._dill._create_namedtuple of {modulename}.{name}")
+        return self._record(str(modulename), str(name), tuple(str(f) for f in fieldnames))
+
+    def _dill_import_module(self, name: str, safe: bool = False) -> _ModuleName:
+        return _ModuleName(name)
+
+    def _dill_get_attr(self, module: Any, name: str) -> Any:
+        if not isinstance(module, _ModuleName):
+            raise pickle.UnpicklingError(f"refusing dill._dill._get_attr of {name} on a {type(module).__name__}")
+        return self.find_class(str(module), name)
+
+    def _dill_load_type(self, name: str) -> type:
+        if name not in self.SAFE_TYPES:
+            raise pickle.UnpicklingError(f"refusing to load dill._dill._load_type({name!r})")
+        return self.SAFE_TYPES[name]
+
+
+def _numpy_reconstruct() -> Any:
+    """numpy's ndarray reconstruction function (numpy 2 moved it to numpy._core)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
 
 
 def read_pickle(path: Path) -> Any:
@@ -157,18 +291,30 @@ def _container(raw: dict, weights: str) -> tuple[str | None, str]:
     return None, "as-is"
 
 
+def _vissl_trunk(raw: dict) -> dict | None:
+    """VISSL's training checkpoint: the trunk's weights under classy_state_dict.base_model.model.trunk
+    (vissl/utils/checkpoint.py), keys `_feature_blocks.conv1.weight` ...; None if the file is not one."""
+    node: Any = raw.get("classy_state_dict")
+    for key in ("base_model", "model", "trunk"):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else None
+
+
 def _candidates(raw: Any, weights: str) -> tuple[dict[str, Tensor], str, str, str]:
     """(flat state_dict, layout description, weights, padding) before prefix detection."""
     from transfer import haiku_import
     if not isinstance(raw, dict):
-        raise UserError(f"a checkpoint must hold a mapping of weights, not a {type(raw).__name__}")
+        raise UserError(f"a checkpoint must hold a mapping of weights, not a {type(raw).__name__}; tried the "
+                        f"layouts: {'; '.join(LAYOUTS)}")
     if checkpoint.is_pretrain_checkpoint(raw):
         return checkpoint.backbone_state(raw, weights), f"ssl-hsic checkpoint ({weights})", weights, "torch"
     if haiku_import.is_haiku_layout(raw):
-        tree, layout = haiku_import.haiku_tree(raw, weights)
-        return haiku_import.to_torchvision(tree), layout, weights, "same"
+        tree, layout, taken = haiku_import.haiku_tree(raw, weights)
+        return haiku_import.to_torchvision(tree), layout, taken, "same"
     if isinstance(raw.get("model"), dict) and ("matching_heuristics" in raw or "__author__" in raw):
         return from_detectron2(raw["model"]), "detectron2 pickle", "as-is", "torch"
+    if (trunk := _vissl_trunk(raw)) is not None:
+        return _tensors_only(trunk), "VISSL checkpoint (classy_state_dict.base_model.model.trunk)", "as-is", "torch"
     key, taken = _container(raw, weights)
     if key is not None:
         return _tensors_only(raw[key]), f"'{key}' entry", taken, "torch"
@@ -225,8 +371,7 @@ def load_backbone(path: str | Path, weights: str = "ema", arch: str | None = Non
         what = ("only a classifier head" if state and all(head & set(k.split(".")[:-1]) for k in state)
                 else "no ResNet backbone")
         raise UserError(f"{path}: unknown layout, {what} found (keys: {sample}; {len(state)} tensors); tried the "
-                        f"layouts: ssl-hsic checkpoint, detectron2 pickle, containers {CONTAINER_KEYS} with "
-                        f"prefixes {tried}")
+                        f"layouts: {'; '.join(LAYOUTS)} (containers {', '.join(CONTAINER_KEYS)}; prefixes {tried})")
     detected = detect_arch(backbone)
     arch = arch or detected
     if arch not in ARCHITECTURES:

@@ -1,13 +1,24 @@
 """Checkpoints of the official JAX code (deepmind/ssl_hsic, and BYOL in deepmind-research) as torchvision ResNets.
 
-Those checkpoints are `np.save`d dicts (a pickle inside the .npy format) of haiku parameters and state:
-    {"experiment_state": {"online_params", "online_state", "target_params", "target_state", ...},
-     "ema_state": {"online_params", ...}}
-(the official linear evaluation takes ema_state.online_params with experiment_state.online_state). A plain
-haiku dict ({"params": ..., "state": ...}, or both merged) is read too. The file is unpickled by
-`transfer.backbone`'s restricted unpickler: numpy arrays and plain containers only, so no code runs.
+The released files, as their code writes them (docs/export.md lists the sources, file and line):
+* SSL-HSIC (ssl_hsic/experiment.py): `np.save` (a pickle inside the .npy format) of
+      {"experiment_state": _ExperimentState._asdict(), "ema_state": _EMAState._asdict()}
+  `_asdict()` is shallow: the parameters and state are haiku 0.0.5 `FlatMapping`s, `kernel_opt_state` is optax
+  0.1.0's (ScaleByAdamState(count, mu, nu), EmptyState()) and `opt_state` BYOL's LARS chain
+  (AddWeightDecayState(), ScaleByLarsState(mu), EmptyState()). The official linear evaluation takes
+  ema_state.online_params with experiment_state.online_state.
+* BYOL (byol/utils/checkpointing.py): `dill.dump(..., protocol=2)` of
+      {"experiment_state": _ByolExperimentState(online_params, target_params, online_state, target_state,
+                                                 opt_state), "step": int, "rng": array}
+  (pretrain_res50x1.pkl, pretrain_res200x2.pkl and the ablation files); BYOL's evaluation
+  (byol/eval_experiment.py) takes experiment_state.online_params with online_state: BYOL keeps no EMA of the
+  online network besides the target.
+* a plain haiku dict ({"params": ..., "state": ...}, or both merged).
+`transfer.backbone`'s restricted unpickler reads them without importing or calling anything of the file: haiku's
+mappings become dicts, and the NamedTuples of optax / BYOL / ssl_hsic inert `ForeignRecord`s of their fields.
 
-Names (the network's module path up to `initial_conv` is found, whatever the outer module is called):
+Names (the network's module path up to `initial_conv` is found, whatever the outer module is called; the same at
+every depth and width_multiplier, which only scales the channels):
     initial_conv                          -> conv1          (HWIO -> OIHW)
     initial_batchnorm                     -> bn1            (scale, offset; state mean_ema / var_ema average)
     block_group_g/~/block_b/~/conv_k      -> layer{g+1}.{b}.conv{k+1}
@@ -36,12 +47,44 @@ TORSO_START = re.compile(r"^(.*?)initial_conv$")
 BLOCK = re.compile(r"^block_group_(\d+)/~/block_(\d+)/~/(conv|batchnorm)_(\d+)$")
 SHORTCUT = re.compile(r"^block_group_(\d+)/~/block_(\d+)/~/shortcut_(conv|batchnorm)$")
 
+# The fields of the released NamedTuples, in order (a protocol-2 pickle of a NamedTuple holds its values only).
+RELEASED_FIELDS: dict[str, tuple[str, ...]] = {
+    # deepmind-research byol/byol_experiment.py:45-51
+    "byol.byol_experiment._ByolExperimentState": ("online_params", "target_params", "online_state", "target_state",
+                                                  "opt_state"),
+    # deepmind/ssl_hsic ssl_hsic/experiment.py:50-66
+    "ssl_hsic.experiment._ExperimentState": ("online_params", "target_params", "online_state", "target_state",
+                                             "kernel_params", "kernel_opt_state", "opt_state"),
+    "ssl_hsic.experiment._EMAState": ("online_params", "kernel_params", "ema_params", "ema_state"),
+    # optax 0.1.0 optax/_src/transform.py:260-264, optax/_src/base.py:59
+    "optax._src.transform.ScaleByAdamState": ("count", "mu", "nu"),
+    "optax._src.base.EmptyState": (),
+    # deepmind-research byol/utils/optimizers.py:57-58, 108-109
+    "byol.utils.optimizers.ScaleByLarsState": ("mu",),
+    "byol.utils.optimizers.AddWeightDecayState": (),
+}
+_BY_QUALNAME = {path.rsplit(".", 1)[1]: fields for path, fields in RELEASED_FIELDS.items()}
+
+
+def _mapping(value: Any) -> dict | None:
+    """A dict as is; a NamedTuple record of the file (`ForeignRecord`) as {field: value} where its fields are known
+    (from dill's record of the class, or RELEASED_FIELDS by module path, or by class name); else None."""
+    if isinstance(value, dict):
+        return value
+    from transfer.backbone import ForeignRecord
+    if isinstance(value, ForeignRecord):
+        fields = value.fields or _BY_QUALNAME.get(value.source.rsplit(".", 1)[-1])
+        if fields is not None and len(fields) == len(value):
+            return {**dict(zip(fields, value)), **value.kwargs,
+                    **(value.state if isinstance(value.state, dict) else {})}
+    return None
+
 
 def is_haiku_layout(raw: Any) -> bool:
-    """A dict of haiku module paths (".../~/initial_conv"), or the official experiment's checkpoint."""
+    """A dict of haiku module paths (".../~/initial_conv"), or an official experiment's checkpoint."""
     if not isinstance(raw, dict):
         return False
-    if isinstance(raw.get("experiment_state"), dict):
+    if _mapping(raw.get("experiment_state")) is not None:
         return True
     flat = _modules(raw)
     return any(TORSO_START.match(name) for name in flat)
@@ -59,25 +102,40 @@ def _modules(tree: Any) -> dict[str, dict]:
     return found
 
 
-def haiku_tree(raw: dict, weights: str) -> tuple[dict[str, dict], str]:
-    """(parameters and state merged, description) of the network `weights` names."""
-    experiment = raw.get("experiment_state")
-    if not isinstance(experiment, dict):
+def haiku_tree(raw: dict, weights: str) -> tuple[dict[str, dict], str, str]:
+    """(parameters and state merged, layout description, the network taken) of the network `weights` names.
+
+    SSL-HSIC: `ema` (the default) is ema_state.online_params with experiment_state.online_state, as its linear
+    evaluation; `online` / `target` that network's parameters and state. BYOL: `ema` is the online network,
+    what BYOL's evaluation takes (BYOL's EMA is its target network: `target` asks for that)."""
+    experiment = _mapping(raw.get("experiment_state"))
+    if experiment is None:
         merged = {**_modules(raw.get("params", raw)), **_modules(raw.get("state", {}))}
-        return merged, "haiku parameters"
+        return merged, "haiku parameters", "as-is"
+    ssl_hsic = "ema_state" in raw or "kernel_params" in experiment
     network = {"ema": "online", "online": "online", "target": "target", "teacher": "target",
                "student": "online"}.get(weights, "online")
-    if weights == "ema":
-        params = (raw.get("ema_state") or {}).get("online_params")
+    if ssl_hsic and weights == "ema":
+        params = (_mapping(raw.get("ema_state")) or {}).get("online_params")
         if params is None:
             raise UserError("the checkpoint has no ema_state.online_params (the EMA network the official evaluation "
                             "uses); choose --weights online or target")
+        taken = "ema"
     else:
         params = experiment.get(f"{network}_params")
         if params is None:
             raise UserError(f"the checkpoint has no experiment_state.{network}_params; choose another --weights")
+        taken = network
     state = experiment.get(f"{network}_state") or {}
-    return {**_modules(params), **_modules(state)}, f"official JAX checkpoint ({weights}: {network} network state)"
+    record = type(raw.get("experiment_state")).__name__
+    if ssl_hsic:
+        layout = (f"SSL-HSIC checkpoint (experiment_state / ema_state), "
+                  f"{'ema_state.online_params' if taken == 'ema' else f'experiment_state.{network}_params'}"
+                  f" with experiment_state.{network}_state")
+    else:
+        kind = f"BYOL checkpoint ({record})" if record != "dict" else "BYOL-style checkpoint (experiment_state)"
+        layout = f"{kind}, experiment_state.{network}_params with {network}_state"
+    return {**_modules(params), **_modules(state)}, layout, taken
 
 
 def _array(value: Any, name: str) -> np.ndarray:
@@ -95,42 +153,47 @@ def _average(tree: dict, module: str, which: str) -> np.ndarray:
     return _array(state["average"], f"{module}/~/{which}_ema").reshape(-1)
 
 
-def to_torchvision(tree: dict[str, dict]) -> dict[str, Tensor]:
-    """The torchvision names and layouts of the ResNet torso in a haiku tree (see the module docstring)."""
-    starts = sorted({m.group(1) for name in tree if (m := TORSO_START.match(name))})
+def torchvision_layout(names: Any) -> dict[str, tuple[str, str]]:
+    """{torchvision module (conv1, layer2.0.downsample.1 ...): (haiku module path, "conv" | "batchnorm")} for the
+    ResNet torso among the haiku module paths `names` (see the module docstring); the same at any depth and width."""
+    starts = sorted({m.group(1) for name in names if (m := TORSO_START.match(name))})
     if len(starts) != 1:
         raise UserError(f"expected one ResNet torso (a module path ending in initial_conv) in the haiku tree, found "
                         f"{len(starts)}: {starts[:3]}")
     prefix = starts[0]
+    layout: dict[str, tuple[str, str]] = {}
+    for name in names:
+        if not name.startswith(prefix) or "_ema" in name:
+            continue
+        relative = name[len(prefix):]
+        if relative == "initial_conv":
+            layout["conv1"] = (name, "conv")
+        elif relative == "initial_batchnorm":
+            layout["bn1"] = (name, "batchnorm")
+        elif m := BLOCK.match(relative):
+            group, block, kind, index = int(m.group(1)), int(m.group(2)), m.group(3), int(m.group(4))
+            layout[f"layer{group + 1}.{block}.{'conv' if kind == 'conv' else 'bn'}{index + 1}"] = (name, kind)
+        elif m := SHORTCUT.match(relative):
+            group, block, kind = int(m.group(1)), int(m.group(2)), m.group(3)
+            layout[f"layer{group + 1}.{block}.downsample.{0 if kind == 'conv' else 1}"] = (
+                name, "conv" if kind == "conv" else "batchnorm")
+    return layout
+
+
+def to_torchvision(tree: dict[str, dict]) -> dict[str, Tensor]:
+    """The torchvision names and layouts of the ResNet torso in a haiku tree (see the module docstring)."""
     out: dict[str, Tensor] = {}
-
-    def conv(module: str, target: str) -> None:
-        weight = _array(tree[module]["w"], module)  # [kh, kw, in, out]
-        out[f"{target}.weight"] = torch.from_numpy(np.ascontiguousarray(weight.transpose(3, 2, 0, 1))).float()
-
-    def batchnorm(module: str, target: str) -> None:
+    for target, (module, kind) in torchvision_layout(tree).items():
+        if kind == "conv":
+            weight = _array(tree[module]["w"], module)  # [kh, kw, in, out]
+            out[f"{target}.weight"] = torch.from_numpy(np.ascontiguousarray(weight.transpose(3, 2, 0, 1))).float()
+            continue
         entry = tree[module]
         out[f"{target}.weight"] = torch.from_numpy(_array(entry["scale"], module).reshape(-1).copy()).float()
         out[f"{target}.bias"] = torch.from_numpy(_array(entry["offset"], module).reshape(-1).copy()).float()
         out[f"{target}.running_mean"] = torch.from_numpy(_average(tree, module, "mean").copy()).float()
         out[f"{target}.running_var"] = torch.from_numpy(_average(tree, module, "var").copy()).float()
         out[f"{target}.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
-
-    for name in tree:
-        if not name.startswith(prefix) or "_ema" in name:
-            continue
-        relative = name[len(prefix):]
-        if relative == "initial_conv":
-            conv(name, "conv1")
-        elif relative == "initial_batchnorm":
-            batchnorm(name, "bn1")
-        elif m := BLOCK.match(relative):
-            group, block, kind, index = int(m.group(1)), int(m.group(2)), m.group(3), int(m.group(4))
-            target = f"layer{group + 1}.{block}.{'conv' if kind == 'conv' else 'bn'}{index + 1}"
-            (conv if kind == "conv" else batchnorm)(name, target)
-        elif m := SHORTCUT.match(relative):
-            group, block, kind = int(m.group(1)), int(m.group(2)), m.group(3)
-            (conv if kind == "conv" else batchnorm)(name, f"layer{group + 1}.{block}.downsample.{0 if kind == 'conv' else 1}")
     return out
 
 

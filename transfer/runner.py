@@ -36,11 +36,11 @@ class TaskResult:
 
 def backbone_record(backbone: Backbone) -> dict[str, str]:
     """name, path, sha256 (of the file; of the weights for random init), the weights' fingerprint, which network,
-    architecture."""
+    the file layout it was read from (and which of its parts), architecture."""
     weights = fingerprint(backbone.state_dict)
     digest = sha256_of(backbone.source) if Path(backbone.source).is_file() else weights
     record = {"name": backbone.name, "path": backbone.source, "sha256": digest, "fingerprint": weights,
-              "weights": backbone.weights, "arch": backbone.arch}
+              "weights": backbone.weights, "layout": backbone.layout, "arch": backbone.arch}
     return {**record, "padding": "same"} if backbone.padding == "same" else record
 
 

@@ -9,6 +9,10 @@
 * Strict loading of an exported .pkl (`load_weights` is the one call of DetectionCheckpointer's private
   loader; `load_backbone_strictly` refuses anything that did not load) and detectron2's plain ResNet
   backbone (`pretrained_resnet`, for verification).
+* The architecture table's widths and depths (`configure_resnet`): MODEL.RESNETS.STEM_OUT_CHANNELS,
+  RES2_OUT_CHANNELS and WIDTH_PER_GROUP from the table's channel counts (the C4 box head, Res5ROIHeads, reads the
+  same keys), and for a depth detectron2's build_resnet_backbone has no row for (ResNet-200) backbone builders
+  registered in its BACKBONE_REGISTRY that take the blocks per stage from the table (`register_table_backbones`).
 
 The MoCo protocol (He et al. 2020, detection/configs): torchvision-style ResNet (STRIDE_IN_1X1 False), RGB input
 with ImageNet mean / std in 0-255, BACKBONE.FREEZE_AT 0, SyncBN in the backbone and the heads (BN in a single
@@ -26,7 +30,7 @@ from pathlib import Path
 import torch
 
 from pretrain.errors import UserError
-from pretrain.networks import resnet_depth
+from pretrain.networks import ARCHITECTURES, architecture
 
 log = logging.getLogger("transfer")
 
@@ -107,6 +111,115 @@ def import_detectron2():
     return detectron2
 
 
+# ------------------------------------------------------------------------------ the architecture table
+
+# The depths detectron2 0.6's build_resnet_backbone knows (its num_blocks_per_stage literal,
+# detectron2/modeling/backbone/resnet.py); another depth of the table is built by the registered builders below.
+DETECTRON2_DEPTHS = (18, 34, 50, 101, 152)
+# detectron2's ResNet backbone builders -> ours, which build the same networks for every depth of the table
+TABLE_BUILDERS = {"build_resnet_backbone": "build_resnet_table_backbone",
+                  "build_resnet_fpn_backbone": "build_resnet_table_fpn_backbone",
+                  "build_retinanet_resnet_fpn_backbone": "build_retinanet_resnet_table_fpn_backbone"}
+
+
+def resnet_settings(arch: str) -> dict[str, int]:
+    """cfg.MODEL.RESNETS for an architecture of the table: detectron2's bottleneck in stage i (res2..res5) is
+    NUM_GROUPS * WIDTH_PER_GROUP * 2^i wide with RES2_OUT_CHANNELS * 2^i outputs, after a stem of
+    STEM_OUT_CHANNELS; so width w gives 64 w, 64 w * 2^i and 256 w * 2^i, as the table (basic blocks: 64 w * 2^i)."""
+    spec = architecture(arch)
+    return {"DEPTH": spec.depth, "STEM_OUT_CHANNELS": spec.stem_channels, "RES2_OUT_CHANNELS": spec.stage_channels[0],
+            "NUM_GROUPS": 1, "WIDTH_PER_GROUP": 64 * spec.width}
+
+
+def configure_resnet(cfg, arch: str) -> None:
+    """Set cfg.MODEL.RESNETS for `arch` (resnet_settings); for a depth detectron2's build_resnet_backbone lacks,
+    switch MODEL.BACKBONE.NAME to the registered builder of the same kind (plain / C4, FPN, RetinaNet FPN)."""
+    for key, value in resnet_settings(arch).items():
+        setattr(cfg.MODEL.RESNETS, key, value)
+    if architecture(arch).depth in DETECTRON2_DEPTHS:
+        return
+    register_table_backbones()
+    name = cfg.MODEL.BACKBONE.NAME
+    if name in TABLE_BUILDERS.values():
+        return
+    if name not in TABLE_BUILDERS:
+        raise UserError(f"{arch} (depth {architecture(arch).depth}) is built only through this project's ResNet "
+                        f"builders ({', '.join(TABLE_BUILDERS)}); the config's MODEL.BACKBONE.NAME is {name}")
+    cfg.MODEL.BACKBONE.NAME = TABLE_BUILDERS[name]
+
+
+def blocks_per_stage(depth: int) -> tuple[str, tuple[int, ...]]:
+    """The block type and blocks per stage of the table's ResNets of this depth (every width has the same)."""
+    found = {(a.block, a.layers) for a in ARCHITECTURES.values() if a.depth == depth}
+    if len(found) != 1:
+        raise UserError(f"MODEL.RESNETS.DEPTH {depth} is no ResNet of the table "
+                        f"({', '.join(sorted({str(a.depth) for a in ARCHITECTURES.values()}, key=int))})")
+    return found.pop()
+
+
+def register_table_backbones() -> None:
+    """Register build_resnet_table_backbone (plain, and the C4 trunk: Res5ROIHeads builds res5 itself from
+    MODEL.RESNETS), build_resnet_table_fpn_backbone and build_retinanet_resnet_table_fpn_backbone in detectron2's
+    BACKBONE_REGISTRY: detectron2 0.6's builders with the blocks per stage taken from the architecture table, so
+    that every depth of the table (ResNet-200) builds. Same modules, names and settings as detectron2's."""
+    import_detectron2()
+    from detectron2.modeling import BACKBONE_REGISTRY
+    if "build_resnet_table_backbone" in BACKBONE_REGISTRY:
+        return
+    from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
+    from detectron2.modeling.backbone.resnet import (BasicBlock, BasicStem, BottleneckBlock, DeformBottleneckBlock,
+                                                     ResNet)
+
+    @BACKBONE_REGISTRY.register()
+    def build_resnet_table_backbone(cfg, input_shape):
+        """detectron2 0.6's build_resnet_backbone (modeling/backbone/resnet.py), blocks per stage from the table."""
+        r = cfg.MODEL.RESNETS
+        block, layers = blocks_per_stage(r.DEPTH)
+        stem = BasicStem(in_channels=input_shape.channels, out_channels=r.STEM_OUT_CHANNELS, norm=r.NORM)
+        bottleneck_channels = r.NUM_GROUPS * r.WIDTH_PER_GROUP
+        in_channels, out_channels = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
+        assert r.RES5_DILATION in {1, 2}, f"res5_dilation cannot be {r.RES5_DILATION}."
+        if block == "basic":
+            assert not any(r.DEFORM_ON_PER_STAGE) and r.RES5_DILATION == 1 and r.NUM_GROUPS == 1, \
+                "basic-block ResNets take no deformable conv, res5 dilation or groups"
+        stages = []
+        for idx, stage_idx in enumerate(range(2, 6)):
+            dilation = r.RES5_DILATION if stage_idx == 5 else 1
+            first_stride = 1 if idx == 0 or (stage_idx == 5 and dilation == 2) else 2
+            kwargs = {"num_blocks": layers[idx], "stride_per_block": [first_stride] + [1] * (layers[idx] - 1),
+                      "in_channels": in_channels, "out_channels": out_channels, "norm": r.NORM}
+            if block == "basic":
+                kwargs["block_class"] = BasicBlock
+            else:
+                kwargs.update(bottleneck_channels=bottleneck_channels, stride_in_1x1=r.STRIDE_IN_1X1,
+                              dilation=dilation, num_groups=r.NUM_GROUPS)
+                if r.DEFORM_ON_PER_STAGE[idx]:
+                    kwargs.update(block_class=DeformBottleneckBlock, deform_modulated=r.DEFORM_MODULATED,
+                                  deform_num_groups=r.DEFORM_NUM_GROUPS)
+                else:
+                    kwargs["block_class"] = BottleneckBlock
+            stages.append(ResNet.make_stage(**kwargs))
+            in_channels, out_channels, bottleneck_channels = out_channels, out_channels * 2, bottleneck_channels * 2
+        return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+
+    @BACKBONE_REGISTRY.register()
+    def build_resnet_table_fpn_backbone(cfg, input_shape):
+        """detectron2 0.6's build_resnet_fpn_backbone (modeling/backbone/fpn.py) on the table's ResNet."""
+        return FPN(bottom_up=build_resnet_table_backbone(cfg, input_shape), in_features=cfg.MODEL.FPN.IN_FEATURES,
+                   out_channels=cfg.MODEL.FPN.OUT_CHANNELS, norm=cfg.MODEL.FPN.NORM, top_block=LastLevelMaxPool(),
+                   fuse_type=cfg.MODEL.FPN.FUSE_TYPE)
+
+    @BACKBONE_REGISTRY.register()
+    def build_retinanet_resnet_table_fpn_backbone(cfg, input_shape):
+        """detectron2 0.6's build_retinanet_resnet_fpn_backbone (modeling/backbone/fpn.py) on the table's ResNet."""
+        bottom_up = build_resnet_table_backbone(cfg, input_shape)
+        out_channels = cfg.MODEL.FPN.OUT_CHANNELS
+        return FPN(bottom_up=bottom_up, in_features=cfg.MODEL.FPN.IN_FEATURES, out_channels=out_channels,
+                   norm=cfg.MODEL.FPN.NORM,
+                   top_block=LastLevelP6P7(bottom_up.output_shape()["res5"].channels, out_channels),
+                   fuse_type=cfg.MODEL.FPN.FUSE_TYPE)
+
+
 # ------------------------------------------------------------------------------ the protocol's model
 
 def register_extra_norm_head() -> None:
@@ -137,7 +250,6 @@ def detectron2_cfg(config, backbone, weights: Path, num_classes: int, distribute
         cfg.merge_from_file(model_zoo.get_config_file(config.base))
     except RuntimeError:
         raise UserError(f"'{config.base}' is not a detectron2 model-zoo config (base=...)") from None
-    depth = resnet_depth(backbone.arch)
     on_gpu = torch.cuda.is_available() and config.device != "cpu"
     # torch's SyncBN refuses CPU tensors; naiveSyncBN (all_reduce of the per-rank moments) runs anywhere
     norm = ("naiveSyncBN" if config.norm == "naiveSyncBN" or not on_gpu else "SyncBN") if distributed else "BN"
@@ -147,8 +259,6 @@ def detectron2_cfg(config, backbone, weights: Path, num_classes: int, distribute
     cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
     cfg.INPUT.FORMAT = "RGB"
     cfg.INPUT.MASK_FORMAT = "bitmask"  # the scenes' masks are RLE (COCO 2017's polygons decode to bitmasks too)
-    cfg.MODEL.RESNETS.DEPTH = depth
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if depth < 50 else 256
     cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
     cfg.MODEL.RESNETS.NORM = norm
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
@@ -161,7 +271,7 @@ def detectron2_cfg(config, backbone, weights: Path, num_classes: int, distribute
     if config.extra_norm_res5:
         register_extra_norm_head()
         cfg.MODEL.ROI_HEADS.NAME = "Res5ROIHeadsExtraNorm"
-    if cfg.MODEL.ROI_HEADS.NAME.startswith("Res5ROIHeads") and depth < 50:
+    if cfg.MODEL.ROI_HEADS.NAME.startswith("Res5ROIHeads") and architecture(backbone.arch).block == "basic":
         raise UserError(f"{config.base} is a C4 model: detectron2 builds its res5 box head of bottleneck blocks "
                         f"(Res5ROIHeads), which {backbone.arch}'s basic blocks cannot load; use a ResNet-50 or deeper")
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
@@ -184,6 +294,9 @@ def detectron2_cfg(config, backbone, weights: Path, num_classes: int, distribute
     cfg.OUTPUT_DIR = str(Path(config.run_dir) / "detectron2")
     if config.opts:
         cfg.merge_from_list(list(config.opts))
+    # the architecture's depth and channel counts last (config.opts could not change the backbone's shape), with
+    # the table's builder where detectron2's has no row for the depth
+    configure_resnet(cfg, backbone.arch)
     return cfg
 
 
@@ -329,15 +442,15 @@ def pretrained_resnet(arch: str, pkl: Path) -> tuple[torch.nn.Module, list[str]]
     import_detectron2()
     from detectron2.config import get_cfg
     from detectron2.layers import ShapeSpec
-    from detectron2.modeling.backbone.resnet import build_resnet_backbone
+    from detectron2.modeling import build_backbone
     cfg = get_cfg()
-    cfg.MODEL.RESNETS.DEPTH = resnet_depth(arch)
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if resnet_depth(arch) < 50 else 256
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_backbone"
+    configure_resnet(cfg, arch)  # depth and widths; ResNet-200 through the registered table builder
     cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
     cfg.MODEL.RESNETS.NORM = "FrozenBN"
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
-    model = build_resnet_backbone(cfg, ShapeSpec(channels=3))
+    model = build_backbone(cfg, ShapeSpec(channels=3))
     incompatible = load_weights(model, pkl)
     problems = list(incompatible.missing_keys) + list(incompatible.unexpected_keys) + \
         [k for k, *_ in incompatible.incorrect_shapes]

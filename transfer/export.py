@@ -8,7 +8,13 @@
     mmseg         .pth          {"state_dict": {"backbone." + name: tensor}, "meta": ...}: mmsegmentation's ResNet
                                 loads it with init_cfg=dict(type="Pretrained", checkpoint=PATH, prefix="backbone.")
 
-Sidecar PATH.json: source path and sha256, architecture, which weights (ema / online / target), layout, format.
+Every architecture of the table (pretrain.networks: widths 1x / 2x / 4x, ResNet-200) is written with the same key
+names; only the shapes differ. The detectron2 and mmseg files need the matching channel settings in the loading
+framework, which the sidecar records (`loading`): detectron2's MODEL.RESNETS.{DEPTH, STEM_OUT_CHANNELS,
+RES2_OUT_CHANNELS, NUM_GROUPS, WIDTH_PER_GROUP} and mmseg's backbone dict(type, depth, stem_channels, base_channels).
+
+Sidecar PATH.json: source path and sha256, architecture, which weights (ema / online / target), layout, format,
+and for detectron2 / mmseg the loading framework's settings.
 """
 from __future__ import annotations
 
@@ -26,6 +32,25 @@ from pretrain.metrics import code_version, sha256_of
 from transfer.backbone import Backbone, fingerprint
 
 FORMATS = {"torchvision": ".pth", "safetensors": ".safetensors", "detectron2": ".pkl", "mmseg": ".mmseg.pth"}
+
+
+def _detectron2_settings(arch: str) -> dict:
+    """detectron2's config keys for this architecture (transfer.detectron2_glue.configure_resnet sets them)."""
+    from pretrain.networks import architecture
+    from transfer.detectron2_glue import DETECTRON2_DEPTHS, TABLE_BUILDERS, resnet_settings
+    settings = {f"MODEL.RESNETS.{k}": v for k, v in resnet_settings(arch).items()}
+    if architecture(arch).depth not in DETECTRON2_DEPTHS:  # built by the builders transfer.detectron2_glue registers
+        settings["MODEL.BACKBONE.NAME"] = list(TABLE_BUILDERS.values())
+    return settings
+
+
+def _mmseg_settings(arch: str) -> dict:
+    from transfer.mmseg_glue import resnet_backbone
+    return resnet_backbone(arch)
+
+
+# The settings each framework's ResNet needs to load the file: written into the sidecar
+LOADING = {"detectron2": _detectron2_settings, "mmseg": _mmseg_settings}
 
 
 def to_detectron2(state_dict: dict[str, torch.Tensor]) -> dict:
@@ -81,6 +106,8 @@ def write(backbone: Backbone, fmt: str, out: str | Path) -> Path:
                "source_sha256": sha256_of(backbone.source) if Path(backbone.source).is_file() else None,
                "weights_fingerprint": fingerprint(backbone.state_dict),
                "code_version": code_version()}
+    if fmt in LOADING:
+        sidecar["loading"] = LOADING[fmt](backbone.arch)
     atomic_write_bytes(out.with_name(out.name + ".json"), json.dumps(sidecar, indent=2).encode())
     return out
 

@@ -1,6 +1,7 @@
 """All of this project's mmsegmentation / mmengine glue, in one place; mmseg is imported inside the functions.
 
-* `register_modules()`: mmseg's registry plus four of ours: RandomRescale (a random rescale of the original
+* `register_modules()`: mmseg's registry plus five of ours: ResNetTable (mmseg's ResNet with every depth of the
+  architecture table in its arch_settings: ResNet-200), RandomRescale (a random rescale of the original
   image, which mmcv's RandomResize cannot express: it scales a reference size), GeneratedScenesDataset (PascalVOCDataset's
   loading with the generated scenes' 11 classes; mmseg only narrows a dataset's classes to a subset, so the
   scenes need their own class), PerClassIoUMetric (IoUMetric plus IoU.<class>) and BackboneLoadCheckHook
@@ -8,6 +9,9 @@
   backbone tensor is compared with the file and the run stops on any difference).
 * `train_and_evaluate(cfg)`: mmengine's Runner on a complete config dict (the protocol is built by the
   segmentation task), then its validation loop.
+* `resnet_backbone(arch, **settings)`: the backbone config of an architecture of the table: depth, stem_channels
+  (64 w) and base_channels (64 w; mmseg's stage i is base_channels * 2^i wide, times the block's expansion out),
+  type ResNet, or ResNetTable for a depth mmseg's ResNet lacks.
 * `pretrained_resnet(arch, path)`: mmseg's ResNet loaded the way mmseg loads pretrained weights (verify).
 * `trusting(folder)`: the one patch of mmengine. torch 2.6 made torch.load default to weights_only=True;
   mmengine 0.10.7 calls torch.load(filename) for local files and its training checkpoints hold its own objects
@@ -26,7 +30,7 @@ from pathlib import Path
 import torch
 
 from pretrain.errors import UserError
-from pretrain.networks import resnet_depth
+from pretrain.networks import ARCHITECTURES, architecture
 
 
 def _defaults_to_weights_only() -> bool:
@@ -58,9 +62,39 @@ def trusting(folder: str | Path):
         CheckpointLoader._schemes[""] = original
 
 
+# The depths of mmseg 1.x's ResNet.arch_settings (mmseg/models/backbones/resnet.py); ResNetTable adds the table's others.
+MMSEG_DEPTHS = (18, 34, 50, 101, 152)
+
+
+def register_resnet_table() -> None:
+    """ResNetTable: mmseg's ResNet whose arch_settings hold every depth of the architecture table (ResNet-200:
+    Bottleneck, (3, 24, 36, 3)), registered in mmseg's MODELS; otherwise the same class."""
+    from mmseg.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
+    from mmseg.registry import MODELS
+    settings = dict(ResNet.arch_settings)
+    for spec in ARCHITECTURES.values():
+        settings.setdefault(spec.depth, (BasicBlock if spec.block == "basic" else Bottleneck, spec.layers))
+
+    class ResNetTable(ResNet):
+        """mmseg's ResNet with the depths of this project's architecture table (pretrain.networks)."""
+        arch_settings = settings
+
+    MODELS.register_module("ResNetTable", module=ResNetTable, force=True)
+
+
+def resnet_backbone(arch: str, **settings) -> dict:
+    """The mmseg backbone config of an architecture of the table, plus `settings`: its depth and channel counts
+    (stem_channels = 64 w; base_channels = 64 w: mmseg's stage i has base_channels * 2^i planes and that times the
+    block's expansion out, as the table); type ResNet where mmseg's ResNet has the depth, else ResNetTable
+    (register_modules registers it)."""
+    spec = architecture(arch)
+    return dict(type="ResNet" if spec.depth in MMSEG_DEPTHS else "ResNetTable", depth=spec.depth,
+                stem_channels=spec.stem_channels, base_channels=64 * spec.width, **settings)
+
+
 def register_modules() -> None:
-    """mmseg's registry, the original-size random rescale, the scenes dataset, the per-class IoU metric and the
-    weight-check hook."""
+    """mmseg's registry, ResNetTable, the original-size random rescale, the scenes dataset, the per-class IoU metric
+    and the weight-check hook."""
     import numpy as np
     from mmengine.hooks import Hook
     from mmseg.datasets import PascalVOCDataset
@@ -69,6 +103,7 @@ def register_modules() -> None:
     from mmseg.utils import register_all_modules
     from transfer.scenes import CLASSES, voc_palette
     register_all_modules()
+    register_resnet_table()
     palette = voc_palette()
     from mmengine.registry import MODELS as ENGINE_MODELS
     from pretrain.sync_batchnorm import GlobalBatchNorm
@@ -165,9 +200,10 @@ def pretrained_resnet(arch: str, path: Path, canonical: dict[str, torch.Tensor])
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
     register_all_modules()
+    register_resnet_table()
     MMLogger.get_current_instance().setLevel("WARNING")  # it logs a paragraph per loaded tensor
-    model = MODELS.build(dict(type="ResNet", depth=resnet_depth(arch), out_indices=(0, 1, 2, 3), style="pytorch",
-                              init_cfg=dict(type="Pretrained", checkpoint=str(path), prefix="backbone.")))
+    model = MODELS.build(resnet_backbone(arch, out_indices=(0, 1, 2, 3), style="pytorch",
+                                         init_cfg=dict(type="Pretrained", checkpoint=str(path), prefix="backbone.")))
     model.init_weights()
     state = model.state_dict()
     problems = sorted(set(state) ^ set(canonical))

@@ -22,7 +22,7 @@ import torch
 
 from pretrain.checks import DEVICE, NON_NEGATIVE, POSITIVE_INT, between, checked, each, greater_than, one_of
 from pretrain.errors import UserError
-from pretrain.networks import feature_width, resnet_depth
+from pretrain.networks import feature_width
 from transfer.backbone import Backbone
 from transfer.runner import TaskResult
 
@@ -108,7 +108,8 @@ def mmseg_config(config: Config, backbone: Backbone, weights_file: Path, num_cla
     on_gpu = torch.cuda.is_available() and config.device != "cpu"
     synced = "SyncBN" if on_gpu else "GlobalBN"  # torch's SyncBatchNorm refuses CPU tensors
     norm = dict(type=synced if distributed and config.sync_bn else "BN", requires_grad=True)
-    width = feature_width(backbone.arch)
+    from transfer.mmseg_glue import resnet_backbone
+    width = feature_width(backbone.arch)  # the FCN head's input: the last stage's channels (2048 w; basic: 512 w)
     rescale = (dict(type="RandomResize", scale=tuple(d.scale), ratio_range=tuple(d.ratio_range), keep_ratio=True)
                if d.scale else dict(type="RandomRescale", ratio_range=tuple(d.ratio_range)))
     train_pipeline = [
@@ -129,10 +130,11 @@ def mmseg_config(config: Config, backbone: Backbone, weights_file: Path, num_cla
             data_preprocessor=dict(type="SegDataPreProcessor", mean=[123.675, 116.28, 103.53],
                                    std=[58.395, 57.12, 57.375], bgr_to_rgb=True, pad_val=0, seg_pad_val=255,
                                    size=tuple(d.crop[::-1])),
-            backbone=dict(type="ResNet", depth=resnet_depth(backbone.arch), num_stages=4, out_indices=(3,),
-                          strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2), norm_cfg=norm, norm_eval=False,
-                          style="pytorch", contract_dilation=False,
-                          init_cfg=dict(type="Pretrained", checkpoint=str(weights_file), prefix="backbone.")),
+            # depth, stem_channels and base_channels of the architecture table; ResNetTable for ResNet-200
+            backbone=resnet_backbone(backbone.arch, num_stages=4, out_indices=(3,),
+                                     strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2), norm_cfg=norm, norm_eval=False,
+                                     style="pytorch", contract_dilation=False,
+                                     init_cfg=dict(type="Pretrained", checkpoint=str(weights_file), prefix="backbone.")),
             decode_head=dict(type="FCNHead", in_channels=width, in_index=0, channels=config.head_channels,
                              num_convs=2, kernel_size=3, dilation=6, concat_input=False,
                              dropout_ratio=config.dropout, num_classes=num_classes, norm_cfg=norm,

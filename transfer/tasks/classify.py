@@ -2,12 +2,15 @@
 
 One dataset per run (data.dataset; readers and standard splits in transfer.classify_datasets), one or both
 protocols:
-* linear: frozen features of the eval transform, cached (transfer.tasks.classification.cached_features);
+* linear: frozen features (the short side resized to 224, a 224 centre crop), cached
+  (transfer.tasks.classification.cached_features), not standardised (linear.standardize: optional);
   multinomial logistic regression by L-BFGS over 45 log-spaced l2 penalties in [1e-6, 1e5], chosen on the
   validation split, refitted on train + validation, scored on test (transfer.logistic.select_and_fit); for the
   multi-label VOC2007, one binary classifier per class (select_and_fit_multilabel);
-* finetune: the whole network and a new head (transfer.finetune), the grid chosen on the validation split, the
-  chosen candidate retrained on train + validation and scored on test.
+* finetune: the whole network and a new head (transfer.finetune): 20,000 steps at batch 256, SGD Nesterov 0.9,
+  lr from 7 log-spaced values in [1e-4, 1e-1] x weight decay from {0} and 7 log-spaced values in [1e-6, 1e-3]
+  divided by the lr, BatchNorm momentum max(1 - 10/s, 0.9) (TensorFlow's convention; s steps per epoch), chosen on
+  the validation split; the chosen candidate retrained on train + validation and scored on test.
 Each dataset reports its own metric: mean per-class accuracy for Aircraft, Pets, Caltech-101 and Flowers,
 11-point mAP for VOC2007, top-1 for the others; metrics.json holds linear.<metric> and finetune.<metric>.
 """
@@ -18,7 +21,10 @@ from typing import Optional
 
 from torch.utils.data import ConcatDataset
 
-from pretrain.checks import DEVICE, NON_NEGATIVE, POSITIVE_INT, Rule, between, checked, each, one_of
+import numpy as np
+
+from pretrain.checks import (DEVICE, NON_NEGATIVE, POSITIVE_INT, Rule, at_least, between, checked, each, one_of,
+                             optional)
 from pretrain.errors import UserError
 from transfer.backbone import Backbone
 from transfer.classify_datasets import DATASETS
@@ -28,16 +34,25 @@ from transfer.runner import TaskResult
 PROTOCOLS = ("linear", "finetune")
 
 
+def log_grid(low: float, high: float, count: int) -> tuple[float, ...]:
+    """`count` log-spaced values from 10^low to 10^high, to 6 significant digits."""
+    return tuple(float(f"{value:.6g}") for value in np.logspace(low, high, count))
+
+
 @dataclass
 class ClassifyData:
     dataset: str = checked("digits", one_of(*DATASETS))
     root: str = ""                                 # where the dataset lies in its standard layout
-    val_fraction: float = checked(0.2, between(0, 1, open_low=True, open_high=True))  # without a standard val split
+    val_fraction: Optional[float] = checked(None, optional(between(0, 1, open_low=True, open_high=True)))  # null:
+    #   the dataset's published hold-out (BYOL Table 10: transfer/classify_datasets.py); a value: that share per class
 
 
 @dataclass
 class LinearTransfer:
     max_iter: int = checked(1000, POSITIVE_INT)    # L-BFGS iterations per penalty (to convergence or this many)
+    resize_ratio: float = checked(1.0, at_least(1.0))  # short side resized to images.size x this, then the centre
+    #                                                    crop: 1.0 = Kornblith et al.'s resize 224, crop 224
+    standardize: bool = False  # features standardised with the training split's mean / std (not in the protocol)
 
 
 @dataclass
@@ -50,8 +65,9 @@ class Config:
     linear: LinearTransfer = field(default_factory=LinearTransfer)
     protocols: tuple = checked(PROTOCOLS, each(Rule("linear or finetune", lambda v: v in PROTOCOLS)))
     finetune: FinetuneProtocol = field(default_factory=lambda: FinetuneProtocol(
-        batch_size=256, lr_grid=(0.001, 0.0032, 0.01, 0.032, 0.1, 0.32, 1.0), epochs_grid=(30,),
-        weight_decay_grid=(0.0, 1e-6, 1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2)))
+        batch_size=256, steps=20_000, lr_grid=log_grid(-4, -1, 7), weight_decay_grid=(0.0, *log_grid(-6, -3, 7)),
+        weight_decay_over_lr=True,
+        bn_momentum_from_epoch=True, checkpoint_steps=1000))  # Kornblith et al. 2019 / SimCLR App. B.8
     extract_batch_size: int = checked(256, POSITIVE_INT)
     cache_dir: str = "~/.cache/ssl-hsic/features"
     device: Optional[str] = checked(None, DEVICE)
@@ -89,7 +105,7 @@ def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskRe
         result = linear(config, backbone, data, device)
         metrics[f"linear.{data.metric}"] = result["test"]
         extra["linear"] = {"penalty": result["penalty"], "validation": result["validation"],
-                           "feature_cache_hit": result["cache_hit"]}
+                           "standardize": result["standardize"], "feature_cache_hit": result["cache_hit"]}
     if "finetune" in config.protocols:
         from pretrain.networks import feature_width
         from transfer.finetune import Finetuner, select_and_finetune
@@ -99,7 +115,7 @@ def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskRe
         result = select_and_finetune(finetuner, data.train, data.val, data.test,
                                      refit=ConcatDataset([data.train, data.val]))
         metrics[f"finetune.{data.metric}"] = result["test"]
-        extra["finetune"] = {"chosen": result["chosen"], "validation": result["heldout"]}
+        extra["finetune"] = {"chosen": result["chosen"], "validation": result["heldout"], "failed": result["failed"]}
     protocol = f"{'+'.join(config.protocols)} (Kornblith et al. 2019), {data.metric}"
     return TaskResult(metrics, config.data.dataset, protocol, extra)
 
@@ -107,9 +123,11 @@ def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskRe
 def linear(config: Config, backbone: Backbone, data, device) -> dict:
     """Cached frozen features of the three splits, then the penalty sweep."""
     from transfer import logistic
-    from transfer.finetune import eval_transform
+    from pretrain.augment import eval_transform
     from transfer.tasks.classification import FeatureCache, Transformed, cached_features
-    model, transform, cache = backbone.model(), eval_transform(config.images), FeatureCache(config.cache_dir)
+    images = config.images  # the short side resized to size x linear.resize_ratio, then the centre crop
+    transform = eval_transform(images.size, images.mean, images.std, config.linear.resize_ratio)
+    model, cache = backbone.model(), FeatureCache(config.cache_dir)
     splits, hits = {}, []
     for name in ("train", "val", "test"):
         description = {"dataset": config.data.dataset, "root": config.data.root, "split": name,
@@ -120,8 +138,10 @@ def linear(config: Config, backbone: Backbone, data, device) -> dict:
         splits[name], _ = (x, y), hits.append(hit)
     if data.multilabel:
         result = logistic.select_and_fit_multilabel(splits["train"], splits["val"], splits["test"],
-                                                    max_iter=config.linear.max_iter)
+                                                    max_iter=config.linear.max_iter,
+                                                    standardize=config.linear.standardize)
     else:
         result = logistic.select_and_fit(splits["train"], splits["val"], splits["test"], len(data.classes),
-                                         metric=metric_function(data.metric), max_iter=config.linear.max_iter)
+                                         metric=metric_function(data.metric), max_iter=config.linear.max_iter,
+                                         standardize=config.linear.standardize)
     return {**result, "cache_hit": all(hits)}

@@ -68,7 +68,12 @@ def load_config(schema: type, path: str | Path | None = None, overrides: Sequenc
         try:
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as error:
-            raise UserError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
+            mark = getattr(error, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            if "'\\t'" in str(error):
+                raise UserError(f"config file {path} has a tab{where}; YAML indents with spaces only") from None
+            problem = getattr(error, "problem", None) or " ".join(str(error).split())
+            raise UserError(f"config file {path} is not valid YAML{where}: {problem}") from None
         if not isinstance(raw, dict):
             raise UserError(f"config file {path} must hold a mapping of keys, not a {type(raw).__name__}")
         from_file = OmegaConf.load(path)

@@ -40,9 +40,12 @@ BAD_VALUES = [
     ("pipeline", "tasks", "{linear: missing.yaml}"), ("pipeline", "scenes", "{size: 8}"), ("pipeline", "weights", "final"),
     ("executor", "timeout_min", "0"), ("executor", "cluster", "kubernetes"), ("executor", "nodes", "0"),
     ("executor", "mem_gb", "-4"),
+    ("finetune", "finetune.steps", "-1"), ("finetune", "finetune.batch_size", "0"),
+    ("classify", "data.dataset", "imagenet"), ("classify", "linear.resize_ratio", "0"),
 ]
 TASK_CONFIG = {"linear": "linear_fashion_mnist", "knn": "linear_fashion_mnist", "segmentation": "segmentation_scenes",
-               "detection": "detection_scenes", "depth": "depth_scenes"}
+               "detection": "detection_scenes", "depth": "depth_scenes", "finetune": "finetune_fashion_mnist",
+               "classify": "classify_digits"}
 
 
 def command(entry: str, key: str, value: str, tmp_path) -> tuple[str, list[str]]:
@@ -88,6 +91,51 @@ def test_the_command_line_prints_the_same_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr == "error: config key 'optim.base_lr' is nan; it must be a finite number\n"
     assert not (tmp_path / "out").exists()
+
+
+# (name, entry point's argv with OUT for the folder it would write, the stderr line's start). Files: empty.pt (0 bytes),
+# noise.pt (random bytes), tab.yaml (indented with a tab).
+BAD_INPUTS = [
+    *[(f"{task}-device=cuda", ["transfer", task, "--backbone", "random:resnet18", "--config",
+                               f"configs/transfer/{TASK_CONFIG[task]}.yaml", "run_dir=OUT", "device=cuda"],
+       "error: device=cuda but no GPU is visible; set device=cpu") for task in TASK_CONFIG],
+    ("pretrain-device=cuda", ["pretrain", "--config", PRETRAIN, "run_dir=OUT", *TINY, "device=cuda"],
+     "error: device=cuda but no GPU is visible; set device=cpu"),
+    ("linear-empty-checkpoint", ["transfer", "linear", "--backbone", "IN/empty.pt", "--config",
+                                 "configs/transfer/linear_fashion_mnist.yaml", "run_dir=OUT"],
+     "error: checkpoint IN/empty.pt is unreadable (truncated or not a checkpoint)"),
+    ("finetune-noise-checkpoint", ["transfer", "finetune", "--backbone", "IN/noise.pt", "--config",
+                                   "configs/transfer/finetune_fashion_mnist.yaml", "run_dir=OUT"],
+     "error: checkpoint IN/noise.pt is not a checkpoint ("),
+    ("export-noise-checkpoint", ["transfer", "export", "--checkpoint", "IN/noise.pt", "--format", "torchvision",
+                                 "--out", "OUT/r18.pth"], "error: checkpoint IN/noise.pt is not a checkpoint ("),
+    ("verify-empty-checkpoint", ["transfer", "verify", "--checkpoint", "IN/empty.pt"],
+     "error: checkpoint IN/empty.pt is unreadable"),
+    ("pretrain-tab-yaml", ["pretrain", "--config", "IN/tab.yaml", "run_dir=OUT"],
+     "error: config file IN/tab.yaml has a tab (line 2, column 1); YAML indents with spaces only"),
+    ("classify-tab-yaml", ["transfer", "classify", "--backbone", "random:resnet18", "--config", "IN/tab.yaml",
+                           "run_dir=OUT"], "error: config file IN/tab.yaml has a tab (line 2, column 1)"),
+    ("evaluate-tab-yaml", ["slurm", "evaluate", "--config", "IN/tab.yaml", "--root", "OUT"],
+     "error: config file IN/tab.yaml has a tab (line 2, column 1)"),
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the device=cuda cases need a machine without CUDA")
+@pytest.mark.parametrize("argv, expected", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_a_bad_input_is_refused_on_one_line_with_exit_2_and_nothing_written(argv, expected, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "empty.pt").write_bytes(b"")
+    (inputs / "noise.pt").write_bytes(bytes(range(256)) * 16)
+    (inputs / "tab.yaml").write_text("optim:\n\tbatch_size: 4\n")
+    package, *argv = [a.replace("OUT", str(tmp_path / "out")).replace("IN", str(inputs)) for a in argv]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        status = run_main(__import__(f"{package}.__main__", fromlist=["main"]).main, argv)
+    message = stderr.getvalue()
+    assert status == 2, message
+    assert message.count("\n") == 1 and message.startswith(expected.replace("IN", str(inputs))), message
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
 # ------------------------------------------------------------------------------------ one writer

@@ -238,6 +238,19 @@ def read_npy(path: Path) -> Any:
     return content.item() if isinstance(content, np.ndarray) and content.shape == () else content
 
 
+def unpickling_message(path: Path, error: Exception) -> str:
+    """One line for a file torch.load(weights_only=True) refused: bytes that are no pickle at all, or a pickle that
+    would run code (a global outside the admitted ones)."""
+    text = " ".join(str(error).split())
+    if "WeightsUnpickler error: " not in text:  # our own pickle reader's refusal: already one short line
+        return f"checkpoint {path} cannot be read safely: {text}"
+    detail = text.split("WeightsUnpickler error: ", 1)[1].split(" Check the documentation", 1)[0]
+    if "Unsupported global" in detail:
+        return f"checkpoint {path} cannot be read safely (loading it would run code from the file): {detail[:160]}"
+    return (f"checkpoint {path} is not a checkpoint ({detail[:80]}); expected a file written by torch.save, "
+            ".safetensors, .npy or .pkl")
+
+
 def read_checkpoint(path: str | Path) -> Any:
     """The raw content of a checkpoint file, read without running any code from it. torch files may hold an
     argparse.Namespace (DINO's and timm's training checkpoints keep their arguments there): admitted as data."""
@@ -256,7 +269,7 @@ def read_checkpoint(path: str | Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise UserError(f"checkpoint {path} cannot be read safely: {' '.join(str(error).split())}") from None
+        raise UserError(unpickling_message(path, error)) from None
     except Exception as error:  # truncated or not a checkpoint at all
         detail = " ".join(str(error).split())[:160]
         raise UserError(f"checkpoint {path} is unreadable (truncated or not a checkpoint): "

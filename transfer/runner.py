@@ -123,6 +123,9 @@ def run_task(name: str, backbone_spec: str, weights: str = "ema", config_path: s
     from transfer.backbone import resolve_backbone
     module = tasks.get(name).load()
     config = load_config(module.Config, config_path, overrides)
+    if getattr(config, "device", None) is not None:
+        from pretrain.rundir import pick_device
+        pick_device(config.device)  # device=cuda without a GPU is refused before anything is written
     backbone = resolve_backbone(backbone_spec, config.seed, weights)
     run = TaskRun(name, config, backbone)
     if (done := run.finished()) is not None:

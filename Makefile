@@ -14,12 +14,21 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest tests
 
+# FP32=1: the README's numbers on any x86-64 CPU with AVX2: fp32 pretraining and the AVX2 kernels of ATen, oneDNN,
+# MKL and OpenBLAS on two threads (pretrain/numerics.py), into runs/demo-fp32. Without it, a CPU with native bf16
+# pretrains in bf16 (faster) and its numbers differ from the table's.
+FP32 ?= 0
+ifeq ($(FP32),1)
+DEMO_ENV := env ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2 OPENBLAS_CORETYPE=Haswell OMP_NUM_THREADS=2
+DEMO_ARGS := root=runs/demo-fp32 "pretrain_overrides=[train.cpu_amp=false]"
+endif
+
 demo: $(STAMP)
-	$(PY) -m slurm pipeline --config configs/pipeline/demo.yaml
+	$(DEMO_ENV) $(PY) -m slurm pipeline --config configs/pipeline/demo.yaml $(DEMO_ARGS)
 
 # The main job over three seeds (each its own pretraining and supervised control); reuses seed 0 of `make demo`.
 demo-full: $(STAMP)
-	$(PY) -m slurm pipeline --config configs/pipeline/demo.yaml "seeds=[0,1,2]"
+	$(DEMO_ENV) $(PY) -m slurm pipeline --config configs/pipeline/demo.yaml $(DEMO_ARGS) "seeds=[0,1,2]"
 
 clean-install:
 	rm -rf .venv

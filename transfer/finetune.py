@@ -245,6 +245,10 @@ class Finetuner:
                                     weight_decay=weight_decay)
         schedule = cosine_schedule(optimizer, total)
         progress = Progress(self.folder / f"{name}.pt", "epoch", model=model, optimizer=optimizer, schedule=schedule)
+        if self.save:  # rank 0 alone writes it: a .tmp is a write that a killed run left half-done
+            for leftover in self.folder.glob(f".{name}.pt.*.tmp"):
+                log.info("finetune: removing %s, left by an interrupted checkpoint write", leftover)
+                leftover.unlink(missing_ok=True)
         start = progress.restore()
         if 0 < start < epochs:
             log.info("finetune: %s resumes at epoch %d of %d", name, start, epochs)

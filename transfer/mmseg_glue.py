@@ -1,14 +1,17 @@
 """All of this project's mmsegmentation / mmengine glue, in one place; mmseg is imported inside the functions.
 
-* `register_modules()`: mmseg's registry plus five of ours: ResNetTable (mmseg's ResNet with every depth of the
+* `register_modules()`: mmseg's registry plus seven of ours: ResNetTable (mmseg's ResNet with every depth of the
   architecture table in its arch_settings: ResNet-200), RandomRescale (a random rescale of the original
   image, which mmcv's RandomResize cannot express: it scales a reference size), GeneratedScenesDataset (PascalVOCDataset's
   loading with the generated scenes' 11 classes; mmseg only narrows a dataset's classes to a subset, so the
   scenes need their own class), PerClassIoUMetric (IoUMetric plus IoU.<class>) and BackboneLoadCheckHook
   (mmengine loads pretrained weights non-strictly and only logs mismatches, so before the first iteration every
-  backbone tensor is compared with the file and the run stops on any difference).
+  backbone tensor is compared with the file and the run stops on any difference); and two hooks that make a
+  run preempted at any moment resume to the numbers of an uninterrupted one: AtomicCheckpointHook (mmengine's
+  CheckpointHook deletes the previous checkpoint before it writes the next, both it and last_checkpoint in
+  place) and TorchRngStateHook (mmengine does not restore the torch generator, which the head's dropout draws).
 * `train_and_evaluate(cfg)`: mmengine's Runner on a complete config dict (the protocol is built by the
-  segmentation task), then its validation loop.
+  segmentation task), resuming from work_dir's last checkpoint (logged), then its validation loop.
 * `resnet_backbone(arch, **settings)`: the backbone config of an architecture of the table: depth, stem_channels
   (64 w) and base_channels (64 w; mmseg's stage i is base_channels * 2^i wide, times the block's expansion out),
   type ResNet, or ResNetTable for a depth mmseg's ResNet lacks.
@@ -22,6 +25,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import os.path as osp
 from contextlib import contextmanager
@@ -31,6 +35,8 @@ import torch
 
 from pretrain.errors import UserError
 from pretrain.networks import ARCHITECTURES, architecture
+
+log = logging.getLogger("transfer")
 
 
 def _defaults_to_weights_only() -> bool:
@@ -93,8 +99,8 @@ def resnet_backbone(arch: str, **settings) -> dict:
 
 
 def register_modules() -> None:
-    """mmseg's registry, ResNetTable, the original-size random rescale, the scenes dataset, the per-class IoU metric
-    and the weight-check hook."""
+    """mmseg's registry, ResNetTable, the original-size random rescale, the scenes dataset, the per-class IoU metric,
+    the weight-check hook, and the atomic checkpoint and torch RNG state hooks."""
     import numpy as np
     from mmengine.hooks import Hook
     from mmseg.datasets import PascalVOCDataset
@@ -162,6 +168,80 @@ def register_modules() -> None:
                                 f"{len(missing)} {missing[:4]}, not used {len(unused)} {unused[:4]}, not loaded "
                                 f"{len(differ)} {differ[:4]}")
 
+    from mmengine.dist import is_main_process
+    from mmengine.fileio import LocalBackend
+    from mmengine.hooks import CheckpointHook
+
+    @HOOKS.register_module(force=True)
+    class AtomicCheckpointHook(CheckpointHook):
+        """mmengine's CheckpointHook, safe against a kill at any moment (a preempted or requeued job).
+
+        mmengine removes the checkpoint beyond max_keep_ckpts first, then writes the new one in place, then
+        rewrites last_checkpoint in place: a kill in between leaves last_checkpoint naming a deleted or
+        half-written file, and the requeued run cannot resume. Here the new checkpoint is written under a
+        temporary name (.iter_N.pth.tmp), fsynced and renamed, then last_checkpoint is replaced atomically, and
+        only then are the old checkpoints removed. The checkpoint's content (message hub included) is mmengine's."""
+
+        def _save_checkpoint_with_step(self, runner, step, meta):
+            if not isinstance(self.file_backend, LocalBackend):
+                return super()._save_checkpoint_with_step(runner, step, meta)
+            from pretrain.io import atomic_write_bytes
+            stale = []
+            if self.max_keep_ckpts > 0 and not (self.keep_ckpt_ids and self.keep_ckpt_ids[-1] == step):
+                if len(self.keep_ckpt_ids) == self.max_keep_ckpts:
+                    stale.append(self.keep_ckpt_ids.popleft())
+                self.keep_ckpt_ids.append(step)
+                runner.message_hub.update_info("keep_ckpt_ids", list(self.keep_ckpt_ids))
+            filename = self.filename_tmpl.format(step)
+            self.last_ckpt = self.file_backend.join_path(self.out_dir, filename)
+            runner.message_hub.update_info("last_ckpt", self.last_ckpt)
+            partial = f".{filename}.tmp"
+            runner.save_checkpoint(self.out_dir, partial, self.file_client_args, save_optimizer=self.save_optimizer,
+                                   save_param_scheduler=self.save_param_scheduler, meta=meta, by_epoch=self.by_epoch,
+                                   backend_args=self.backend_args, **self.args)
+            if not is_main_process():  # rank 0 alone writes (Runner.save_checkpoint is master_only)
+                return
+            _durable_rename(Path(self.out_dir) / partial, Path(self.last_ckpt))
+            atomic_write_bytes(Path(runner.work_dir) / "last_checkpoint", str(self.last_ckpt).encode())
+            for old in stale:
+                (Path(self.out_dir) / self.filename_tmpl.format(old)).unlink(missing_ok=True)
+
+    @HOOKS.register_module(force=True)
+    class TorchRngStateHook(Hook):
+        """The torch generators' state in every checkpoint, restored on resume. mmengine seeds a run once, at its
+        start, and restores no generator: the head's dropout then draws other masks after a resume than the
+        uninterrupted run. numpy's and python's generators (the random rescale, crop and flip) need nothing: a
+        resumed IterBasedTrainLoop runs the data pipeline again for every iteration already trained, from the
+        same seed (tests/test_slurm_requeue_tasks.py: bitwise equal weights, num_workers 0). Restored after
+        mmengine's weight init, which also draws from torch."""
+
+        def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+            checkpoint["torch_rng_state"] = torch.get_rng_state()
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state()
+
+        def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+            if "torch_rng_state" in checkpoint:
+                torch.set_rng_state(checkpoint["torch_rng_state"].cpu())
+            if "cuda_rng_state" in checkpoint and torch.cuda.is_available():
+                torch.cuda.set_rng_state(checkpoint["cuda_rng_state"].cpu())
+
+
+def _durable_rename(source: Path, target: Path) -> None:
+    """fsync `source`, rename it over `target`, fsync the folder (pretrain.io's atomic write, for a file that
+    another library wrote)."""
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(source, target)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 def dataset_class(name: str):
     """A registered mmseg dataset class by name (after register_modules)."""
@@ -184,6 +264,15 @@ def train_and_evaluate(cfg_dict: dict, distributed: bool, gloo: bool) -> dict[st
         if distributed:  # DDP over CPU modules takes no device_ids
             cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
     cfg.resume = True  # picks up the latest checkpoint in work_dir, if any
+    work_dir = Path(cfg.work_dir)
+    from pretrain.distributed import detect
+    if detect().rank == 0:  # rank 0 alone writes checkpoints: a .tmp is a write that a killed run left half-done
+        for leftover in work_dir.glob(".*.tmp"):
+            log.info("mmseg: removing %s, left by an interrupted checkpoint write", leftover)
+            leftover.unlink(missing_ok=True)
+    last = work_dir / "last_checkpoint"
+    if last.exists():
+        log.info("mmseg: resumes from %s", last.read_text().strip())
     with trusting(cfg.work_dir):
         runner = Runner.from_cfg(cfg)
         runner.train()

@@ -246,6 +246,10 @@ def train_and_evaluate(config: Config, backbone, run_dir: Path, device, save: bo
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
     schedule = cosine_schedule(optimizer, config.steps)
     saved = Progress(run_dir / "depth_last.pt", "step", model=model, optimizer=optimizer, schedule=schedule)
+    if save:  # rank 0 alone writes it: a .tmp is a write (400 MB at ResNet-18) that a killed run left half-done
+        for leftover in run_dir.glob(".depth_last.pt.*.tmp"):
+            log.info("depth: removing %s, left by an interrupted checkpoint write", leftover)
+            leftover.unlink(missing_ok=True)
     step = saved.restore()
     if step:
         log.info("depth: resuming at step %d of %d", step, config.steps)

@@ -158,10 +158,12 @@ def mmseg_config(config: Config, backbone: Backbone, weights_file: Path, num_cla
         default_hooks=dict(timer=dict(type="IterTimerHook"),
                            logger=dict(type="LoggerHook", interval=s.log_interval, log_metric_by_epoch=False),
                            param_scheduler=dict(type="ParamSchedulerHook"),
-                           checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=s.checkpoint_interval,
-                                           max_keep_ckpts=1),
+                           # written atomically, so that a job killed at any moment resumes (mmseg_glue)
+                           checkpoint=dict(type="AtomicCheckpointHook", by_epoch=False,
+                                           interval=s.checkpoint_interval, max_keep_ckpts=1),
                            sampler_seed=dict(type="DistSamplerSeedHook")),
-        custom_hooks=[dict(type="BackboneLoadCheckHook", weights_file=str(weights_file))],
+        custom_hooks=[dict(type="BackboneLoadCheckHook", weights_file=str(weights_file)),
+                      dict(type="TorchRngStateHook")],  # dropout's generator, resumed with the checkpoint
         log_processor=dict(by_epoch=False),
         log_level="INFO",
         launcher="none",
@@ -251,8 +253,9 @@ def choose_lr(config: Config, train_one) -> tuple[float, dict[str, float]]:
                                                       "val_list": lists["heldout"],
                                                       "val_labels": str((folder / "heldout_labels").resolve())}})
         scores[f"{lr:g}"] = train_one(candidate)["mIoU"]
-        if detect().rank == 0:
-            result.write_text(json.dumps({"lr": lr, "mIoU": scores[f"{lr:g}"]}))
+        if detect().rank == 0:  # atomically: a rerun reads it back instead of training the candidate again
+            from pretrain.io import atomic_write_bytes
+            atomic_write_bytes(result, json.dumps({"lr": lr, "mIoU": scores[f"{lr:g}"]}).encode())
         log.info("segmentation: lr %g -> held-out mIoU %.2f", lr, scores[f"{lr:g}"])
     return max(config.schedule.lr_grid, key=lambda lr: scores[f"{lr:g}"]), scores
 

@@ -10,8 +10,9 @@ from slurm import commands as c
 # command -> (one-line help, add_arguments, run)
 COMMANDS = {
     "submit": ("run a step (pretrain, export, a transfer task) as a job", c.submit_arguments, c.run_submit),
-    "sweep": ("submit a job array over backbones x tasks x seeds", c.sweep_arguments, c.run_sweep),
-    "status": ("states of a sweep's jobs, with the log tail of failed ones", c.status_arguments, c.run_status),
+    "sweep": ("submit job arrays over backbones x tasks x seeds", c.sweep_arguments, c.run_sweep),
+    "status": ("states of a sweep's or a SLURM pipeline's jobs, with the log tail of failed ones", c.status_arguments,
+               c.run_status),
     "collect": ("gather a sweep's metrics.json files into one table", c.collect_arguments, c.run_collect),
     "pipeline": ("the main job: pretrain, export, every task vs random init, report", c.pipeline_arguments,
                  c.run_pipeline),

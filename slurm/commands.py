@@ -3,8 +3,11 @@ action)."""
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import tempfile
 import time
+from pathlib import Path
 
 # ------------------------------------------------------------------------------------------ submit
 # python -m slurm submit STEP [step arguments] [--executor FILE] [executor.KEY=VALUE] [--dry-run] [--wait|--no-wait]
@@ -52,19 +55,18 @@ def split_arguments(argv: list[str]) -> tuple[dict, list[str], list[str]]:
 
 def run_submit(args: argparse.Namespace) -> None:
     from pretrain.errors import UserError
-    from slurm.executor import build_executor, load_executor_config, report_failure, sbatch_script, step_command
+    from slurm.executor import build_executor, job_name, report_failure, sbatch_script, step_command, step_config
     from slurm.jobs import StepJob
     flags, executor_overrides, step_args = split_arguments(args.step_args)
-    config = load_executor_config(flags["executor"], executor_overrides)
+    config = step_config(flags["executor"], executor_overrides, args.step)  # refuses an unknown step
     job = StepJob(args.step, step_args, config.signal_delay_s)
     if flags["dry_run"]:
-        print(f"# {config.cluster} executor, {len(step_args)} step arguments; nothing submitted")
-        if config.cluster == "slurm":
-            print(sbatch_script(config, step_command(args.step, step_args)))
-        else:
-            print(f"python -m {' '.join(step_command(args.step, step_args))}")
+        command = step_command(args.step, step_args)
+        shown = (sbatch_script(config, command, name=job_name(config, args.step)) if config.cluster == "slurm"
+                 else f"python -m {shlex.join(command)}")
+        print(f"# {config.cluster} executor, {len(step_args)} step arguments; nothing submitted\n{shown}")
         return
-    executor = build_executor(config)
+    executor = build_executor(config, name=job_name(config, args.step))
     submitted = executor.submit(job)
     print(f"submitted {args.step} as job {submitted.job_id} ({config.cluster}); logs: {submitted.paths.stdout}")
     wait = flags["wait"] if flags["wait"] is not None else config.cluster != "slurm"
@@ -81,8 +83,8 @@ def run_submit(args: argparse.Namespace) -> None:
 # python -m slurm sweep --config SWEEP.yaml [--executor FILE] [executor.KEY=VALUE] [key=value] [--wait]
 
 SWEEP_EPILOG = """\
-A sweep file names backbones, tasks (task: config file), seeds and override sets; the sweep submits one job
-array over all combinations and writes RUN_ROOT/sweep.json. Then:
+A sweep file names backbones, tasks (task: config file), seeds and override sets; the sweep submits a job array
+per task and backbone over the rest (--dry-run prints their sbatch flags) and writes RUN_ROOT/sweep.json. Then:
   python -m slurm status RUN_ROOT      states, and for failed jobs their log and the end of their stderr
   python -m slurm collect RUN_ROOT     one table of every job's metrics.json (the transfer report)"""
 
@@ -105,8 +107,13 @@ def run_sweep(args: argparse.Namespace) -> None:
     config = load_config(sweep.SweepConfig, args.config, overrides)
     executor_config = load_executor_config(args.executor, executor_overrides)
     if args.dry_run:
-        for job in sweep.plan(config):
-            print(f"{job['task']:13s} seed {job['seed']}  {job['backbone']}  -> {job['run_dir']}")
+        from slurm.executor import job_name, sbatch_flags, show_flags
+        for key, step_config, jobs in sweep.batches(config, executor_config):
+            if executor_config.cluster == "slurm":  # what sweep.submit sends, from the same executor
+                flags = sbatch_flags(step_config, len(jobs), Path(config.run_root) / "jobs", job_name(step_config, key))
+                print(f"{key}: sbatch {show_flags(flags)}")
+            for job in jobs:
+                print(f"{job['task']:13s} seed {job['seed']}  {job['backbone']}  -> {job['run_dir']}")
         return
     jobs = sweep.submit(config, executor_config)
     print(f"submitted {len(jobs)} jobs ({executor_config.cluster}); manifest {config.run_root}/sweep.json")
@@ -150,12 +157,17 @@ def print_graph_status(root: str) -> int:
 
 
 def run_status(args: argparse.Namespace) -> None:
-    from pathlib import Path
+    from pretrain.errors import UserError
     from slurm import graph
-    if (Path(args.run_root) / graph.MANIFEST).exists():
+    root = Path(args.run_root)
+    if (root / graph.MANIFEST).exists():
         print_graph_status(args.run_root)
-    else:
+    elif (root / "sweep.json").exists():
         print_status(args.run_root)
+    else:
+        raise UserError(f"{root} is not a submitted run: it holds neither {graph.MANIFEST} (a pipeline or evaluation "
+                        "submitted to SLURM) nor sweep.json (a sweep); pass the root the submission printed (a local "
+                        "pipeline keeps no manifest: its steps ran in order, see ROOT/report)")
 
 
 # ------------------------------------------------------------------------------------------ collect
@@ -179,20 +191,47 @@ def run_collect(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------ local_cluster
-# python -m slurm local-cluster: start a one-node SLURM cluster here and keep it up until Ctrl-C.
+# python -m slurm local-cluster: start a one-node SLURM cluster here and keep it up until SIGINT (Ctrl-C) or
+# SIGTERM, which stop its daemons too.
 
 def local_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", help="folder for its config, state and logs (default: a new temp dir)")
     parser.add_argument("--cpus", type=int, help="CPUs the node offers (default: all)")
 
 
+class Stop(Exception):
+    """SIGINT or SIGTERM reached `local-cluster`: stop the cluster, then exit 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_on_signals() -> None:
+    """SIGINT and SIGTERM raise Stop, once: the clean-up that follows runs to its end. Installed explicitly: a
+    job started in the background of a non-interactive shell (`cmd &`) inherits SIGINT ignored, and SIGTERM's
+    default would kill this process and leave its daemons running."""
+    def handler(signum, frame):
+        for each in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(each, signal.SIG_IGN)
+        raise Stop(signum)
+    for each in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(each, handler)
+
+
 def run_local_cluster(args: argparse.Namespace) -> None:
     from slurm.local_cluster import LocalSlurmCluster
     cluster = LocalSlurmCluster(args.dir or tempfile.mkdtemp(prefix="slurm-"), cpus=args.cpus)
-    with cluster:
-        print(f"cluster up; in another shell: export SLURM_CONF={cluster.conf}   (Ctrl-C stops it)", flush=True)
-        while True:
-            time.sleep(3600)
+    stop_on_signals()
+    try:
+        with cluster:  # stops the daemons it started, also when a signal comes while it starts them
+            print(f"cluster up; in another shell: export SLURM_CONF={cluster.conf}   (Ctrl-C or SIGTERM stops it)",
+                  flush=True)
+            while True:
+                time.sleep(3600)
+    except Stop as stop:
+        print(f"{stop}: cluster in {cluster.dir} stopped", flush=True)
+        raise SystemExit(128 + stop.signum) from None
 
 
 # ------------------------------------------------------------------------------------------ pipeline

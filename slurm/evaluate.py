@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.checks import NON_NEGATIVE, Rule, checked, each, existing_file, one_of
+from pretrain.checks import Rule, checked, existing_file, one_of
 from pretrain.errors import UserError
 from slurm.pipeline import TASK_FILES, TASK_OVERRIDES, run_graph
+from slurm.sweep import SEEDS
 from transfer import WEIGHTS
 
 
@@ -26,7 +27,7 @@ class EvaluateConfig:
                                        lambda v: isinstance(v, list) and v and all(isinstance(b, str) for b in v)))
     tasks: dict = checked({}, TASK_FILES)                # task -> config file
     task_overrides: dict = checked({}, TASK_OVERRIDES)  # task -> [key=value, ...]
-    seeds: list = checked([0], each(NON_NEGATIVE))
+    seeds: list = checked([0], SEEDS)
     weights: str = checked("ema", one_of(*WEIGHTS))
     baseline: str = ""                                   # the backbone name every other is compared with; "": random init
 

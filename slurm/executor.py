@@ -1,22 +1,24 @@
-"""The executor config (configs/slurm/*.yaml), the submitit executor it builds, the sbatch script it would
-submit (dry runs) and a failed job's log tail.
+"""The executor config (configs/slurm/*.yaml), the submitit executor it builds, the sbatch script it submits
+(shown by dry runs), job names and a failed job's log tail.
 
 One config serves every step of a pipeline: its top-level keys are the defaults, and `profiles` gives each step
 (pretrain, export, verify, scenes, each transfer task, report) its own resources over them, e.g.
 
     profiles:
-      pretrain: {nodes: 4, gpus_per_node: 8, tasks_per_node: 8, timeout_min: 4320}
+      pretrain: {nodes: 4, gpus_per_node: 8, tasks_per_node: 8, timeout_min: 1440, max_num_timeout: 3}
       export: {gpus_per_node: 0, tasks_per_node: 1, cpus_per_task: 8, mem_gb: 32, timeout_min: 60}
 
-`for_step(config, step)` is the config a step's job gets.
+`for_step(config, step)` is the config a step's job gets; every profile is checked when the file loads.
+`build_executor` is the one place a job's parameters are set (its name, dependencies, resources): submissions use
+it, and dry runs render the sbatch script of the same executor (`sbatch_script`, `sbatch_flags`), so a dry run
+prints what is submitted.
 """
 from __future__ import annotations
 
 import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from pretrain.checks import NON_NEGATIVE, POSITIVE_INT, Rule, checked, greater_than, one_of, optional
 
@@ -34,8 +36,25 @@ def profile_steps() -> tuple[str, ...]:
 
 
 def _profiles(value) -> bool:
-    return (isinstance(value, dict) and all(step in profile_steps() for step in value)
-            and all(isinstance(p, dict) and set(p) <= set(PROFILE_KEYS) for p in value.values()))
+    """True for a mapping of steps to mappings of profile keys; a bad entry raises a UserError naming it (the
+    step or key that is wrong and the closest right one), which the config check prints as its one line."""
+    from pretrain.config import closest_key
+    from pretrain.errors import UserError
+    if not isinstance(value, dict):
+        return False
+    steps = profile_steps()
+    for step, profile in value.items():
+        if step not in steps:
+            raise UserError(f"config key 'profiles' has a profile for '{step}', which is no step; did you mean "
+                            f"'{closest_key(str(step), steps)}'? (steps: {', '.join(steps)})")
+        if not isinstance(profile, dict):
+            raise UserError(f"config key 'profiles.{step}' is {profile!r}; it must be a mapping of "
+                            f"{', '.join(PROFILE_KEYS)}")
+        unknown = sorted(set(profile) - set(PROFILE_KEYS), key=str)
+        if unknown:
+            raise UserError(f"config key 'profiles.{step}' has the unknown key '{unknown[0]}'; did you mean "
+                            f"'{closest_key(str(unknown[0]), PROFILE_KEYS)}'? (a profile sets {', '.join(PROFILE_KEYS)})")
+    return True
 
 
 PROFILES = Rule("a mapping of steps (pretrain, export, verify, scenes, report, or a task) to mappings of "
@@ -79,63 +98,126 @@ def for_step(config, step: str):
     try:
         merged = OmegaConf.merge(config, profile)
         check_config(merged, ExecutorConfig)
-    except (UserError, OmegaConfBaseException) as error:
-        message = str(error).splitlines()[0].removeprefix("error: ")
-        raise UserError(f"executor profile '{step}': {message}") from None
+        check_signal_delay(merged)
+    except UserError as error:
+        raise UserError(f"executor profile '{step}': {error}") from None
+    except OmegaConfBaseException as error:  # a value of the wrong type
+        key = getattr(error, "full_key", None) or getattr(error, "key", None) or "?"
+        raise UserError(f"executor profile '{step}': config key '{key}' has the wrong type: "
+                        f"{str(error).splitlines()[0]}") from None
     return merged
 
 
-def slurm_parameters(config: ExecutorConfig) -> dict:
-    """submitit's slurm_* parameters for this config."""
+def check_signal_delay(config) -> None:
+    """SIGUSR2 (checkpoint + requeue) must come after the job starts: signal_delay_s below the time limit."""
+    from pretrain.errors import UserError
+    if config.signal_delay_s >= config.timeout_min * 60:
+        raise UserError(f"config key 'signal_delay_s' is {config.signal_delay_s}; it must be below the time limit "
+                        f"(timeout_min={config.timeout_min}: {config.timeout_min * 60} s), or the job is signalled to "
+                        "requeue as soon as it starts")
+
+
+def load_executor_config(path: str, overrides: list[str]):
+    """The executor config of a file with key=value overrides; the defaults and every profile are checked."""
+    from pretrain.config import load_config
+    config = load_config(ExecutorConfig, path, overrides)
+    check_signal_delay(config)
+    for step in config.profiles or {}:
+        for_step(config, step)
+    return config
+
+
+def step_config(path: str, overrides: list[str], step: str):
+    """The config of one job of `step` from the command line: the file's defaults, the step's profile over them,
+    then the command line's overrides over both (`slurm submit pretrain ... executor.nodes=2` gets 2 nodes
+    whatever the pretrain profile says)."""
+    from omegaconf import OmegaConf
+    config = for_step(load_executor_config(path, overrides), step)
+    for override in overrides:  # checked when the file loaded
+        config = OmegaConf.merge(config, OmegaConf.from_dotlist([override]))
+    from pretrain.checks import check_config
+    check_config(config, ExecutorConfig)
+    check_signal_delay(config)
+    return config
+
+
+MAX_JOB_NAME = 1024  # sbatch refuses a longer --job-name (Slurm 22.05)
+
+
+def job_name(config, label: str = "") -> str:
+    """The job's name in squeue / sacct: the executor's name, then what the job runs (a step, a graph node or a
+    group of them), e.g. ssl-hsic:pretrain, ssl-hsic:linear/pretrained, ssl-hsic:segmentation/random-resnet18/seed0."""
+    name = f"{config.name}:{label}" if label else str(config.name)
+    return name[:MAX_JOB_NAME]
+
+
+def slurm_parameters(config: ExecutorConfig, after: Sequence[str] = ()) -> dict:
+    """submitit's slurm_* parameters for this config; `after`: the job ids it waits for (afterok)."""
+    additional = dict(config.additional)
+    if after:
+        additional["dependency"] = "afterok:" + ":".join(after)
     params = dict(slurm_partition=config.partition, nodes=config.nodes, gpus_per_node=config.gpus_per_node or None,
                   tasks_per_node=config.tasks_per_node, cpus_per_task=config.cpus_per_task,
                   slurm_account=config.account, slurm_qos=config.qos, slurm_constraint=config.constraint,
                   slurm_signal_delay_s=config.signal_delay_s,
                   slurm_array_parallelism=config.array_parallelism,
-                  slurm_additional_parameters=dict(config.additional) or None, slurm_setup=list(config.setup) or None)
+                  slurm_additional_parameters=additional or None, slurm_setup=list(config.setup) or None)
     if config.mem_gb:
         params["mem_gb"] = config.mem_gb
     return {k: v for k, v in params.items() if v is not None}
 
 
-def build_executor(config: ExecutorConfig, folder: str | Path | None = None):
+def build_executor(config: ExecutorConfig, folder: str | Path | None = None, name: str | None = None,
+                   after: Sequence[str] = ()):
+    """The submitit executor of one job, or of one job array (several submissions in `executor.batch()`):
+    named `name` (default: the config's name), waiting on SLURM for the jobs `after` to succeed. Submissions and
+    dry runs (`sbatch_script`) both build it here, so a dry run prints what is submitted."""
+    import shutil
+
     import submitit
+    if config.cluster == "slurm" and shutil.which("srun") is None:  # submitit's own check, as one line
+        from pretrain.errors import UserError
+        raise UserError("cluster: slurm needs SLURM's commands (srun, sbatch) on PATH; run this on a SLURM login "
+                        "node, or set cluster: local")
     extra = {"slurm_max_num_timeout": config.max_num_timeout} if config.cluster == "slurm" else {}
     executor = submitit.AutoExecutor(folder=str(folder or config.folder), cluster=config.cluster, **extra)
-    executor.update_parameters(name=config.name, timeout_min=config.timeout_min)
+    executor.update_parameters(name=name or config.name, timeout_min=config.timeout_min)
     if config.cluster == "slurm":
-        executor.update_parameters(**slurm_parameters(config))
+        executor.update_parameters(**slurm_parameters(config, after))
     return executor
 
 
-def sbatch_script(config: ExecutorConfig, argv: list[str]) -> str:
-    """The sbatch script submitit would write for a job running `argv` (shown by --dry-run)."""
-    executor = build_executor(config)
-    command = f"{sys.executable} -u -m submitit.core._submit '{config.folder}'"
-    text = executor._executor._make_submission_file_text(command, "DRYRUN")
+def sbatch_script(config: ExecutorConfig, argv: list[str], count: int = 1, folder: str | Path | None = None,
+                  name: str | None = None, after: Sequence[str] = ()) -> str:
+    """The sbatch script submitit writes for a job running `argv`, or for a job array of `count` tasks (submitit
+    adds --array=0-<count - 1>%<parallelism> when one batch holds several jobs): what a dry run shows."""
+    from submitit.slurm.slurm import _make_sbatch_string
+    slurm = build_executor(config, folder, name, after)._executor
+    parameters = dict(slurm.parameters, **({"map_count": count} if count > 1 else {}))
+    text = _make_sbatch_string(command=slurm._submitit_command_str, folder=slurm.folder, **parameters)
     return text + f"\n# inside that job, submitit runs: python -m {shlex.join(argv)}\n"
 
 
-def load_executor_config(path: str, overrides: list[str]):
-    from pretrain.config import load_config
-    return load_config(ExecutorConfig, path, overrides)
+def sbatch_flags(config: ExecutorConfig, count: int = 1, folder: str | Path | None = None, name: str | None = None,
+                 after: Sequence[str] = ()) -> list[str]:
+    """The flags of `sbatch_script`'s #SBATCH lines, unquoted: what sbatch reads, e.g. --time=1440."""
+    script = sbatch_script(config, [], count, folder, name, after)
+    return [shlex.split(line)[1] for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
+def show_flags(flags: list[str]) -> str:
+    """The flags on one line as a person reads them: quoted only where a value has a space."""
+    return " ".join(flag if not any(c.isspace() for c in flag) else shlex.quote(flag) for flag in flags)
 
 
 def step_command(step: str, argv: list[str]) -> list[str]:
-    """The `python -m` arguments of a step: pretrain, or a transfer command."""
-    return ["pretrain", *argv] if step == "pretrain" else ["transfer", step, *argv]
-
-
-def describe(config: ExecutorConfig, name: str, step: str, argv: list[str]) -> str:
-    """What a dry run prints for one job: its sbatch flags on SLURM, then its command line."""
-    command = step_command(step, argv)
-    lines = []
-    if config.cluster == "slurm":
-        flags = [line.split(" ", 1)[1] for line in sbatch_script(config, command).splitlines()
-                 if line.startswith("#SBATCH")]
-        lines.append(f"{name}: sbatch {' '.join(flags)}")
-    lines.append(f"{name}: python -m {shlex.join(command)}")
-    return "\n".join(lines)
+    """The `python -m` arguments that run a step as its job does (slurm.jobs.StepJob): pretrain, the supervised
+    control (pretrain.supervised), or a transfer command."""
+    if step == "pretrain":
+        return ["pretrain", *argv]
+    if step == "supervised":
+        return ["pretrain.supervised", *argv]
+    return ["transfer", step, *argv]
 
 
 def report_failure(job) -> str:

@@ -1,9 +1,11 @@
 """A dependency graph of step jobs, submitted to SLURM at once, and its state.
 
 Each node is a step (pretrain, export, a task run, the report...) with the file that marks it done and the nodes
-it needs. `submit` sends every node that is not done as an sbatch job with `--dependency=afterok:<ids of what it
-needs>`, the nodes of one group (a task on one backbone over seeds) as one job array, and writes the manifest
-ROOT/pipeline.json; nothing stays running on the login node. SLURM starts each job when its inputs exist; a job
+it needs. `plan` decides what a submission sends and `submit` sends it: every node that is not done as an sbatch
+job with `--dependency=afterok:<ids of what it needs>` (a job array's id when it needs all of that array), the nodes
+of one group (a task on one backbone over seeds) as one job array, each named after what it runs
+(ssl-hsic:linear/pretrained), and writes the manifest ROOT/pipeline.json; nothing stays running on the login node.
+A dry run prints the same plan, with {name} where the ids will be. SLURM starts each job when its inputs exist; a job
 whose input failed stays pending for ever (reason DependencyNeverSatisfied).
 
 `states` reads the manifest, the done markers, submitit's result files and `squeue`: DONE, FAILED (with its
@@ -18,6 +20,7 @@ import pickle
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pretrain.errors import UserError
 from pretrain.io import atomic_write_bytes
@@ -120,7 +123,11 @@ def load(root: str | Path) -> list[Node]:
     path = Path(root) / MANIFEST
     if not path.exists():
         raise UserError(f"{path} does not exist: pass the root of a pipeline submitted to SLURM")
-    return [Node(**entry) for entry in json.loads(path.read_text())["jobs"]]
+    try:
+        return [Node(**entry) for entry in json.loads(path.read_text())["jobs"]]
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{path} is not a pipeline manifest ({type(error).__name__}: {error}); resubmit the "
+                        "pipeline to write it again") from None
 
 
 def _save(root: Path, nodes: list[Node]) -> None:
@@ -136,10 +143,28 @@ def check_partitions(configs) -> None:
                             "partitions); set executor.partition or the step's profile")
 
 
-def submit(nodes: list[Node], executor_config, root: str | Path, signal_delay_s: float | None = None) -> list[Node]:
-    """Submit what is not done (see the module docstring); write and return the manifest's nodes."""
-    from slurm.executor import build_executor, for_step
-    from slurm.jobs import StepJob
+@dataclass
+class Batch:
+    """One sbatch call of a submission: a job, or a job array over the nodes of one group."""
+    key: str                  # the group (a job array), or the node's name (one job): the job is named after it
+    nodes: list[Node]
+    config: Any               # the step's executor config (slurm.executor.for_step)
+    folder: Path
+    after: list[str] = field(default_factory=list)   # keys of batches before it, or names of queued nodes
+    cancel: list[str] = field(default_factory=list)  # queued jobs of these nodes that it replaces
+
+    @property
+    def name(self) -> str:
+        from slurm.executor import job_name
+        return job_name(self.config, self.key)
+
+
+def plan(nodes: list[Node], executor_config, root: str | Path) -> tuple[list[Batch], dict[str, tuple[str, str]]]:
+    """What `submit` sends, in order, and every node's state before it: the nodes that are neither done nor
+    kept (pending or running on live inputs) as one job, or one job array per group, each waiting for the batches
+    and queued nodes it needs. Reads the manifest and the queue of a previous submission; submits nothing, so a dry
+    run prints the same plan."""
+    from slurm.executor import for_step
     root = Path(root)
     previous = {n.name: n for n in load(root)} if (root / MANIFEST).exists() else {}
     for node in nodes:
@@ -147,37 +172,56 @@ def submit(nodes: list[Node], executor_config, root: str | Path, signal_delay_s:
             node.job_id, node.folder = previous[node.name].job_id, previous[node.name].folder
     current = states(nodes)
     configs = {node.step: for_step(executor_config, node.step) for node in nodes}
-    check_partitions(configs.values())
-    by_name = {n.name: n for n in nodes}
-    resubmitted: set[str] = set()
     groups: dict[str, list[Node]] = {}  # in the plan's order: what a node needs comes before it
     for node in nodes:
         groups.setdefault(node.group or node.name, []).append(node)
-    for group in groups.values():
-        todo = []
+    batches: list[Batch] = []
+    batch_of: dict[str, Batch] = {}     # node name -> the batch that submits it now
+    for key, group in groups.items():
+        todo, cancel = [], []
         for node in group:
             state, _ = current[node.name]
-            keep = state == "DONE" or (state in LIVE and not (set(node.needs) & resubmitted))
+            keep = state == "DONE" or (state in LIVE and not (set(node.needs) & set(batch_of)))
             if not keep:
                 if node.job_id and (state in LIVE or state == "NEVER"):  # still queued: replace it
-                    subprocess.run(["scancel", node.job_id], capture_output=True)
+                    cancel.append(node.job_id)
                 todo.append(node)
         if not todo:
             continue
-        needs = sorted({need for node in todo for need in node.needs})
-        waits = [by_name[n].job_id for n in needs if current[n][0] != "DONE" or n in resubmitted]
-        config = configs[todo[0].step]
-        folder = root / "jobs" / todo[0].step
-        executor = build_executor(config, folder=folder)
-        if waits:
-            executor.update_parameters(slurm_additional_parameters={**dict(config.additional),
-                                                                    "dependency": "afterok:" + ":".join(waits)})
-        delay = signal_delay_s if signal_delay_s is not None else config.signal_delay_s
+        waits = {need for node in todo for need in node.needs if current[need][0] != "DONE" or need in batch_of}
+        after = []
+        for other in batches:  # a batch of this submission whose nodes are all needed: its (array) job id
+            names = {n.name for n in other.nodes}
+            if names <= waits:
+                after.append(other.key)
+                waits -= names
+        after += [node.name for node in nodes if node.name in waits]  # single nodes: queued before, or in a batch
+        batch = Batch(key if len(todo) > 1 else todo[0].name, todo, configs[todo[0].step],
+                      root / "jobs" / todo[0].step, after, cancel)
+        batches.append(batch)
+        batch_of.update((node.name, batch) for node in todo)
+    return batches, current
+
+
+def submit(nodes: list[Node], executor_config, root: str | Path, signal_delay_s: float | None = None) -> list[Node]:
+    """Submit what is not done (see the module docstring and `plan`); write and return the manifest's nodes."""
+    from slurm.executor import build_executor
+    from slurm.jobs import StepJob
+    root = Path(root)
+    batches, _ = plan(nodes, executor_config, root)
+    check_partitions([batch.config for batch in batches])
+    ids = {node.name: node.job_id for node in nodes if node.job_id}  # what `after` names -> job ids
+    for batch in batches:
+        for job_id in batch.cancel:
+            subprocess.run(["scancel", job_id], capture_output=True)
+        executor = build_executor(batch.config, folder=batch.folder, name=batch.name,
+                                  after=[ids[ref] for ref in batch.after])
+        delay = signal_delay_s if signal_delay_s is not None else batch.config.signal_delay_s
         with executor.batch():
-            handles = [executor.submit(StepJob(node.step, node.argv, delay)) for node in todo]
-        for node, handle in zip(todo, handles):
-            node.job_id, node.folder = str(handle.job_id), str(folder)
-            resubmitted.add(node.name)
-            current[node.name] = ("PENDING", "")
+            handles = [executor.submit(StepJob(node.step, node.argv, delay)) for node in batch.nodes]
+        for node, handle in zip(batch.nodes, handles):
+            node.job_id, node.folder = str(handle.job_id), str(batch.folder)
+            ids[node.name] = node.job_id
+        ids[batch.key] = node.job_id.split("_")[0]  # a job array's id: afterok on it waits for all its tasks
     _save(root, nodes)
     return nodes

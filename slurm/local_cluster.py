@@ -5,6 +5,9 @@ directory, so it touches no system SLURM. The tests start one per session; a per
 
     python -m slurm local-cluster --dir /tmp/cluster       # starts it, prints `export SLURM_CONF=...`
 
+SIGINT (Ctrl-C) or SIGTERM stops it with its daemons (also when it runs in the background, `... &`); SIGKILL
+cannot be caught and leaves them running (find them by the folder: pgrep -af DIR).
+
 Clients (sbatch, squeue, submitit) reach it through the SLURM_CONF environment variable.
 """
 from __future__ import annotations
@@ -115,9 +118,9 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
 
     def _spawn(self, argv: list[str]) -> None:
         name = argv[0]
-        out = open(self.dir / "log" / f"{name}.stdout", "ab")
-        self._processes.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                                env=self.env, start_new_session=True))
+        with open(self.dir / "log" / f"{name}.stdout", "ab") as out:
+            self._processes.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                                    start_new_session=True))
 
     def _wait(self, ready, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
@@ -172,7 +175,11 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
         self._processes.clear()
 
     def __enter__(self) -> "LocalSlurmCluster":
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # a failed or interrupted start leaves no daemon behind
+            self.stop()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.stop()

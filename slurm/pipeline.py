@@ -14,12 +14,14 @@ column, so its interval spans the pretraining's seed-to-seed spread, not only th
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.checks import NON_NEGATIVE, Rule, checked, each, existing_file, one_of
+from pretrain.checks import Rule, checked, existing_file, one_of
 from pretrain.errors import UserError
+from slurm.sweep import SEEDS
 from transfer.tasks import TASKS, task_of
 
 
@@ -56,7 +58,7 @@ class PipelineConfig:
         "classify/digits": "configs/transfer/classify_digits.yaml"},
         TASK_FILES)
     task_overrides: dict = checked({}, TASK_OVERRIDES)      # task -> [key=value, ...]
-    seeds: list = checked([0], each(NON_NEGATIVE))
+    seeds: list = checked([0], SEEDS)
     weights: str = checked("ema", one_of("ema", "online", "target", "student", "teacher"))  # which network the tasks evaluate
     use_scenes: bool = True                               # generate scenes and point the dense tasks at them
     supervised: bool = True                               # the positive control: the network trained on the labels
@@ -191,14 +193,16 @@ class Pipeline:
 
 def run_job(node, executor_config, label: str, timings: dict) -> None:
     """Run one step as a job here and wait for it; skip it when it is done."""
-    from slurm.executor import build_executor, report_failure
+    from slurm.executor import build_executor, for_step, job_name, report_failure
     from slurm.jobs import StepJob
     if node.is_done:
         print(f"[{label}] {node.name}: done before, skipped")
         return
     started = time.time()
-    job = build_executor(executor_config).submit(StepJob(node.step, node.argv, executor_config.signal_delay_s))
-    print(f"[{label}] {node.name}: job {job.job_id} ({executor_config.cluster})", flush=True)
+    config = for_step(executor_config, node.step)  # the step's own profile (its time limit) here too
+    job = build_executor(config, name=job_name(config, node.name)).submit(StepJob(node.step, node.argv,
+                                                                                  config.signal_delay_s))
+    print(f"[{label}] {node.name}: job {job.job_id} ({config.cluster})", flush=True)
     try:
         job.result()
     except Exception:
@@ -207,13 +211,35 @@ def run_job(node, executor_config, label: str, timings: dict) -> None:
     print(f"[{label}] {node.name}: finished in {timings[node.name]:.0f} s", flush=True)
 
 
-def describe_graph(nodes, executor_config, label: str) -> None:
-    """The dry run: each job, what it waits for, its resources on SLURM and its command line."""
-    from slurm.executor import describe, for_step
+def describe_graph(nodes, executor_config, root: Path, label: str) -> None:
+    """The dry run: what a run would do, job by job. On SLURM, each job or job array's sbatch flags as
+    slurm.graph.submit sends them (the same plan and the same executor), with the jobs it waits for as
+    {name} where their ids will be (--dependency=afterok:{pretrain}:{verify}), then each task's command line;
+    locally, each step's command in the order they run."""
+    from slurm.executor import sbatch_flags, show_flags, step_command
+    if executor_config.cluster == "slurm":
+        from slurm.graph import plan
+        batches, current = plan(nodes, executor_config, root)
+        submitted = {node.name for batch in batches for node in batch.nodes}
+        for node in nodes:
+            if node.name not in submitted:
+                state, _ = current[node.name]
+                print(f"[{label}] {node.name}: {state}" + (f" (job {node.job_id})" if state != "DONE" else "")
+                      + ", not submitted again")
+        for batch in batches:
+            flags = sbatch_flags(batch.config, len(batch.nodes), batch.folder, batch.name,
+                                 ["{" + ref + "}" for ref in batch.after])
+            print(f"[{label}] {batch.key}: sbatch {show_flags(flags)}")
+            for index, node in enumerate(batch.nodes):
+                task = f" (array task {index})" if len(batch.nodes) > 1 else ""
+                print(f"[{label}] {node.name}{task}: python -m {shlex.join(step_command(node.step, node.argv))}")
+        return
     for node in nodes:
+        if node.is_done:
+            print(f"[{label}] {node.name}: done before, skipped")
+            continue
         print(f"[{label}] {node.name}: after {', '.join(node.needs) or 'nothing'}")
-        for line in describe(for_step(executor_config, node.step), node.name, node.step, node.argv).splitlines():
-            print(f"[{label}] {line}")
+        print(f"[{label}] {node.name}: python -m {shlex.join(step_command(node.step, node.argv))}")
 
 
 def run_graph(nodes, executor_config, root: Path, dry_run: bool, label: str, report_dirs: list[str],
@@ -221,7 +247,7 @@ def run_graph(nodes, executor_config, root: Path, dry_run: bool, label: str, rep
     """Print the graph (dry run), submit it to SLURM as one dependency graph and return, or run its steps here
     one after another (the last node is the report, built in this process) and return the report."""
     if dry_run:
-        describe_graph(nodes, executor_config, label)
+        describe_graph(nodes, executor_config, root, label)
         return {}
     if executor_config.cluster == "slurm":
         from slurm import graph

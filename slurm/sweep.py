@@ -1,4 +1,5 @@
-"""Sweeps: a job array over backbones x tasks x seeds (x override sets), its manifest, status and results.
+"""Sweeps: backbones x tasks x seeds (x override sets) as job arrays (one per task and backbone, sized by the
+task's profile and named after it: ssl-hsic:knn/random-resnet18), the manifest, status and results.
 
 The manifest RUN_ROOT/sweep.json lists every job: task, backbone, seed, overrides, run dir, job id, and the
 executor folder; `status` and `collect` read nothing else.
@@ -10,6 +11,7 @@ import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pretrain.checks import NON_NEGATIVE, Rule, checked, each
 from pretrain.errors import UserError
@@ -21,13 +23,29 @@ def _known_tasks(value) -> bool:
     return isinstance(value, dict) and all(task_of(key) for key in value)
 
 
+def _distinct_seeds(value) -> bool:
+    """A non-empty list of integers >= 0, each once; a repeated seed raises a UserError naming it (it would plan
+    the same runs twice, into one run dir)."""
+    if not each(NON_NEGATIVE).test(value):
+        return False
+    repeated = next((seed for seed in value if value.count(seed) > 1), None)
+    if repeated is not None:
+        distinct = list(dict.fromkeys(value))
+        raise UserError(f"config key 'seeds' is {value}; seed {repeated} appears {value.count(repeated)} times: "
+                        f"list each seed once, e.g. {distinct}")
+    return True
+
+
+SEEDS = Rule("a list of distinct integers >= 0", _distinct_seeds)
+
+
 @dataclass
 class SweepConfig:
     run_root: str = "runs/sweep"
     backbones: list = checked([], Rule("a list of [NAME=]checkpoint paths or [NAME=]random:ARCH",
                                        lambda v: isinstance(v, list) and all(isinstance(b, str) for b in v)))
     tasks: dict = checked({}, Rule("a mapping of registered tasks (or TASK/LABEL) to config files", _known_tasks))
-    seeds: list = checked([0], each(NON_NEGATIVE))
+    seeds: list = checked([0], SEEDS)
     overrides: list = checked([[]], Rule("a list of override lists, e.g. [[], [linear.lr=0.1]]",
                                          lambda v: isinstance(v, list) and v and all(isinstance(o, list) for o in v)))
 
@@ -54,20 +72,34 @@ def plan(config: SweepConfig) -> list[dict]:
         run_dir = Path(config.run_root) / task / split_named(backbone)[0] / f"seed{seed}{suffix}"
         argv = ["--backbone", backbone, "--config", task_config, f"run_dir={run_dir}", f"seed={seed}", *overrides]
         jobs.append({"task": task_of(task), "backbone": backbone, "seed": seed, "overrides": list(overrides),
-                     "run_dir": str(run_dir), "argv": argv})
+                     "run_dir": str(run_dir), "argv": argv, "group": f"{task}/{split_named(backbone)[0]}"})
     return jobs
 
 
+def batches(config: SweepConfig, executor_config) -> list[tuple[str, Any, list[dict]]]:
+    """The sweep's sbatch calls: (key, the task's executor config, jobs), one job array per task and backbone over
+    its seeds and override sets, sized by the task's profile and named after the key (ssl-hsic:knn/random-resnet18)."""
+    from slurm.executor import for_step
+    groups: dict[str, list[dict]] = {}
+    for job in plan(config):
+        groups.setdefault(job["group"], []).append(job)
+    return [(key if len(jobs) > 1 else Path(jobs[0]["run_dir"]).relative_to(config.run_root).as_posix(),
+             for_step(executor_config, jobs[0]["task"]), jobs) for key, jobs in groups.items()]
+
+
 def submit(config: SweepConfig, executor_config) -> list[dict]:
-    from slurm.executor import build_executor
+    from slurm.executor import build_executor, job_name
     from slurm.jobs import StepJob
-    jobs = plan(config)
     root = Path(config.run_root)
-    executor = build_executor(executor_config, folder=root / "jobs")
-    with executor.batch():
-        submitted = [executor.submit(StepJob(job["task"], job["argv"], executor_config.signal_delay_s)) for job in jobs]
-    for job, handle in zip(jobs, submitted):
-        job.update(job_id=str(handle.job_id), folder=str(root / "jobs"), cluster=executor_config.cluster)
+    jobs = []
+    for key, step_config, group in batches(config, executor_config):
+        executor = build_executor(step_config, folder=root / "jobs", name=job_name(step_config, key))
+        with executor.batch():
+            submitted = [executor.submit(StepJob(job["task"], job["argv"], step_config.signal_delay_s))
+                         for job in group]
+        for job, handle in zip(group, submitted):
+            job.update(job_id=str(handle.job_id), folder=str(root / "jobs"), cluster=executor_config.cluster)
+        jobs += group
     atomic_write_bytes(root / "sweep.json", json.dumps({"jobs": jobs}, indent=2).encode())
     return jobs
 
@@ -76,7 +108,14 @@ def load_manifest(run_root: str | Path) -> list[dict]:
     path = Path(run_root) / "sweep.json"
     if not path.exists():
         raise UserError(f"{path} does not exist: pass the run_root of a submitted sweep")
-    return json.loads(path.read_text())["jobs"]
+    try:
+        jobs = json.loads(path.read_text())["jobs"]
+        if not all(isinstance(job, dict) and {"task", "run_dir", "job_id", "folder"} <= set(job) for job in jobs):
+            raise ValueError("a job lacks task, run_dir, job_id or folder")
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{path} is not a sweep manifest ({type(error).__name__}: {error}); resubmit the sweep to "
+                        "write it again") from None
+    return jobs
 
 
 def job_state(job: dict) -> tuple[str, str]:

@@ -1,4 +1,10 @@
-"""SLURM dispatch on the real one-node cluster: requeue on timeout, failures, sweeps, distributed init."""
+"""SLURM dispatch on the real one-node cluster: requeue on timeout, failures, sweeps, distributed init; dry runs."""
+import contextlib
+import io
+import json
+import re
+import runpy
+import sys
 import time
 
 import pytest
@@ -79,6 +85,12 @@ def test_failed_job_is_reported_with_its_log_tail(slurm_cluster, tmp_path):
     last = result.stderr.strip().splitlines()[-1]  # (sacct's complaints come before: no accounting here)
     assert last.startswith("error: job ") and " failed; log " in last and "_log.err" in last
     assert f"linear failed: checkpoint {tmp_path / 'missing.pth'} does not exist" in last  # the job's stderr
+    job_id = last.split("error: job ")[1].split()[0]
+    assert job_name_in_slurm(slurm_cluster, job_id) == "ssl-hsic:linear"  # squeue / sacct show the step
+
+
+def job_name_in_slurm(cluster, job_id: str) -> str:
+    return re.search(r"JobName=(\S+)", cluster.scontrol("show", "job", job_id).stdout)[1]
 
 
 def test_sweep_2x2_runs_and_collect_gathers_4_results(slurm_cluster, tmp_path):
@@ -95,9 +107,16 @@ overrides: [[data.limit_train=300, data.limit_test=100, data.num_workers=0, cach
     result = run_cli("slurm", "sweep", "--config", str(sweep), "--executor", str(executor), "--wait", timeout=600)
     assert result.returncode == 0, result.stderr
     assert "submitted 4 jobs (slurm)" in result.stdout and result.stdout.count("DONE") == 4
+    # one job array per task and backbone over the seeds, named after them
+    manifest = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["jobs"]
+    arrays = {}
+    for job in manifest:
+        arrays.setdefault(job["job_id"].split("_")[0], []).append(job["job_id"].split("_")[1])
+    assert sorted(arrays.values()) == [["0", "1"], ["0", "1"]]
+    names = {job_name_in_slurm(slurm_cluster, array) for array in arrays}
+    assert names == {"ssl-hsic:knn/random-resnet18", "ssl-hsic:knn/random-resnet34"}
     result = run_cli("slurm", "collect", str(tmp_path / "sweep"))
     assert result.returncode == 0, result.stderr
-    import json
     import pandas as pd
     frame = pd.read_csv(tmp_path / "sweep" / "report" / "report.csv")
     assert set(frame.metric) == {"top1", "top5"} and len(frame) == 4 * 2  # one row per run and metric
@@ -150,8 +169,67 @@ def test_dry_run_prints_the_sbatch_script_without_submitting(tmp_path):
                      "--executor", "configs/slurm/cluster.yaml", "executor.nodes=4", "executor.partition=a100",
                      f"executor.folder={tmp_path / 'jobs'}", "--dry-run")
     assert result.returncode == 0, result.stderr
+    # the pretrain profile (4 nodes, 24 h), the command line over it (executor.nodes, executor.partition)
     for line in ("#SBATCH --nodes=4", "#SBATCH --partition=a100", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --ntasks-per-node=8", "#SBATCH --signal=USR2@120", "#SBATCH --time=1440"):
+                 "#SBATCH --ntasks-per-node=8", "#SBATCH --signal=USR2@120", "#SBATCH --time=1440",
+                 "#SBATCH --job-name=ssl-hsic:pretrain"):
         assert line in result.stdout
     assert "python -m pretrain --config configs/pretrain/imagenet_resnet50.yaml" in result.stdout
-    assert not list((tmp_path / "jobs").glob("*.pkl")) if (tmp_path / "jobs").exists() else True
+    result = run_cli("slurm", "submit", "pretrain", "--executor", "configs/slurm/cluster.yaml", "executor.nodes=2",
+                     f"executor.folder={tmp_path / 'jobs'}", "--dry-run")
+    assert "#SBATCH --nodes=2" in result.stdout and "#SBATCH --time=1440" in result.stdout
+    assert not (tmp_path / "jobs").exists()
+
+
+def test_dry_runs_name_each_job_by_its_step_and_size_it_by_its_profile(tmp_path):
+    executor = tmp_path / "executor.yaml"
+    executor.write_text(json.dumps({"cluster": "slurm", "timeout_min": 30,
+                                    "profiles": {"segmentation": {"timeout_min": 90, "array_parallelism": 2}}}))
+    result = run_cli("slurm", "evaluate", "--backbone", "random:resnet18", "--backbone", "random:resnet34",
+                     "--task", "segmentation=configs/transfer/segmentation_scenes.yaml", "--seeds", "0", "1", "2",
+                     "--root", str(tmp_path / "eval"), "--executor", str(executor), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    array = next(line for line in lines if line.startswith("[evaluate] segmentation/random-resnet18: sbatch "))
+    assert " --array=0-2%2 " in array and " --time=90 " in array and "--dependency" not in array
+    assert " --job-name=ssl-hsic:segmentation/random-resnet18 " in array
+    report = next(line for line in lines if line.startswith("[evaluate] report: sbatch "))
+    assert " --dependency=afterok:{segmentation/random-resnet18}:{segmentation/random-resnet34} " in report
+    assert " --time=30 " in report and " --job-name=ssl-hsic:report " in report
+    assert "[evaluate] segmentation/random-resnet34/seed2 (array task 2): python -m transfer segmentation " in result.stdout
+    assert not (tmp_path / "eval").exists()
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(json.dumps({"run_root": str(tmp_path / "sweep"), "backbones": ["random:resnet18"],
+                                 "tasks": {"knn": "configs/transfer/linear_fashion_mnist.yaml"}, "seeds": [4]}))
+    result = run_cli("slurm", "sweep", "--config", str(sweep), "--executor", str(executor), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]  # one task, one backbone, one seed: a single job named after its run
+    assert first.startswith("knn/random-resnet18/seed4: sbatch ") and " --job-name=ssl-hsic:knn/random-resnet18/seed4 " in first
+    assert "--array" not in first and " --time=30 " in first
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_every_command_the_pipeline_dry_run_prints_exists(tmp_path):
+    """`python -m X [subcommand] --help` for each distinct entry point a dry run prints (in this process: runpy
+    runs a module as `python -m` does)."""
+    result = run_cli("slurm", "pipeline", "--config", "configs/pipeline/demo.yaml", "--dry-run",
+                     f"root={tmp_path / 'demo'}", "executor=configs/slurm/cluster.yaml")
+    assert result.returncode == 0, result.stderr
+    commands = [line.split(": python -m ", 1)[1].split() for line in result.stdout.splitlines() if ": python -m " in line]
+    entries = sorted({(c[0], c[1] if c[0] == "transfer" else "") for c in commands})
+    assert entries == [("pretrain", ""), ("pretrain.supervised", ""), *(("transfer", sub) for sub in sorted(
+        ("scenes", "export", "verify", "linear", "knn", "finetune", "segmentation", "classify", "detection", "depth",
+         "report")))]
+    argv = sys.argv
+    for module, sub in entries:
+        out = io.StringIO()
+        sys.argv = [module, *([sub] if sub else []), "--help"]
+        try:
+            with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+        finally:
+            sys.argv = argv
+        assert exit.value.code in (0, None), (module, sub)
+        assert out.getvalue().startswith(f"usage: python -m {module}{' ' + sub if sub else ''} "), (module, sub)
+    assert not (tmp_path / "demo").exists()

@@ -1,11 +1,17 @@
 """The pipeline on a real SLURM cluster: one submission of the whole dependency graph, its status, a failed
 upstream step and the rerun that submits only what is missing."""
+import contextlib
+import io
 import json
+import re
+import shlex
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from pretrain.cli import run_main
 from tests.conftest import TINY, run_cli
 
 pytestmark = pytest.mark.slow
@@ -91,8 +97,9 @@ def test_bad_profiles_and_batches_are_refused_before_anything_is_submitted(tmp_p
     executor = tmp_path / "executor.yaml"
     executor.write_text(json.dumps({"cluster": "slurm", "profiles": {"pretrian": {"nodes": 2}}}))
     result = run_cli("slurm", "pipeline", "--config", str(config))
-    assert result.returncode == 2 and result.stderr.startswith("error: config key 'profiles' is ")
-    assert "a mapping of steps" in result.stderr and result.stderr.count("\n") == 1
+    assert result.returncode == 2 and result.stderr.startswith("error: config key 'profiles' has a profile for "
+                                                               "'pretrian', which is no step; did you mean 'pretrain'?")
+    assert result.stderr.count("\n") == 1
     executor.write_text(json.dumps({"cluster": "slurm", "profiles": {"pretrain": {"nodes": 3}}}))
     result = run_cli("slurm", "pipeline", "--config", str(config))
     assert result.returncode == 2
@@ -101,6 +108,7 @@ def test_bad_profiles_and_batches_are_refused_before_anything_is_submitted(tmp_p
     executor.write_text(json.dumps({"cluster": "slurm", "profiles": {"knn": {"nodes": 0}}}))
     result = run_cli("slurm", "pipeline", "--config", str(config))
     assert result.returncode == 2 and result.stderr.startswith("error: executor profile 'knn': config key 'nodes' is 0")
+    executor.write_text(json.dumps({"cluster": "slurm"}))  # every profile is checked when the file loads
     result = run_cli("slurm", "pipeline", "--config", str(config), "pretrain_overrides=[data.root=/nonexistent]")
     assert result.returncode == 2 and "pretraining data /nonexistent does not exist" in result.stderr
     assert not (tmp_path / "root").exists()
@@ -113,3 +121,150 @@ def test_a_missing_partition_is_refused_before_anything_is_submitted(slurm_clust
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: SLURM partition 'a100' does not exist on this cluster")
     assert not (tmp_path / "root" / "pipeline.json").exists()
+
+
+# ------------------------------------------------------------------------- the dry run is the submission
+
+def dry_run_batches(stdout: str) -> dict[str, tuple[list[str], list[str]]]:
+    """key -> (sbatch flags, names of the nodes it runs) from a pipeline dry run on SLURM."""
+    batches: dict[str, tuple[list[str], list[str]]] = {}
+    for line in stdout.splitlines():
+        sbatch = re.fullmatch(r"\[pipeline\] (\S+): sbatch (.*)", line)
+        command = re.fullmatch(r"\[pipeline\] (\S+)(?: \(array task \d+\))?: python -m .*", line)
+        if sbatch:
+            key = sbatch[1]
+            batches[key] = (sbatch[2].split(" "), [])
+        elif command:
+            batches[key][1].append(command[1])
+    return batches
+
+
+def slurm_time(minutes: int) -> str:
+    """--time=MINUTES as scontrol shows it: [D-]HH:MM:SS."""
+    days, rest = divmod(minutes, 1440)
+    return (f"{days}-" if days else "") + f"{rest // 60:02d}:{rest % 60:02d}:00"
+
+
+def test_the_dry_run_prints_the_flags_submission_passes_to_sbatch(slurm_cluster, tmp_path):
+    """Held jobs (additional: {hold: true}, in the dry run too): nothing runs, everything stays pending, and
+    scontrol shows what sbatch got; seeds 0 and 1 make job arrays, the supervised control a third backbone."""
+    config = write_pipeline(tmp_path, [])
+    pipeline = json.loads(config.read_text())
+    config.write_text(json.dumps({**pipeline, "seeds": [0, 1], "supervised": True}))
+    executor = tmp_path / "executor.yaml"
+    executor.write_text(json.dumps({**json.loads(executor.read_text()), "additional": {"hold": True}}))
+    root = tmp_path / "root"
+    dry = run_cli("slurm", "pipeline", "--config", str(config), "--dry-run")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert not root.exists()
+    batches = dry_run_batches(dry.stdout)
+    assert list(batches) == ["pretrain", "export", "verify", "supervised", "knn/pretrained", "knn/random",
+                             "knn/supervised", "report"]
+    flags = {key: dict(f.removeprefix("--").split("=", 1) for f in batch[0] if "=" in f)
+             for key, batch in batches.items()}
+    assert flags["knn/pretrained"]["array"] == "0-1%2" and "array" not in flags["pretrain"]
+    assert flags["knn/pretrained"]["dependency"] == "afterok:{verify}"
+    assert flags["knn/supervised"]["dependency"] == "afterok:{supervised}" and "dependency" not in flags["knn/random"]
+    assert flags["report"]["dependency"] == "afterok:{knn/pretrained}:{knn/random}:{knn/supervised}"
+    assert flags["knn/random"]["job-name"] == "ssl-hsic:knn/random" and flags["pretrain"]["job-name"] == "ssl-hsic:pretrain"
+    assert (flags["pretrain"]["time"], flags["knn/random"]["time"], flags["report"]["time"], flags["export"]["time"]) == \
+        ("15", "20", "5", "20")  # each profile's own limit, the default elsewhere
+    assert batches["knn/random"][1] == ["knn/random/seed0", "knn/random/seed1"]
+
+    result = run_cli("slurm", "pipeline", "--config", str(config), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ids = manifest_ids(root)
+    base = {key: ids[nodes[0]].split("_")[0] for key, (_, nodes) in batches.items()}
+    try:
+        for key, (dry_flags, nodes) in batches.items():
+            if len(nodes) > 1:
+                assert [ids[n] for n in nodes] == [f"{base[key]}_{i}" for i in range(len(nodes))]
+            # what submitit gave sbatch: the #SBATCH lines of the script it submitted
+            folder = Path(flags[key]["output"]).parent
+            script = (folder / f"{base[key]}_submission.sh").read_text()
+            sent = [shlex.split(line)[1] for line in script.splitlines() if line.startswith("#SBATCH ")]
+            expected = [re.sub(r"\{([^}]+)\}", lambda m: ids.get(m[1]) or base[m[1]], f) for f in dry_flags]
+            assert sent == expected, key
+            # what SLURM made of it
+            shown = slurm_cluster.scontrol("show", "job", base[key]).stdout
+            field = dict(re.findall(r"(\w+)=(\S+)", shown))
+            assert field["JobName"] == flags[key]["job-name"] and field["JobState"] == "PENDING", key
+            assert field["TimeLimit"] == slurm_time(int(flags[key]["time"])), key
+            assert field.get("ArrayTaskId", None) == flags[key].get("array"), key
+            named = {job_id: name for name, job_id in {**ids, **base}.items()}
+            waits = [named[job_id.removesuffix("_*")] for job_id in re.findall(r"afterok:([\d_*]+)\(", shown)]
+            assert waits == re.findall(r"\{([^}]+)\}", flags[key].get("dependency", "")), key
+        queue = subprocess.run(["squeue", "-h", "-o", "%j", "-j", ",".join(base.values())], capture_output=True,
+                               text=True, check=True).stdout.split()
+        assert sorted(queue) == sorted(f["job-name"] for f in flags.values())  # squeue shows each job by its step
+    finally:
+        subprocess.run(["scancel", *base.values()], capture_output=True)
+
+
+# ------------------------------------------------------------------------- bad input on the slurm side
+
+def _executor(tmp_path, document: dict) -> str:
+    path = tmp_path / "executor.yaml"
+    path.write_text(json.dumps({"cluster": "slurm", **document}))
+    return str(path)
+
+
+def _broken_manifest(root: Path) -> bool:
+    (root / "pipeline.json").write_text("{")  # cut short
+    return True
+
+
+BAD_SLURM_INPUT = {
+    # case: (argv maker, what the one line must say)
+    "status-not-a-run": (lambda t: ["status", str(t)],
+                         [" is not a submitted run", "neither pipeline.json", "nor sweep.json"]),
+    "status-broken-manifest": (lambda t: _broken_manifest(t) and ["status", str(t)],
+                               ["pipeline.json is not a pipeline manifest", "resubmit"]),
+    "pipeline-repeated-seed": (lambda t: ["pipeline", "--config", str(write_pipeline(t, [])), "seeds=[0,1,0]"],
+                               ["'seeds' is [0, 1, 0]", "seed 0 appears 2 times", "e.g. [0, 1]"]),
+    "evaluate-repeated-seed": (lambda t: ["evaluate", "--backbone", "random:resnet18", "--task",
+                                          "knn=configs/transfer/linear_fashion_mnist.yaml", "--seeds", "3", "3",
+                                          "--root", str(t / "eval")],
+                               ["'seeds' is [3, 3]", "seed 3 appears 2 times", "e.g. [3]"]),
+    "profile-unknown-step": (lambda t: ["submit", "pretrain", "--executor",
+                                        _executor(t, {"profiles": {"pretrian": {"nodes": 2}}}), "--dry-run"],
+                             ["profile for 'pretrian', which is no step", "did you mean 'pretrain'?"]),
+    "profile-unknown-key": (lambda t: ["submit", "pretrain", "--executor",
+                                       _executor(t, {"profiles": {"knn": {"gpus": 2}}}), "--dry-run"],
+                            ["'profiles.knn' has the unknown key 'gpus'", "did you mean 'gpus_per_node'?"]),
+    "profile-not-a-mapping": (lambda t: ["submit", "pretrain", "--executor",
+                                         _executor(t, {"profiles": {"knn": 4}}), "--dry-run"],
+                              ["'profiles.knn' is 4", "it must be a mapping of timeout_min, "]),
+    # an unused profile too: every profile is checked when the file loads
+    "profile-negative-time": (lambda t: ["submit", "pretrain", "--executor",
+                                         _executor(t, {"profiles": {"classify": {"timeout_min": -5}}}), "--dry-run"],
+                              ["profile 'classify'", "'timeout_min' is -5", "must be >= 1"]),
+    "profile-time-of-a-wrong-type": (lambda t: ["submit", "pretrain", "--executor",
+                                                _executor(t, {"profiles": {"pretrain": {"timeout_min": "1d"}}}),
+                                                "--dry-run"],
+                                     ["profile 'pretrain'", "'timeout_min' has the wrong type", "'1d'", "Integer"]),
+    "profile-signal-after-the-limit": (lambda t: ["submit", "pretrain", "--executor",
+                                                  _executor(t, {"profiles": {"pretrain": {"timeout_min": 1}}}),
+                                                  "--dry-run"],
+                                       ["profile 'pretrain'", "'signal_delay_s' is 90", "below the time limit",
+                                        "60 s"]),
+    "submit-unknown-step": (lambda t: ["submit", "pretrian", "--dry-run"],
+                            ["unknown step 'pretrian'", "choose one of pretrain, supervised, "]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SLURM_INPUT))
+def test_bad_slurm_input_is_refused_on_one_line_with_exit_2_and_nothing_written(case, tmp_path):
+    make_argv, words = BAD_SLURM_INPUT[case]
+    argv = make_argv(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        from slurm.__main__ import main
+        status = run_main(main, argv)
+    message = stderr.getvalue()
+    assert status == 2, message
+    assert message.count("\n") == 1 and message.startswith("error: ") and "Traceback" not in message, message
+    for word in words:
+        assert word in message, (word, message)
+    assert sorted(tmp_path.rglob("*")) == before

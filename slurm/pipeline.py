@@ -185,8 +185,16 @@ class Pipeline:
 
     def run(self) -> dict:
         nodes = self.plan()
-        return run_graph(nodes, self.executor_config, self.root, self.dry_run, "pipeline", self.report_dirs,
-                         pooled=self.pooled)
+        numerics = None
+        if not self.dry_run and self.executor_config.cluster != "slurm":  # where the numbers may differ (README)
+            from pretrain.numerics import describe
+            numerics = describe(cpu_amp=self._pretrain_config().train.cpu_amp)
+            print(f"[pipeline] {numerics}", flush=True)
+        report = run_graph(nodes, self.executor_config, self.root, self.dry_run, "pipeline", self.report_dirs,
+                           pooled=self.pooled)
+        if numerics:
+            print(f"[pipeline] {numerics}")
+        return report
 
 
 # ------------------------------------------------------------------------------------------- running

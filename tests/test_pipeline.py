@@ -37,6 +37,8 @@ def test_tiny_pipeline_runs_end_to_end_and_a_rerun_skips_everything(tmp_path):
     }))
     result = run_cli("slurm", "pipeline", "--config", str(config), timeout=2000)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    numerics = [line for line in result.stdout.splitlines() if line.startswith("[pipeline] numerics: ")]
+    assert len(numerics) == 2 and "pretraining in fp32" in numerics[0]  # said before and after the run
     root = tmp_path / "demo"
     table = (root / "report" / "report.md").read_text()
     for key, metric in (("linear", "top1"), ("knn", "top1"), ("segmentation", "mIoU"), ("detection", "bbox.AP"),
@@ -70,6 +72,8 @@ def test_pretraining_once_per_seed_pairs_each_seed_with_its_own_backbone_and_poo
         "seeds": [0, 1], "pretrain_per_seed": True}))
     result = run_cli("slurm", "pipeline", "--config", str(config), timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    numerics = [line for line in result.stdout.splitlines() if line.startswith("[pipeline] numerics: ")]
+    assert len(numerics) == 2 and "pretraining in fp32" in numerics[0]  # said before and after the run
     root = tmp_path / "demo"
     fingerprints = set()
     for seed in (0, 1):

@@ -11,13 +11,17 @@ from tests.conftest import run_cli
 T_975 = {1: 12.706204736174705, 2: 4.302652729749464}  # Student's t, 0.975 quantile, 1 and 2 degrees of freedom
 
 
-def write_run(path, task, metrics, backbone, seed, dataset="scenes", protocol_id=None, config=None):
+def write_run(path, task, metrics, backbone, seed, dataset="scenes", protocol_id=None, config=None, varies=None):
+    """A metrics.json; `varies`: its varies_with_seed (a bool for every metric; None: the field left out, as in
+    files written before it existed)."""
     path.mkdir(parents=True)
     record = {"task": task, "dataset": dataset, "backbone": backbone, "protocol": "p", "metrics": metrics,
               "seed": seed, "config": config or {"batch_size": 8, "lr": 0.1, "data": {"test_split": "val"}},
               "code_version": "0", "wall_time_s": 1.0, "world_size": 1}
     if protocol_id:
         record["protocol_id"] = protocol_id
+    if varies is not None:
+        record["varies_with_seed"] = dict.fromkeys(metrics, varies)
     (path / "metrics.json").write_text(json.dumps(record))
     return path
 
@@ -130,6 +134,139 @@ def test_a_recipe_pretrained_once_per_seed_pools_over_its_checkpoints_when_named
     assert "| metric | random-resnet18 (baseline) | ssl-hsic |" in table and "n=3" in table
 
 
+def knn_and_linear_over_evaluation_seeds(tmp_path, declare=True):
+    """One checkpoint (ssl-hsic) evaluated with seeds 0 and 1, beside random init (new weights each seed): kNN is
+    declared deterministic given the weights, the SGD linear probe is not."""
+    values = {("knn", "ssl-hsic"): [65.0, 65.0], ("knn", "random-resnet18"): [50.0, 52.0],
+              ("linear", "ssl-hsic"): [70.0, 72.0], ("linear", "random-resnet18"): [40.0, 44.0]}
+    dirs = []
+    for (task, name), seeds in values.items():
+        for seed, value in enumerate(seeds):
+            backbone = named("ssl-hsic", "a") if name == "ssl-hsic" else {**RANDOM, "fingerprint": f"{seed}" * 64}
+            dirs.append(write_run(tmp_path / f"{task}_{name}_{seed}", task, {"top1": value}, backbone, seed,
+                                  varies=(task != "knn") if declare else None))
+    return dirs
+
+
+def table_rows(md: str, task: str) -> list[str]:
+    block = next(b for b in md.split("\n\n### ")[1:] if b.startswith(task))
+    return block.splitlines()
+
+
+def test_a_deterministic_metric_of_one_checkpoint_is_one_value_without_interval_or_marks(tmp_path):
+    """The user's `65 ± 0 (n=2; 95% CI 65–65)`: kNN over two evaluation seeds of one checkpoint counts nothing that
+    varies. A naive Welch's test against random init would mark it (one-sample t = 14, 1 dof: p = 0.045)."""
+    from transfer.report import build_report
+    report = build_report(knn_and_linear_over_evaluation_seeds(tmp_path), tmp_path / "out", plots=False, echo=False)
+    knn = next(c for c in report["comparisons"] if c.task == "knn")
+    ssl = next(i for i in knn.summaries if i.name == "ssl-hsic")
+    assert knn.summaries[ssl].deterministic and knn.summaries[ssl].interval == (65.0, 65.0)
+    assert knn.difference(ssl) == (14.0, None) and knn.best is None
+    md = (tmp_path / "out" / "report.md").read_text()
+    knn_rows, linear_rows = table_rows(md, "knn"), table_rows(md, "linear")
+    half = T_975[1] * math.sqrt(2) / math.sqrt(2)
+    assert knn_rows[2:5] == [
+        "| metric | random-resnet18 (baseline) | ssl-hsic |", "|---|---|---|",
+        f"| top1 | 51 ± 1.4 (n=2; 95% CI {51 - half:.4g}–{51 + half:.4g}) | "
+        "65 (deterministic; n=2 evaluation seeds, one value); Δ +14 |"]
+    assert knn_rows[6:] == [
+        "n counts: random-resnet18: random-init seeds (each seed draws new weights); ssl-hsic: evaluation seeds of one "
+        "checkpoint (fixed weights; only the task's seed changes).",
+        "Deterministic given the weights (declared by the task): top1; a fixed checkpoint's column of it is one "
+        "value, without interval or test."]
+    # the linear probe's seed draws its head's init and batch order: one checkpoint's spread is real, with its test
+    p = welch_by_formula([70.0, 72.0], [40.0, 44.0])
+    assert f"| top1 | 42 ± 2.8 (n=2; 95% CI 16.59–67.41) | 71 ± 1.4 (n=2; 95% CI 58.29–83.71); Δ +29" \
+           f"{'**' if p < 0.01 else '*' if p < 0.05 else ''} |" in linear_rows
+    assert not any(line.startswith("Deterministic") for line in linear_rows)
+
+
+def test_a_declared_deterministic_column_whose_runs_differ_is_warned_about_not_hidden(tmp_path):
+    from transfer.report import build_report
+    dirs = [write_run(tmp_path / f"knn{seed}", "knn", {"top1": value}, named("ssl-hsic", "a"), seed, varies=False)
+            for seed, value in enumerate([65.0, 65.5])]
+    build_report(dirs, tmp_path / "out", plots=False, echo=False)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| top1 | 65.25 (declared deterministic, yet its n=2 values differ: 65–65.5; see the warning) |" in md
+    assert ("Warning: top1 of ssl-hsic is declared not to vary with the evaluation seed, yet its 2 runs give 65, 65.5: "
+            "the runs differ in something else (data, code version, hardware); check them.") in md
+    assert "CI" not in md.split("### ")[1]
+
+
+def test_metrics_json_without_the_declaration_still_reports_as_varying_but_equal_values_get_no_interval(tmp_path):
+    """Runs written before `varies_with_seed`: counted as varying (intervals and tests where they spread), but n >= 2
+    equal values get no zero-width interval and no test: `all equal`, not `deterministic`."""
+    from transfer.report import build_report
+    report = build_report(knn_and_linear_over_evaluation_seeds(tmp_path, declare=False), tmp_path / "out",
+                          plots=False, echo=False)
+    knn = next(c for c in report["comparisons"] if c.task == "knn")
+    ssl = next(i for i in knn.summaries if i.name == "ssl-hsic")
+    assert knn.summaries[ssl].varies is None and not knn.summaries[ssl].deterministic
+    assert knn.difference(ssl) == (14.0, None)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| 65 (n=2, all equal; no interval); Δ +14 |" in md
+    assert "71 ± 1.4 (n=2; 95% CI 58.29–83.71)" in md and "Deterministic" not in md
+    import pandas as pd
+    frame = pd.read_csv(tmp_path / "out" / "report.csv")
+    assert frame.varies_with_seed.isna().all()
+
+
+def test_intervals_are_clipped_to_the_metrics_range(tmp_path):
+    """A top-1 over three seeds of 10, 90 and 50 % has the t interval 50 ± 99.4: [0, 100] holds it. Depth's rms is an
+    error: clipped at 0 below, not above."""
+    from transfer.report import build_report, metric_info
+    top1, rms = [10.0, 90.0, 50.0], [0.1, 2.0]
+    dirs = [write_run(tmp_path / f"lin{seed}", "linear", {"top1": v}, named("ssl-hsic", "a"), seed, varies=True)
+            for seed, v in enumerate(top1)]
+    dirs += [write_run(tmp_path / f"depth{seed}", "depth", {"rms": v, "delta1": 100.0 - v}, named("ssl-hsic", "a"),
+                       seed, varies=True) for seed, v in enumerate(rms)]
+    report = build_report(dirs, tmp_path / "out", plots=False, echo=False)
+    by_metric = {c.metric: next(iter(c.summaries.values())) for c in report["comparisons"]}
+    assert T_975[2] * statistics.stdev(top1) / math.sqrt(3) > 99  # unclipped: -49.4 to 149.4
+    assert by_metric["top1"].interval == (0.0, 100.0)
+    half = T_975[1] * statistics.stdev(rms) / math.sqrt(2)
+    assert by_metric["rms"].interval == (0.0, pytest.approx(1.05 + half))
+    assert by_metric["delta1"].interval == (pytest.approx(98.95 - half), 100.0)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| top1 | 50 ± 40 (n=3; 95% CI 0–100) |" in md
+    assert f"| rms (lower is better) | 1.05 ± 1.3 (n=2; 95% CI 0–{1.05 + half:.4g}) |" in md
+    ranges = {name: metric_info(name).range for name in ("top1@10%", "linear.mean_per_class", "finetune.voc07_map",
+                                                          "bbox.AP50", "segm.APl", "mIoU", "IoU.cat", "delta3")}
+    assert set(ranges.values()) == {(0.0, 100.0)}
+    assert metric_info("log10").range == (0.0, math.inf) and metric_info("log10").lower_is_better
+    assert metric_info("something_new").range == (-math.inf, math.inf)
+
+
+def test_the_table_and_the_csv_say_what_n_counts(tmp_path):
+    """A recipe pooled over its pretraining seeds, the same checkpoints apart (each an evaluation of fixed weights),
+    and random init; a pooled recipe with fewer distinct weights than runs is warned about."""
+    import pandas as pd
+    from transfer.report import build_report
+    dirs = []
+    for seed in range(2):
+        dirs.append(write_run(tmp_path / f"ssl{seed}", "linear", {"top1": 80.0 + seed}, named("ssl-hsic", "ab"[seed]),
+                              seed, varies=True))
+        dirs.append(write_run(tmp_path / f"random{seed}", "linear", {"top1": 60.0 + seed},
+                              {**RANDOM, "fingerprint": f"{seed}" * 64}, seed, varies=True))
+    build_report(dirs, tmp_path / "pooled", plots=False, echo=False, pooled=["ssl-hsic"])
+    build_report(dirs, tmp_path / "apart", plots=False, echo=False)
+    pooled_md, apart_md = ((tmp_path / d / "report.md").read_text() for d in ("pooled", "apart"))
+    assert ("n counts: random-resnet18: random-init seeds (each seed draws new weights); ssl-hsic: pretraining seeds "
+            "(each seed pretrained its own weights).") in pooled_md
+    assert ("n counts: random-resnet18: random-init seeds (each seed draws new weights); ssl-hsic [aaaaaaaa], ssl-hsic "
+            "[bbbbbbbb]: evaluation seeds of one checkpoint (fixed weights; only the task's seed changes).") in apart_md
+    assert "Warning" not in pooled_md
+    for out, ssl in (("pooled", "pretraining_seeds"), ("apart", "evaluation_seeds")):
+        frame = pd.read_csv(tmp_path / out / "report.csv")
+        assert frame.groupby("weights")["n_counts"].unique().map(list).to_dict() == \
+            {"ema": [ssl], "random": ["random_init_seeds"]}
+        assert frame.varies_with_seed.tolist() == [True] * 4
+    again = write_run(tmp_path / "ssl_again", "linear", {"top1": 80.5}, named("ssl-hsic", "a"), 2, varies=True)
+    build_report([*dirs, again], tmp_path / "twice", plots=False, echo=False, pooled=["ssl-hsic"])
+    assert ("Warning: ssl-hsic pools 3 runs over 2 distinct weights: n counts runs, not pretrainings, and the interval "
+            "treats repeated evaluations of one checkpoint as independent.") in (tmp_path / "twice" / "report.md").read_text()
+
+
 def test_the_long_csv_has_one_row_per_run_and_metric_that_pandas_reads(three_backbones, tmp_path):
     import pandas as pd
     from transfer.report import LONG_COLUMNS, build_report
@@ -227,4 +364,5 @@ def test_a_real_task_run_records_its_backbone_name_and_fingerprint(tmp_path):
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["backbone"]["name"] == "baseline" and record["protocol_id"] == "fm-knn"
+    assert record["varies_with_seed"] == {"top1": False, "top5": False}  # kNN: deterministic given the weights
     assert record["backbone"]["fingerprint"] == fingerprint(resolve_backbone("random:resnet18", 0).state_dict)

@@ -10,16 +10,29 @@ as `name [fingerprint]`); random init is its name and architecture instead, sinc
 Names passed as `pooled` are recipes pretrained once per seed (the main job's `pretrain_per_seed`): their runs pool
 over the weights, like random init's, so seed-to-seed spread includes the pretraining's.
 
+What n counts, per column (a line under each table, the CSV's `n_counts`): pretraining seeds (a `pooled` name:
+each seed pretrained its own weights), random-init seeds (each seed draws new weights), or evaluation seeds of one
+checkpoint (fixed weights; only the task's own seed changes: its head's init, data order, augmentation, held-out
+split). A metric whose run declares `varies_with_seed: {metric: false}` in metrics.json (the task says so: kNN, and
+the L-BFGS linear transfer of classify on a dataset with a standard validation split) cannot change with the
+evaluation seed, so a fixed checkpoint's column of it is one value: shown once, "deterministic", without ± or
+interval, and never tested nor marked best. Runs written before the field existed count as varying. If a column
+declared deterministic still holds different values, the cell says so and a warning line follows the table.
+
 Statistics over seeds, per backbone: the mean, the sample standard deviation s, n, and the 95% confidence
-interval mean ± t(0.975, n-1) s / sqrt(n). Against the baseline (random init unless named):
-Δ = mean_b - mean_0, with Welch's t-test (unequal variances; scipy.stats.ttest_ind(equal_var=False)):
+interval mean ± t(0.975, n-1) s / sqrt(n), clipped to the metric's range (METRICS: percentages to [0, 100],
+errors to [0, inf)). Against the baseline (random init unless named): Δ = mean_b - mean_0, with Welch's t-test
+(unequal variances; scipy.stats.ttest_ind(equal_var=False)):
 
     t = Δ / sqrt(s_b²/n_b + s_0²/n_0),
     ν = (s_b²/n_b + s_0²/n_0)² / ((s_b²/n_b)²/(n_b - 1) + (s_0²/n_0)²/(n_0 - 1)),
 
-marked * for p < 0.05 and ** for p < 0.01 (no test with fewer than 2 runs on a side). "best" (bold) goes to the
-best mean, lower being better for the error metrics, only where its interval lies clear of every other
-backbone's interval.
+marked * for p < 0.05 and ** for p < 0.01. "best" (bold) goes to the best mean, lower being better for the error
+metrics, only where its interval lies clear of every other backbone's interval.
+
+A column is one value in effect, with no interval, no test on either side of it, and no "best" in its row, when it
+has a single run, when it is deterministic (above), or when its n >= 2 values are all equal (s = 0: a zero-width
+interval would claim a certainty that no spread was seen to support; shown "all equal", whatever n counts).
 
 Published references (transfer/references.yaml) are shown beside a table only where its protocol id and task
 match, and, for a reference that names a dataset, the table's dataset too.
@@ -38,8 +51,54 @@ from pathlib import Path
 from pretrain.errors import UserError
 from transfer.names import default_name
 
-LOWER_IS_BETTER = {"rms", "rel", "log10", "loss"}
 REFERENCES = Path(__file__).with_name("references.yaml")
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+PERCENT = (0.0, 100.0)
+ERROR = (0.0, math.inf)
+UNBOUNDED = (-math.inf, math.inf)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """What the report knows of a metric: the range its values (and so its intervals) lie in, and its direction."""
+    range: tuple[float, float] = UNBOUNDED
+    lower_is_better: bool = False
+
+
+# Every metric the tasks write, by its base name: a task prefix (linear., finetune., bbox., segm.) and a subset suffix
+# (@10%) dropped. Every one of them is in percent (the tasks multiply fractions by 100), except depth's errors.
+METRICS = {
+    **{name: Metric(PERCENT) for name in (
+        "top1", "top5", "train_top1",                        # linear, knn, finetune (top1@1%), supervised
+        "mean_per_class", "voc07_map",                       # classify (linear.<metric>, finetune.<metric>)
+        "mIoU", "mAcc", "aAcc",                              # segmentation (mmseg, x 100; IoU.<class> too)
+        "AP", "AP50", "AP75", "APs", "APm", "APl",           # detection (bbox.<metric>, segm.<metric>)
+        "delta1", "delta2", "delta3")},                      # depth: % of pixels with max(d/d*, d*/d) < 1.25^n
+    **{name: Metric(ERROR, lower_is_better=True) for name in ("rms", "rel", "log10")},  # depth's errors
+    "loss": Metric(UNBOUNDED, lower_is_better=True),         # the HSIC loss is negative
+}
+LOWER_IS_BETTER = {name for name, m in METRICS.items() if m.lower_is_better}
+
+
+def metric_info(metric: str) -> Metric:
+    """The METRICS entry of a metric name as metrics.json writes it; a name the table lacks: unbounded, higher is
+    better."""
+    if metric.startswith("IoU."):
+        return METRICS["mIoU"]
+    return METRICS.get(metric.split("@")[0].rsplit(".", 1)[-1], Metric())
+
+
+# ------------------------------------------------------------------------------------------- what n counts
+
+PRETRAINING_SEEDS, RANDOM_INIT_SEEDS, EVALUATION_SEEDS = "pretraining_seeds", "random_init_seeds", "evaluation_seeds"
+N_COUNTS = {
+    PRETRAINING_SEEDS: "pretraining seeds (each seed pretrained its own weights)",
+    RANDOM_INIT_SEEDS: "random-init seeds (each seed draws new weights)",
+    EVALUATION_SEEDS: "evaluation seeds of one checkpoint (fixed weights; only the task's seed changes)",
+}
 
 
 # ------------------------------------------------------------------------------------------- records
@@ -60,8 +119,14 @@ def load_records(run_dirs: list[str | Path]) -> list[dict]:
 class Identity:
     """What makes two runs the same backbone."""
     name: str
-    key: str          # the weights' fingerprint, or random:ARCH
+    key: str          # the weights' fingerprint, or random:ARCH, or seeds:NAME (pooled)
     random: bool
+
+    @property
+    def n_counts(self) -> str:
+        """What the runs of this backbone differ in: a key of N_COUNTS."""
+        return (RANDOM_INIT_SEEDS if self.random else PRETRAINING_SEEDS if self.key.startswith("seeds:")
+                else EVALUATION_SEEDS)
 
 
 def identity(record: dict, pooled: frozenset = frozenset()) -> Identity:
@@ -74,8 +139,23 @@ def identity(record: dict, pooled: frozenset = frozenset()) -> Identity:
     elif name in pooled:
         key = f"seeds:{name}"
     else:
-        key = str(backbone.get("fingerprint") or backbone.get("sha256") or path)
+        key = weights_of(record)
     return Identity(name, key, random)
+
+
+def weights_of(record: dict) -> str:
+    backbone = record.get("backbone") or {}
+    return str(backbone.get("fingerprint") or backbone.get("sha256") or backbone.get("path", ""))
+
+
+def varies_with_seed(record: dict, metric: str) -> bool | None:
+    """The run's declaration (metrics.json `varies_with_seed`, written by the task): whether `metric`, given the
+    backbone's weights and the data, may change with the run's seed; None where the run does not say (written
+    before the field, or not by a transfer task). A bool applies to every metric, a mapping per metric."""
+    declared = record.get("varies_with_seed")
+    if isinstance(declared, dict):
+        declared = declared.get(metric)
+    return declared if isinstance(declared, bool) else None
 
 
 def labels(identities: set[Identity]) -> dict[Identity, str]:
@@ -95,7 +175,15 @@ def group_key(record: dict) -> tuple[str, str, str]:
 
 @dataclass
 class Summary:
+    """One backbone's values of one metric. `bounds`: the metric's range (intervals are clipped to it);
+    `n_counts`: what its runs differ in (N_COUNTS); `varies`: the runs' declaration that the metric varies with the
+    seed (False: every run declares it does not; None: not every run declares it); `weights`: how many distinct
+    weights the runs evaluated (None: not known)."""
     values: list[float]
+    bounds: tuple[float, float] = UNBOUNDED
+    n_counts: str = EVALUATION_SEEDS
+    varies: bool | None = None
+    weights: int | None = None
 
     @property
     def n(self) -> int:
@@ -110,21 +198,38 @@ class Summary:
         return statistics.stdev(self.values) if self.n > 1 else 0.0
 
     @property
+    def deterministic(self) -> bool:
+        """Declared not to vary, over evaluation seeds of one checkpoint: n counts nothing that changes it."""
+        return self.n_counts == EVALUATION_SEEDS and self.varies is False
+
+    @property
+    def differs(self) -> bool:
+        """Its values are not all equal (beyond float rounding)."""
+        return self.n > 1 and max(self.values) - min(self.values) > 1e-9 * max(1.0, abs(self.mean))
+
+    @property
+    def single(self) -> bool:
+        """One value in effect: a single run, a deterministic column, or n >= 2 equal values. No interval, no test,
+        no best."""
+        return self.n < 2 or self.deterministic or self.std == 0
+
+    @property
     def interval(self) -> tuple[float, float]:
-        """The 95% confidence interval of the mean (t distribution); the mean itself when n = 1."""
-        if self.n < 2:
+        """The 95% confidence interval of the mean (t distribution), clipped to the metric's range; the mean itself
+        when the column is one value in effect (`single`)."""
+        if self.single:
             return self.mean, self.mean
         from scipy import stats
         half = stats.t.ppf(0.975, self.n - 1) * self.std / math.sqrt(self.n)
-        return self.mean - half, self.mean + half
+        low, high = self.bounds
+        return max(self.mean - half, low), min(self.mean + half, high)
 
 
 def welch_p(a: Summary, b: Summary) -> float | None:
-    """Welch's two-sided p-value for equal means, or None with fewer than 2 values on a side."""
-    if a.n < 2 or b.n < 2:
+    """Welch's two-sided p-value for equal means, or None where a side is one value in effect (a single run, a
+    deterministic column, all values equal): no test against a spread that was not seen."""
+    if a.single or b.single:
         return None
-    if a.std == 0 and b.std == 0:
-        return 0.0 if a.mean != b.mean else 1.0
     from scipy import stats
     return float(stats.ttest_ind(a.values, b.values, equal_var=False).pvalue)
 
@@ -135,8 +240,8 @@ def stars(p: float | None) -> str:
 
 def best_clear_of_the_rest(summaries: dict, lower_is_better: bool):
     """The backbone with the best mean, if its interval lies clear of every other one's; else None (also when a
-    backbone has a single run: no interval)."""
-    if len(summaries) < 2 or any(s.n < 2 for s in summaries.values()):
+    backbone is one value in effect: a single run, deterministic, or all values equal)."""
+    if len(summaries) < 2 or any(s.single for s in summaries.values()):
         return None
     sign = -1 if lower_is_better else 1
     best = max(summaries, key=lambda k: sign * summaries[k].mean)
@@ -180,20 +285,33 @@ def choose_baseline(identities: set[Identity], baseline: str | None) -> Identity
     return randoms[0] if randoms else None
 
 
+def declared_together(declarations: list[bool | None]) -> bool | None:
+    """The runs' declarations as one: False only where every run declares False; True where any declares True."""
+    if any(d is True for d in declarations):
+        return True
+    return False if declarations and all(d is False for d in declarations) else None
+
+
 def comparisons(records: list[dict], baseline: str | None = None, pooled: frozenset = frozenset()) -> list[Comparison]:
-    groups: dict[tuple, dict[Identity, list[float]]] = defaultdict(lambda: defaultdict(list))
+    # (task, dataset, protocol, metric) -> backbone -> [(value, varies_with_seed, weights)]
+    groups: dict[tuple, dict[Identity, list[tuple]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
         if record["task"] == "pretrain":
             continue
+        ident = identity(record, pooled)
         for metric, value in record["metrics"].items():
             if metric.startswith("IoU."):  # per-class IoU stays in metrics.json; the table shows mIoU
                 continue
-            groups[(*group_key(record), metric)][identity(record, pooled)].append(float(value))
+            groups[(*group_key(record), metric)][ident].append(
+                (float(value), varies_with_seed(record, metric), weights_of(record)))
     out = []
     for (task, dataset, protocol, metric), by_backbone in sorted(groups.items(), key=lambda kv: kv[0]):
-        summaries = {ident: Summary(values) for ident, values in by_backbone.items()}
+        info = metric_info(metric)
+        summaries = {ident: Summary([v for v, _, _ in runs], info.range, ident.n_counts,
+                                    declared_together([d for _, d, _ in runs]), len({w for _, _, w in runs}))
+                     for ident, runs in by_backbone.items()}
         out.append(Comparison(task, dataset, protocol, metric, summaries, choose_baseline(set(summaries), baseline),
-                              best_clear_of_the_rest(summaries, metric in LOWER_IS_BETTER)))
+                              best_clear_of_the_rest(summaries, info.lower_is_better)))
     return out
 
 
@@ -201,13 +319,52 @@ def cell(comparison: Comparison, ident: Identity) -> str:
     s = comparison.summaries.get(ident)
     if s is None:
         return "–"
-    low, high = s.interval
-    text = f"{s.mean:.4g}" if s.n == 1 else f"{s.mean:.4g} ± {s.std:.2g} (n={s.n}; 95% CI {low:.4g}–{high:.4g})"
+    if s.n == 1:
+        text = f"{s.mean:.4g}"
+    elif s.deterministic and s.differs:
+        text = (f"{s.mean:.4g} (declared deterministic, yet its n={s.n} values differ: "
+                f"{min(s.values):.4g}–{max(s.values):.4g}; see the warning)")
+    elif s.deterministic:
+        text = f"{s.mean:.4g} (deterministic; n={s.n} evaluation seeds, one value)"
+    elif s.single:
+        text = f"{s.mean:.4g} (n={s.n}, all equal; no interval)"
+    else:
+        low, high = s.interval
+        text = f"{s.mean:.4g} ± {s.std:.2g} (n={s.n}; 95% CI {low:.4g}–{high:.4g})"
     if comparison.best == ident:
         text = f"**{text}** best"
     if (diff := comparison.difference(ident)) is not None:
         text += f"; Δ {diff[0]:+.3g}{stars(diff[1])}"
     return text
+
+
+def notes(rows: list[Comparison], names: dict[Identity, str], order: list[Identity]) -> list[str]:
+    """The lines under a table: what n counts in each column, which metrics are deterministic, and warnings."""
+    kinds: dict[str, list[str]] = defaultdict(list)
+    for ident in order:
+        kinds[ident.n_counts].append(names[ident])
+    lines = ["n counts: " + "; ".join(f"{', '.join(columns)}: {N_COUNTS[kind]}" for kind, columns in kinds.items())
+             + "."]
+    fixed = [c.metric for c in rows if any(s.deterministic for s in c.summaries.values())]
+    if fixed:
+        lines.append(f"Deterministic given the weights (declared by the task): {', '.join(fixed)}; a fixed "
+                     "checkpoint's column of it is one value, without interval or test.")
+    warnings = []
+    for c in rows:
+        for ident in order:
+            s = c.summaries.get(ident)
+            if s is not None and s.deterministic and s.differs:
+                warnings.append(f"Warning: {c.metric} of {names[ident]} is declared not to vary with the evaluation "
+                                f"seed, yet its {s.n} runs give {', '.join(f'{v:.6g}' for v in s.values)}: "
+                                "the runs differ in something else (data, code version, hardware); check them.")
+    pooled_twice = []
+    for ident in order:
+        runs = max((c.summaries[ident] for c in rows if ident in c.summaries), key=lambda s: s.n)
+        if runs.n_counts == PRETRAINING_SEEDS and runs.weights is not None and runs.weights < runs.n:
+            pooled_twice.append(f"Warning: {names[ident]} pools {runs.n} runs over {runs.weights} distinct weights: "
+                                "n counts runs, not pretrainings, and the interval treats repeated evaluations of "
+                                "one checkpoint as independent.")
+    return lines + warnings + pooled_twice
 
 
 def load_references() -> list[dict]:
@@ -235,16 +392,20 @@ def markdown(comparisons_: list[Comparison], references: list[dict]) -> str:
         header = "| metric | " + " | ".join(names[i] + (" (baseline)" if i == baseline else "") for i in order) + " |"
         lines = [f"### {task} · {dataset} · {protocol}", "", header, "|---|" + "---|" * len(order)]
         for c in rows:
-            arrow = " (lower is better)" if c.metric in LOWER_IS_BETTER else ""
+            arrow = " (lower is better)" if metric_info(c.metric).lower_is_better else ""
             lines.append(f"| {c.metric}{arrow} | " + " | ".join(cell(c, i) for i in order) + " |")
+        lines += ["", *notes(rows, names, order)]
         published = [r for r in references if matches(r, task, dataset, protocol)]
         if published:
             lines += ["", "Published with this protocol:"]
             lines += [f"* {r['method']} ({r['arch']}): {r['metric']} {r['value']} — {r['source']}" for r in published]
         blocks.append("\n".join(lines))
-    legend = ("Mean ± sample std over seeds (n runs; 95% CI of the mean, t distribution). Δ: difference to the "
-              "baseline column, Welch's t-test * p < 0.05, ** p < 0.01. **best**: the best mean, its interval "
-              "clear of every other backbone's.")
+    legend = ("Mean ± sample std over seeds (n runs; 95% CI of the mean, t distribution, clipped to the metric's "
+              "range: [0, 100] for percentages, [0, inf) for errors); what n counts is said under each table. Δ: "
+              "difference to the baseline column, Welch's t-test * p < 0.05, ** p < 0.01. **best**: the best mean, "
+              "its interval clear of every other backbone's. A column of one value in effect (a single run; "
+              "\"deterministic\": a fixed checkpoint on a metric its task declares independent of the seed; or all "
+              "values equal) shows that value alone, and no test or best involves it.")
     return legend + "\n\n" + "\n\n".join(blocks)
 
 
@@ -252,7 +413,7 @@ def markdown(comparisons_: list[Comparison], references: list[dict]) -> str:
 
 LONG_COLUMNS = ["backbone", "fingerprint", "backbone_path", "weights", "arch", "task", "protocol", "protocol_id",
                 "dataset", "split", "seed", "world_size", "global_batch", "hyperparameters", "metric", "value",
-                "run_dir"]
+                "run_dir", "n_counts", "varies_with_seed"]
 
 
 def _split(config: dict) -> str:
@@ -271,7 +432,9 @@ def _global_batch(config: dict) -> str:
 
 
 def long_rows(records: list[dict], pooled: frozenset = frozenset()) -> list[dict]:
-    """One row per run and metric (tidy: pandas reads it as is; pivot on `metric` for a wide table)."""
+    """One row per run and metric (tidy: pandas reads it as is; pivot on `metric` for a wide table). `n_counts`: what
+    the seeds of this row's backbone column differ in (a key of N_COUNTS; empty for pretraining runs);
+    `varies_with_seed`: the run's declaration for the metric (True, False, or empty where the run does not say)."""
     names = labels({identity(r, pooled) for r in records})
     rows = []
     for record in records:
@@ -285,7 +448,9 @@ def long_rows(records: list[dict], pooled: frozenset = frozenset()) -> list[dict
                          "split": _split(config), "seed": record.get("seed", ""),
                          "world_size": record.get("world_size", 1), "global_batch": _global_batch(config),
                          "hyperparameters": json.dumps(hyper, sort_keys=True, default=str), "metric": metric,
-                         "value": value, "run_dir": record["run_dir"]})
+                         "value": value, "run_dir": record["run_dir"],
+                         "n_counts": ident.n_counts if record["task"] != "pretrain" else "",
+                         "varies_with_seed": "" if (v := varies_with_seed(record, metric)) is None else v})
     return rows
 
 
@@ -330,7 +495,7 @@ def plot_pretraining(records: list[dict], out_dir: Path) -> list[Path]:
 
 
 def plot_tasks(comparisons_: list[Comparison], out_dir: Path) -> list[Path]:
-    """Per task: a panel per metric, a bar per backbone with its 95% interval."""
+    """Per task: a panel per metric, a bar per backbone with its 95% interval (none for a column of one value)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -348,7 +513,7 @@ def plot_tasks(comparisons_: list[Comparison], out_dir: Path) -> list[Path]:
                       [c.summaries[i].interval[1] - m for i, m in zip(order, means)]]
             ax.bar(range(len(order)), means, yerr=errors, capsize=3, color=[f"C{k}" for k in range(len(order))])
             ax.set_xticks(range(len(order)), [names[i] for i in order], rotation=30, ha="right", fontsize=8)
-            ax.set_title(c.metric + (" ↓" if c.metric in LOWER_IS_BETTER else ""), fontsize=9)
+            ax.set_title(c.metric + (" ↓" if metric_info(c.metric).lower_is_better else ""), fontsize=9)
         fig.suptitle(f"{task} ({rows[0].dataset}), mean and 95% CI over seeds", fontsize=10)
         fig.tight_layout()
         path = out_dir / f"task_{task}.png"

@@ -32,6 +32,10 @@ class TaskResult:
     dataset: str
     protocol: str
     extra: dict[str, Any] = field(default_factory=dict)
+    # metric -> False where, given the backbone's weights and the data, the metric cannot change with config.seed
+    # (no seeded init, order, augmentation or split reaches it); a metric not named may vary. metrics.json records it
+    # for every metric as `varies_with_seed`; the report shows a fixed checkpoint's column of a False one as one value.
+    varies_with_seed: dict[str, bool] = field(default_factory=dict)
 
 
 def backbone_record(backbone: Backbone) -> dict[str, str]:
@@ -83,10 +87,12 @@ class TaskRun:
     def finish(self, result: TaskResult) -> dict:
         """metrics.json's content; rank 0 writes it."""
         protocol_id = {"protocol_id": self.config.protocol_id} if self.config.get("protocol_id") else {}
+        varies = {"varies_with_seed": {k: bool(result.varies_with_seed.get(k, True)) for k in result.metrics}}
         record = metrics_record(task=self.task, dataset=result.dataset, backbone=self.record,
                                 protocol=result.protocol, metrics=result.metrics, seed=self.config.seed,
                                 config=OmegaConf.to_container(self.config, resolve=True),
-                                wall_time_s=time.time() - self.started, extra={**protocol_id, **(result.extra or {})})
+                                wall_time_s=time.time() - self.started,
+                                extra={**protocol_id, **varies, **(result.extra or {})})
         if self.is_main:
             atomic_write_bytes(self.run_dir / "metrics.json", json.dumps(record, indent=2).encode())
         log.info("%s: %s", self.task, ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))

@@ -363,10 +363,11 @@ def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskRe
                                config.extract_batch_size, d.num_workers, device)
     train_x, train_y, train_hit = features(train_set, d.train_split, d.limit_train)
     test_x, test_y, test_hit = features(test_set, d.test_split, d.limit_test)
-    chosen = {}
+    chosen, varies = {}, {}
     if task == "knn":
         scores = knn_scores(train_x, train_y, test_x, num_classes, config.knn.k, config.knn.temperature)
         metrics, protocol = topk_accuracy(scores, test_y), f"knn k={config.knn.k} T={config.knn.temperature}"
+        varies = dict.fromkeys(metrics, False)  # eval-transform features of fixed weights, no seed: one answer
     else:
         feature_fn = None
         if config.linear.augment:  # the standard protocol: new random crops every epoch, so no cache
@@ -402,4 +403,4 @@ def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskRe
     if d.limit_train:  # few labels are another protocol: the report keeps them apart from all labels
         protocol += f", the first {d.limit_train} training images"
     extra = {"feature_cache_hit": bool(train_hit and test_hit), "world_size": processes.world_size}
-    return TaskResult(metrics, d.dataset, protocol, {**extra, **chosen})
+    return TaskResult(metrics, d.dataset, protocol, {**extra, **chosen}, varies_with_seed=varies)

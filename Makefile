@@ -4,7 +4,7 @@ STAMP := .venv/.installed
 
 .PHONY: install test demo demo-full clean-install
 
-$(STAMP): scripts/install.sh scripts/build_detectron2.py constraints.txt setup.py
+$(STAMP): scripts/install.sh scripts/build_detectron2.py scripts/build_target.py constraints.txt setup.py
 	bash scripts/install.sh
 	touch $(STAMP)
 

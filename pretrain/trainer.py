@@ -123,7 +123,11 @@ class Pretrainer:
         self.device = pick_device(config.device)
         torch.manual_seed(config.seed)
         if config.train.deterministic:
-            torch.use_deterministic_algorithms(True)
+            if self.device.type == "cuda":  # cuBLAS is deterministic only with a fixed workspace, set before its use;
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # a few ops (the probe's NLLLoss) have
+                torch.use_deterministic_algorithms(True, warn_only=True)     # no deterministic CUDA kernel: warned
+            else:
+                torch.use_deterministic_algorithms(True)
 
         m = config.model
         classes = len(getattr(self.dataset, "classes", ())) if m.online_probe else 0

@@ -29,6 +29,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def remove_partial_writes(folder: Path, logger, name: str = "*") -> None:
+    """Delete the temporary files that `atomic_write_bytes` left in `folder` when its process was killed mid-write
+    (only `name`'s, or all); the one writer of `folder` calls it before it writes there again."""
+    for partial in Path(folder).glob(f".{name}.*.tmp"):
+        logger.info("removing %s, left by an interrupted checkpoint write", partial)
+        partial.unlink(missing_ok=True)
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save, atomically."""
     import torch

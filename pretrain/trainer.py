@@ -40,6 +40,7 @@ from torch import nn
 from pretrain import checkpoint
 from pretrain.config import config_differences
 from pretrain.errors import UserError
+from pretrain.io import remove_partial_writes
 from pretrain.rundir import (RunDirLock, attach_log, detach_log, pick_device, refuse_other_config,
                              start_run_dir)
 
@@ -234,9 +235,7 @@ class Pretrainer:
         self._handlers = [attach_log(log, self.run_dir)]
         if self._lock is not None:
             self._lock.log_takeover(log)
-        for leftover in self.checkpoint_path.parent.glob(".*.tmp"):  # a write that a killed run left half-done
-            log.info("removing %s, left by an interrupted checkpoint write", leftover)
-            leftover.unlink(missing_ok=True)
+        remove_partial_writes(self.checkpoint_path.parent, log)
         from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(str(self.run_dir / "events"), purge_step=self.step or None)
         history = self.run_dir / "history.jsonl"

@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from pretrain.checks import (NON_NEGATIVE, POSITIVE_INT, at_least, between, checked, each, greater_than)
 from pretrain.errors import UserError
+from pretrain.io import remove_partial_writes
 
 log = logging.getLogger("transfer")
 
@@ -245,10 +246,8 @@ class Finetuner:
                                     weight_decay=weight_decay)
         schedule = cosine_schedule(optimizer, total)
         progress = Progress(self.folder / f"{name}.pt", "epoch", model=model, optimizer=optimizer, schedule=schedule)
-        if self.save:  # rank 0 alone writes it: a .tmp is a write that a killed run left half-done
-            for leftover in self.folder.glob(f".{name}.pt.*.tmp"):
-                log.info("finetune: removing %s, left by an interrupted checkpoint write", leftover)
-                leftover.unlink(missing_ok=True)
+        if self.save:  # rank 0 alone writes it
+            remove_partial_writes(self.folder, log, f"{name}.pt")
         start = progress.restore()
         if 0 < start < epochs:
             log.info("finetune: %s resumes at epoch %d of %d", name, start, epochs)

@@ -266,10 +266,9 @@ def train_and_evaluate(cfg_dict: dict, distributed: bool, gloo: bool) -> dict[st
     cfg.resume = True  # picks up the latest checkpoint in work_dir, if any
     work_dir = Path(cfg.work_dir)
     from pretrain.distributed import detect
-    if detect().rank == 0:  # rank 0 alone writes checkpoints: a .tmp is a write that a killed run left half-done
-        for leftover in work_dir.glob(".*.tmp"):
-            log.info("mmseg: removing %s, left by an interrupted checkpoint write", leftover)
-            leftover.unlink(missing_ok=True)
+    if detect().rank == 0:  # rank 0 alone writes checkpoints
+        from pretrain.io import remove_partial_writes
+        remove_partial_writes(work_dir, log)
     last = work_dir / "last_checkpoint"
     if last.exists():
         log.info("mmseg: resumes from %s", last.read_text().strip())

@@ -223,6 +223,7 @@ def train_and_evaluate(config: Config, backbone, run_dir: Path, device, save: bo
     import sys
     from tqdm import tqdm
     from pretrain.distributed import detect
+    from pretrain.io import remove_partial_writes
     from pretrain.rundir import Progress, cosine_schedule
     from transfer.datasets import build_depth_dataset
     d = config.data
@@ -246,10 +247,8 @@ def train_and_evaluate(config: Config, backbone, run_dir: Path, device, save: bo
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
     schedule = cosine_schedule(optimizer, config.steps)
     saved = Progress(run_dir / "depth_last.pt", "step", model=model, optimizer=optimizer, schedule=schedule)
-    if save:  # rank 0 alone writes it: a .tmp is a write (400 MB at ResNet-18) that a killed run left half-done
-        for leftover in run_dir.glob(".depth_last.pt.*.tmp"):
-            log.info("depth: removing %s, left by an interrupted checkpoint write", leftover)
-            leftover.unlink(missing_ok=True)
+    if save:  # rank 0 alone writes it; a killed write leaves a .tmp of 400 MB at ResNet-18
+        remove_partial_writes(run_dir, log, "depth_last.pt")
     step = saved.restore()
     if step:
         log.info("depth: resuming at step %d of %d", step, config.steps)

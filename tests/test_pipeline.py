@@ -33,7 +33,7 @@ def test_tiny_pipeline_runs_end_to_end_and_a_rerun_skips_everything(tmp_path):
                          "images.size=16", "images.num_workers=0", "finetune.batch_size=20", "finetune.lr_grid=[0.05]",
                          "finetune.epochs_grid=[1]"],
             "classify/digits": ["images.size=16", "finetune.batch_size=100", "finetune.lr_grid=[0.05]",
-                                "finetune.epochs_grid=[1]", f"cache_dir={cache}"]},
+                                "finetune.epochs_grid=[1]", "linear.max_iter=50", f"cache_dir={cache}"]},
     }))
     result = run_cli("slurm", "pipeline", "--config", str(config), timeout=2000)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -162,6 +162,29 @@ def test_up_projection_decoder_returns_the_input_resolution(arch, size):
         assert model(torch.randn(1, 3, *size)).shape == (1, 1, *size)
 
 
+def test_up_projection_is_the_5x5_conv_of_the_unpooled_map_in_value_and_gradient():
+    """Laina et al. figure 2c written out (unpool, then the two 5x5 convs of padding 2), against the block's fast
+    form, float64, odd sizes included."""
+    import torch.nn.functional as F
+    from transfer.tasks.depth import UpProjection, unpool
+    torch.manual_seed(0)
+    block = UpProjection(6, 4).double().train()
+    x = torch.randn(2, 6, 3, 5, dtype=torch.float64, requires_grad=True)
+    main, shortcut = block.main, block.shortcut
+    unpooled = unpool(x)
+    expected = F.relu(main[1:](F.conv2d(unpooled, main[0].weight, padding=2))
+                      + shortcut[1:](F.conv2d(unpooled, shortcut[0].weight, padding=2)))
+    weights = [x, main[0].weight, shortcut[0].weight, main[3].weight]
+    probe = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad((expected * probe).sum(), weights)
+    actual = block(x)
+    grads = torch.autograd.grad((actual * probe).sum(), weights)
+    assert actual.shape == (2, 4, 6, 10)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_depth_trains_evaluates_and_resumes(scenes, tmp_path):
     args = ["depth", "--backbone", "random:resnet18", "--config", "configs/transfer/depth_scenes.yaml",
             f"run_dir={tmp_path / 'run'}", f"data.root={scenes / 'nyu'}", "data.resize=[96,96]", "data.crop=[96,96]",

@@ -40,8 +40,23 @@ def unpool(x: Tensor) -> Tensor:
     return out
 
 
+def unpooled_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """conv(unpool(x)) for a 5x5 conv with padding 2, without the zeros (Laina et al.'s fast up-convolution).
+
+    Three of the four unpooled positions are zero, so the product is a transposed convolution of x itself, stride
+    2, with the kernel flipped and its channel axes swapped:
+
+        conv2d(unpool(x), W, padding=2) = conv_transpose2d(x, flip(W)^T, stride=2, padding=2, output_padding=1)
+
+    (left padding 5 - 1 - 2 = 2 as the conv's; the unpooled map's trailing zero row / column is output_padding).
+    A quarter of the multiply-adds; the same parameters, so checkpoints are unchanged."""
+    weight = conv.weight.flip(2, 3).transpose(0, 1)
+    return F.conv_transpose2d(x, weight, conv.bias, stride=2, padding=2, output_padding=1)
+
+
 class UpProjection(nn.Module):
-    """unpool -> [5x5 conv, BN, ReLU, 3x3 conv, BN] + [5x5 conv, BN] -> ReLU (Laina et al., figure 2c)."""
+    """unpool -> [5x5 conv, BN, ReLU, 3x3 conv, BN] + [5x5 conv, BN] -> ReLU (Laina et al., figure 2c); the
+    unpooling and the 5x5 convs are computed together (unpooled_conv)."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
@@ -53,8 +68,9 @@ class UpProjection(nn.Module):
                                       nn.BatchNorm2d(out_channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = unpool(x)
-        return F.relu(self.main(x) + self.shortcut(x))
+        main = self.main[1:](unpooled_conv(x, self.main[0]))
+        shortcut = self.shortcut[1:](unpooled_conv(x, self.shortcut[0]))
+        return F.relu(main + shortcut)
 
 
 class FCRN(nn.Module):

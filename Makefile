@@ -14,7 +14,7 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest tests
 
-# FP32=1: the README's numbers on any x86-64 CPU with AVX2: fp32 pretraining and the AVX2 kernels of ATen, oneDNN,
+# FP32=1: the same numbers on any x86-64 CPU with AVX2: fp32 pretraining and the AVX2 kernels of ATen, oneDNN,
 # MKL and OpenBLAS on two threads (pretrain/numerics.py), into runs/demo-fp32. Without it, a CPU with native bf16
 # pretrains in bf16 (faster) and its numbers differ from the table's.
 FP32 ?= 0

@@ -3,8 +3,8 @@
 Two x86 machines running the same code and seeds give the same numbers only where they run the same kernels:
 oneDNN (convolutions) picks AVX-512 or AVX2 code by the CPU, ATen's own vectorised ops likewise, and with
 `train.cpu_amp=true` a CPU with native bf16 (avx512_bf16 or AMX) pretrains in bf16 while one without it runs fp32.
-`make demo FP32=1` pins all of them (REPRODUCIBLE_ENV, and train.cpu_amp=false), so any x86-64 CPU with AVX2 runs
-the same kernels as the README's table.
+`make demo FP32=1` pins all of them (REPRODUCIBLE_ENV, and train.cpu_amp=false), so that any two x86-64 CPUs with
+AVX2 run the same kernels.
 """
 from __future__ import annotations
 
@@ -46,5 +46,5 @@ def describe(cpu_amp: bool) -> str:
     line = (f"numerics: {cpu_model()}, ATen {torch.backends.cpu.get_cpu_capability()}, oneDNN ISA {isa}, native bf16 "
             f"{'yes' if bf16 else 'no'}; pretraining in {precision}")
     if pinned() and not (cpu_amp and bf16):
-        return line + "; pinned to the AVX2 kernels (FP32=1): the README's numbers"
-    return line + "; numbers may differ from the README's table (measured with FP32=1): `make demo FP32=1` pins them"
+        return line + "; pinned to the AVX2 kernels (FP32=1): the same kernels on any x86-64 CPU with AVX2"
+    return line + "; numbers may differ on another CPU (README, 'Which CPU'): `make demo FP32=1` pins them"

@@ -9,6 +9,7 @@ import torchvision
 
 from pretrain.errors import UserError
 from tests.conftest import run_cli
+from tests.helpers import randomise_batchnorm
 from transfer import export
 from transfer.backbone import load_backbone
 from transfer.verify import verify
@@ -16,15 +17,7 @@ from transfer.verify import verify
 
 def random_resnet(arch, seed=0):
     torch.manual_seed(seed)
-    model = getattr(torchvision.models, arch)(weights=None)
-    with torch.no_grad():  # non-trivial BN statistics, so that a BN mix-up shows in the features
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
-    return model
+    return randomise_batchnorm(getattr(torchvision.models, arch)(weights=None))
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ def test_under_the_switch_aten_and_onednn_run_their_avx2_kernels():
                             env={**os.environ, **REPRODUCIBLE_ENV})
     assert pinned.returncode == 0, pinned.stderr
     assert "ATen AVX2, oneDNN ISA AVX2" in pinned.stdout and "pretraining in fp32" in pinned.stdout
-    assert pinned.stdout.rstrip().endswith("pinned to the AVX2 kernels (FP32=1): the README's numbers")
+    assert pinned.stdout.rstrip().endswith("pinned to the AVX2 kernels (FP32=1): the same kernels on any x86-64 CPU with AVX2")
     free = subprocess.run([sys.executable, "-c", code.replace("False", "True")], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={k: v for k, v in os.environ.items() if k not in REPRODUCIBLE_ENV})
     assert free.returncode == 0 and "`make demo FP32=1` pins them" in free.stdout

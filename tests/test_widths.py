@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from pretrain.errors import UserError
 from pretrain.networks import architecture, build_resnet, feature_width
 from tests.conftest import ROOT
+from tests.helpers import randomise_batchnorm
 from transfer import export
 from transfer.backbone import Backbone, load_backbone
 
@@ -36,14 +37,7 @@ def detectron2_shapes(arch: str) -> dict[str, tuple[int, ...]]:
 def random_backbone(arch: str, seed: int = 0) -> Backbone:
     """A random network with non-trivial BN statistics, so that a BN mix-up shows in the features."""
     torch.manual_seed(seed)
-    model = build_resnet(arch)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
+    model = randomise_batchnorm(build_resnet(arch))
     return Backbone(model.state_dict(), arch, f"random:{arch}", "random init", "as-is")
 
 

@@ -15,11 +15,12 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 # FP32=1: the same numbers on any x86-64 CPU with AVX2: fp32 pretraining and the AVX2 kernels of ATen, oneDNN,
-# MKL and OpenBLAS on two threads (pretrain/numerics.py), into runs/demo-fp32. Without it, a CPU with native bf16
-# pretrains in bf16 (faster) and its numbers differ from the table's.
+# MKL and OpenBLAS (pretrain/numerics.py), into runs/demo-fp32; every job runs on one thread either way
+# (configs/slurm/local.yaml). Without it, a CPU with native bf16 pretrains in bf16 (faster) and its numbers differ
+# from the table's.
 FP32 ?= 0
 ifeq ($(FP32),1)
-DEMO_ENV := env ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2 OPENBLAS_CORETYPE=Haswell OMP_NUM_THREADS=2
+DEMO_ENV := env ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2 OPENBLAS_CORETYPE=Haswell
 DEMO_ARGS := root=runs/demo-fp32 "pretrain_overrides=[train.cpu_amp=false]"
 endif
 

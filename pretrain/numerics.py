@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import platform
 
-# The environment of the fp32 switch: the AVX2 code paths of ATen, oneDNN, MKL and OpenBLAS, and two threads.
+# The environment of the fp32 switch: the AVX2 code paths of ATen, oneDNN, MKL and OpenBLAS. The threads, which
+# change rounding too, are the executor's (configs/slurm/local.yaml: one per job, whatever the machine's cores).
 REPRODUCIBLE_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2",
-                    "OPENBLAS_CORETYPE": "Haswell", "OMP_NUM_THREADS": "2"}
+                    "OPENBLAS_CORETYPE": "Haswell"}
 
 
 def cpu_model() -> str:

@@ -55,7 +55,8 @@ def split_arguments(argv: list[str]) -> tuple[dict, list[str], list[str]]:
 
 def run_submit(args: argparse.Namespace) -> None:
     from pretrain.errors import UserError
-    from slurm.executor import build_executor, job_name, report_failure, sbatch_script, step_command, step_config
+    from slurm.executor import (build_executor, job_name, local_threads, report_failure, sbatch_script, step_command,
+                                step_config)
     from slurm.jobs import StepJob
     flags, executor_overrides, step_args = split_arguments(args.step_args)
     config = step_config(flags["executor"], executor_overrides, args.step)  # refuses an unknown step
@@ -67,7 +68,8 @@ def run_submit(args: argparse.Namespace) -> None:
         print(f"# {config.cluster} executor, {len(step_args)} step arguments; nothing submitted\n{shown}")
         return
     executor = build_executor(config, name=job_name(config, args.step))
-    submitted = executor.submit(job)
+    with local_threads(config):
+        submitted = executor.submit(job)
     print(f"submitted {args.step} as job {submitted.job_id} ({config.cluster}); logs: {submitted.paths.stdout}")
     wait = flags["wait"] if flags["wait"] is not None else config.cluster != "slurm"
     if wait:

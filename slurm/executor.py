@@ -15,7 +15,9 @@ prints what is submitted.
 """
 from __future__ import annotations
 
+import os
 import shlex
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -83,6 +85,10 @@ class ExecutorConfig:
     additional: dict = field(default_factory=dict)   # extra sbatch flags, e.g. {exclude: node12}
     setup: list = field(default_factory=list)        # shell lines before the job (module load ...)
     profiles: dict = checked({}, PROFILES)              # step -> resources over the keys above (see the docstring)
+    # local only: how many jobs of a graph run at once (0: as many as the cores hold at threads_per_job each),
+    # and each job's threads (OMP_NUM_THREADS; unset: torch's default, one per core)
+    parallel_jobs: int = checked(1, NON_NEGATIVE)
+    threads_per_job: Optional[int] = checked(None, optional(POSITIVE_INT))
 
 
 def for_step(config, step: str):
@@ -185,6 +191,33 @@ def build_executor(config: ExecutorConfig, folder: str | Path | None = None, nam
     if config.cluster == "slurm":
         executor.update_parameters(**slurm_parameters(config, after))
     return executor
+
+
+def local_slots(config: ExecutorConfig, cores: int | None = None) -> int:
+    """How many local jobs run at once: parallel_jobs, or with 0 as many as the cores hold at threads_per_job
+    threads each (one job when threads_per_job is unset: torch then takes every core)."""
+    if config.parallel_jobs:
+        return config.parallel_jobs
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(1, cores // config.threads_per_job) if config.threads_per_job else 1
+
+
+@contextmanager
+def local_threads(config: ExecutorConfig):
+    """Local jobs submitted inside start with OMP_NUM_THREADS=threads_per_job: submitit's local controller copies
+    this process's environment when it starts a job. On SLURM nothing changes (threads follow cpus_per_task)."""
+    if config.cluster != "local" or config.threads_per_job is None:
+        yield
+        return
+    previous = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(config.threads_per_job)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = previous
 
 
 def sbatch_script(config: ExecutorConfig, argv: list[str], count: int = 1, folder: str | Path | None = None,

@@ -89,8 +89,8 @@ def scene_overrides(task: str, scenes: Path) -> list[str]:
 
 
 class Pipeline:
-    """Plans the main job's steps; runs them one after another (local executor) or submits them to SLURM as one
-    dependency graph (slurm.graph) and returns."""
+    """Plans the main job's steps; runs them here as their dependencies allow (local executor, `run_local`) or
+    submits them to SLURM as one dependency graph (slurm.graph) and returns."""
 
     def __init__(self, config: PipelineConfig, dry_run: bool = False):
         from slurm.executor import load_executor_config
@@ -199,24 +199,57 @@ class Pipeline:
 
 # ------------------------------------------------------------------------------------------- running
 
-def run_job(node, executor_config, label: str, timings: dict) -> None:
-    """Run one step as a job here and wait for it; skip it when it is done."""
-    from slurm.executor import build_executor, for_step, job_name, report_failure
+def run_local(nodes, executor_config, label: str) -> dict:
+    """Run the graph's jobs here as local submitit jobs, each as soon as the jobs it needs are done, up to
+    `local_slots` at a time, taking ready jobs in the plan's order (so that pretraining starts first). Steps done
+    before are skipped. When a job fails, no new job starts; the running ones finish, then the first failure is
+    raised. Returns each job's start and end in seconds from the start."""
+    from slurm.executor import build_executor, for_step, job_name, local_slots, local_threads, report_failure
     from slurm.jobs import StepJob
-    if node.is_done:
-        print(f"[{label}] {node.name}: done before, skipped")
-        return
-    started = time.time()
-    config = for_step(executor_config, node.step)  # the step's own profile (its time limit) here too
-    job = build_executor(config, name=job_name(config, node.name)).submit(StepJob(node.step, node.argv,
-                                                                                  config.signal_delay_s))
-    print(f"[{label}] {node.name}: job {job.job_id} ({config.cluster})", flush=True)
-    try:
-        job.result()
-    except Exception:
-        raise UserError(f"{label} step {node.name} failed: " + report_failure(job).replace("\n", " |")) from None
-    timings[node.name] = time.time() - started
-    print(f"[{label}] {node.name}: finished in {timings[node.name]:.0f} s", flush=True)
+    slots, started, times = local_slots(executor_config), time.time(), {}
+    finished = {node.name for node in nodes if node.is_done}
+    for node in nodes:
+        if node.name in finished:
+            print(f"[{label}] {node.name}: done before, skipped")
+    waiting = [node for node in nodes if node.name not in finished]
+    running, failures = {}, []
+    while waiting or running:
+        for node in list(waiting):
+            if failures or len(running) >= slots:
+                break
+            if all(need in finished for need in node.needs):
+                config = for_step(executor_config, node.step)  # the step's own profile (its time limit) here too
+                with local_threads(config):
+                    job = build_executor(config, name=job_name(config, node.name)).submit(
+                        StepJob(node.step, node.argv, config.signal_delay_s))
+                running[node.name] = job
+                times[node.name] = {"start_s": round(time.time() - started, 1)}
+                waiting.remove(node)
+                print(f"[{label}] {node.name}: job {job.job_id} ({config.cluster})", flush=True)
+        if not running:  # nothing can start: what is left waits on a failed job
+            break
+        time.sleep(0.5)
+        for name, job in list(running.items()):
+            try:
+                if not job.done():
+                    continue
+                del running[name]
+                job.result()
+            except Exception:  # (the debug executor runs the job inside done(), and raises there)
+                running.pop(name, None)
+                times[name]["end_s"] = round(time.time() - started, 1)
+                failures.append(f"{label} step {name} failed: " + report_failure(job).replace("\n", " |"))
+                print(f"[{label}] {failures[-1]}" + (f"; waiting for the running {', '.join(running)}"
+                                                     if running else ""), flush=True)
+                continue
+            times[name]["end_s"] = round(time.time() - started, 1)
+            finished.add(name)
+            print(f"[{label}] {name}: finished in {times[name]['end_s'] - times[name]['start_s']:.0f} s", flush=True)
+    if failures:
+        raise UserError(failures[0])
+    if waiting:  # the plan names a job that no job provides: a bug, not the user's input
+        raise RuntimeError(f"{label}: {', '.join(n.name for n in waiting)} wait on jobs that are not in the graph")
+    return times
 
 
 def describe_graph(nodes, executor_config, root: Path, label: str) -> None:
@@ -253,7 +286,7 @@ def describe_graph(nodes, executor_config, root: Path, label: str) -> None:
 def run_graph(nodes, executor_config, root: Path, dry_run: bool, label: str, report_dirs: list[str],
               baseline: str | None = None, pooled: list[str] = ()) -> dict:
     """Print the graph (dry run), submit it to SLURM as one dependency graph and return, or run its steps here
-    one after another (the last node is the report, built in this process) and return the report."""
+    (`run_local`; the last node is the report, built in this process) and return the report."""
     if dry_run:
         describe_graph(nodes, executor_config, root, label)
         return {}
@@ -263,13 +296,14 @@ def run_graph(nodes, executor_config, root: Path, dry_run: bool, label: str, rep
         print(f"[{label}] submitted to SLURM as one dependency graph; manifest {root / graph.MANIFEST}\n"
               f"[{label}] follow it with: python -m slurm status {root}")
         return {}
-    started, timings = time.time(), {}
-    for node in nodes[:-1]:
-        run_job(node, executor_config, label, timings)
+    from slurm.executor import local_slots
+    started = time.time()
+    times = run_local(nodes[:-1], executor_config, label)
     from transfer.report import build_report
     report = build_report(report_dirs, root / "report", baseline=baseline, pooled=pooled)
     total = time.time() - started
-    timing = {"total_s": round(total, 1), **{k: round(v, 1) for k, v in timings.items()}}
+    timing = {"total_s": round(total, 1), "parallel_jobs": local_slots(executor_config),
+              "threads_per_job": executor_config.threads_per_job, "jobs": times}
     (root / "report" / "timings.json").write_text(json.dumps(timing, indent=2))
     print(f"[{label}] done in {total / 60:.1f} min; report: {root / 'report' / 'report.md'}")
     return report

@@ -88,13 +88,13 @@ def batches(config: SweepConfig, executor_config) -> list[tuple[str, Any, list[d
 
 
 def submit(config: SweepConfig, executor_config) -> list[dict]:
-    from slurm.executor import build_executor, job_name
+    from slurm.executor import build_executor, job_name, local_threads
     from slurm.jobs import StepJob
     root = Path(config.run_root)
     jobs = []
     for key, step_config, group in batches(config, executor_config):
         executor = build_executor(step_config, folder=root / "jobs", name=job_name(step_config, key))
-        with executor.batch():
+        with local_threads(step_config), executor.batch():
             submitted = [executor.submit(StepJob(job["task"], job["argv"], step_config.signal_delay_s))
                          for job in group]
         for job, handle in zip(group, submitted):

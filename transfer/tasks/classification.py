@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,10 +194,12 @@ class FeatureCache:
 
     @staticmethod
     def _save(folder: Path, prefix: str, features: Tensor, labels: Tensor) -> None:
-        """folder/{prefix}features.npy and {prefix}labels.npy, each written to a temporary name and renamed."""
+        """folder/{prefix}features.npy and {prefix}labels.npy, each written to a temporary name of this process and
+        renamed: two jobs extracting the same features at once (local jobs run side by side) each rename a whole
+        file."""
         folder.mkdir(parents=True, exist_ok=True)
         for name, array in (("features", features.numpy()), ("labels", labels.numpy())):
-            tmp = folder / f".{prefix}{name}.tmp.npy"
+            tmp = folder / f".{prefix}{name}.{os.getpid()}.tmp.npy"
             np.save(tmp, array)
             tmp.replace(folder / f"{prefix}{name}.npy")
 

@@ -14,7 +14,7 @@ EXTRAS = {
                   "tabulate", "cloudpickle", "opencv-python-headless"],
     "slurm": ["submitit>=1.5"],
     "data": ["imgviz", "h5py", "scipy", "scikit-learn"],  # scikit-learn: the digits set of the classify task
-    "test": ["pytest>=8", "pytest-timeout", "ruff", "jax", "jaxlib", "dm-haiku", "pandas", "scikit-learn"],
+    "test": ["pytest>=8", "pytest-timeout", "pytest-xdist", "ruff", "jax", "jaxlib", "dm-haiku", "pandas", "scikit-learn"],
     "bench": ["lightly"],
 }
 EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "bench" for req in reqs})

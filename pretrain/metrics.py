@@ -43,7 +43,15 @@ def metrics_record(*, task: str, dataset: str, backbone: dict[str, str] | None, 
     """The content of metrics.json. `backbone` is {"path", "sha256", ...}."""
     return {"task": task, "dataset": dataset, "backbone": backbone, "protocol": protocol,
             "metrics": {k: float(v) for k, v in metrics.items()}, "seed": seed, "config": config,
-            "code_version": code_version(), "wall_time_s": round(wall_time_s, 3), **(extra or {})}
+            "code_version": code_version(), "wall_time_s": round(wall_time_s, 3), "threads": torch_threads(),
+            **(extra or {})}
+
+
+def torch_threads() -> int | None:
+    """torch's intra-op threads in this process (None before torch is imported): reductions split across threads
+    round differently, so a run's numbers depend on it."""
+    import sys
+    return sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
 
 
 def write_metrics(run_dir: str | Path, **fields: Any) -> Path:

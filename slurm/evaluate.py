@@ -1,6 +1,6 @@
 """`python -m slurm evaluate`: several named backbones x tasks x seeds, then the report that compares them.
 
-Each run is a job (the local executor by default: one after another here; on SLURM the whole graph is
+Each run is a job (the local executor by default: run here, parallel_jobs at a time; on SLURM the whole graph is
 submitted at once, a job array per task and backbone, the report as a job after them). A run whose
 metrics.json exists is skipped, so rerunning the command adds only what is missing.
 

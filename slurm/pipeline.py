@@ -203,7 +203,7 @@ def run_local(nodes, executor_config, label: str) -> dict:
     """Run the graph's jobs here as local submitit jobs, each as soon as the jobs it needs are done, up to
     `local_slots` at a time, taking ready jobs in the plan's order (so that pretraining starts first). Steps done
     before are skipped. When a job fails, no new job starts; the running ones finish, then the first failure is
-    raised. Returns each job's start and end in seconds from the start."""
+    raised. Returns each job's start and end in seconds from the start, and the jobs it waited for."""
     from slurm.executor import build_executor, for_step, job_name, local_slots, local_threads, report_failure
     from slurm.jobs import StepJob
     slots, started, times = local_slots(executor_config), time.time(), {}
@@ -223,7 +223,7 @@ def run_local(nodes, executor_config, label: str) -> dict:
                     job = build_executor(config, name=job_name(config, node.name)).submit(
                         StepJob(node.step, node.argv, config.signal_delay_s))
                 running[node.name] = job
-                times[node.name] = {"start_s": round(time.time() - started, 1)}
+                times[node.name] = {"start_s": round(time.time() - started, 1), "needs": list(node.needs)}
                 waiting.remove(node)
                 print(f"[{label}] {node.name}: job {job.job_id} ({config.cluster})", flush=True)
         if not running:  # nothing can start: what is left waits on a failed job

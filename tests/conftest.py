@@ -11,6 +11,29 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The suite runs on two pytest-xdist workers (pytest.ini: -n 2) on one thread each, and so does every process a
+# test starts (the variable is inherited): two workers on two threads each would be four busy-waiting OpenMP
+# threads on two cores, many times slower. Also with -n 0, so that a test's numbers do not depend on how it was
+# run. Set before anything imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Which tests share a worker (--dist loadgroup): those on the SLURM cluster (one cluster; their jobs do not
+    compete for its two CPUs), and those of one module that share a module-scoped fixture (computed once); and
+    the order in which they are handed out."""
+    for item in items:
+        definitions = getattr(item, "_fixtureinfo", None)
+        scopes = {name: defs[-1].scope for name, defs in (definitions.name2fixturedefs.items() if definitions else ())}
+        if item.get_closest_marker("xdist_group"):
+            continue
+        if "slurm_cluster" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif "module" in scopes.values():
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    # The long ones first (the SLURM group, then tests marked slow), so that no worker starts one near the end.
+    items.sort(key=lambda item: ("slurm_cluster" not in item.fixturenames, item.get_closest_marker("slow") is None))
+
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):

@@ -13,6 +13,10 @@ import pytest
 
 from tests.conftest import ROOT
 
+# On the SLURM tests' worker (pytest-xdist): the session's cluster stays up for the whole test, as the last
+# assertion expects of every other cluster.
+pytestmark = pytest.mark.xdist_group("slurm")
+
 
 def processes_naming(text: str) -> dict[int, str]:
     """pid -> command line of every process whose command line holds `text`."""

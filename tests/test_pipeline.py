@@ -52,10 +52,27 @@ def test_tiny_pipeline_runs_end_to_end_and_a_rerun_skips_everything(tmp_path):
             assert record["backbone"]["weights"] == {"pretrained": "ema", "random": "random"}.get(kind, "as-is")
     assert (root / "report" / "pretrain_pretrain.png").exists() and (root / "report" / "task_depth.png").exists()
     assert json.loads((root / "export" / "backbone_ema.pkl.json").read_text())["arch"] == "resnet18"
+    assert_ran_as_the_graph_allows(json.loads((root / "report" / "timings.json").read_text()), jobs=5 + 21, slots=2)
+    for record in root.glob("*/*/seed0/metrics.json"):  # local.yaml: one thread per job
+        assert json.loads(record.read_text())["threads"] == 1, record
     rerun = run_cli("slurm", "pipeline", "--config", str(config), timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     # pretrain, supervised, scenes, export, verify + 7 tasks x 3 backbones
     assert rerun.stdout.count("done before, skipped") == 5 + 21
+
+
+def assert_ran_as_the_graph_allows(timings: dict, jobs: int, slots: int) -> None:
+    """Every job started after the jobs it needs had ended, never more than `slots` ran at once, and some did
+    run side by side."""
+    assert timings["parallel_jobs"] == slots and len(timings["jobs"]) == jobs
+    spans = timings["jobs"]
+    for name, span in spans.items():
+        assert span["start_s"] < span["end_s"], name
+        for need in span["needs"]:
+            assert spans[need]["end_s"] <= span["start_s"], f"{name} started before {need} ended"
+    at_once = [sum(other["start_s"] <= span["start_s"] < other["end_s"] for other in spans.values())
+               for span in spans.values()]
+    assert max(at_once) == slots
 
 
 @pytest.mark.timeout(1200)

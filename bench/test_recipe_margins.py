@@ -10,12 +10,14 @@ separate the backbones far more than all 60,000 (BENCHMARKS.md), at an eighth of
         [--pretrain key=value ...]     (pretraining overrides, e.g. loss.estimator=exact; use another --out)
         [--transfer key=value ...]     (linear / kNN overrides, e.g. data.image_size=40)
 
-Prints one row per (task, seed) and the smallest margin per task; the test asserts about half of it.
+Prints one row per (task, seed) and the smallest margin per task; the test asserts about half of it. Every run is
+on one thread, as in the test suite (OMP_NUM_THREADS=k runs them on k).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,10 +25,12 @@ from pathlib import Path
 PRETRAIN = ["--config", "configs/pretrain/fashion_mnist_resnet18.yaml", "data.limit=30000", "optim.epochs=1",
             "train.cpu_amp=false"]
 TASK = ["--config", "configs/transfer/linear_fashion_mnist.yaml", "data.limit_train=1000"]
+THREADS = os.environ.get("OMP_NUM_THREADS", "1")
 
 
 def run(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", *args], check=True)
+    # one thread, as in the test suite (tests/conftest.py): the margins depend on it
+    subprocess.run([sys.executable, "-m", *args], check=True, env={**os.environ, "OMP_NUM_THREADS": THREADS})
 
 
 def margins(seed: int, out: Path, overrides: list[str] = (), transfer: list[str] = ()) -> dict[str, tuple[float, float]]:

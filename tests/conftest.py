@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """Which tests share a worker (--dist loadgroup): those on the SLURM cluster (one cluster; their jobs do not
     compete for its two CPUs), and those of one module that share a module-scoped fixture (computed once); and

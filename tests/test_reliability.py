@@ -39,7 +39,7 @@ BAD_VALUES = [
     ("sweep", "seeds", "[-1]"), ("sweep", "tasks", "{segment: x.yaml}"),
     ("pipeline", "tasks", "{linear: missing.yaml}"), ("pipeline", "scenes", "{size: 8}"), ("pipeline", "weights", "final"),
     ("executor", "timeout_min", "0"), ("executor", "cluster", "kubernetes"), ("executor", "nodes", "0"),
-    ("executor", "mem_gb", "-4"),
+    ("executor", "mem_gb", "-4"), ("executor", "parallel_jobs", "-1"), ("executor", "threads_per_job", "0"),
     ("finetune", "finetune.steps", "-1"), ("finetune", "finetune.batch_size", "0"),
     ("classify", "data.dataset", "imagenet"), ("classify", "linear.resize_ratio", "0"),
 ]

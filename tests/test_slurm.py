@@ -232,3 +232,13 @@ def test_every_command_the_pipeline_dry_run_prints_exists(tmp_path):
         assert exit.value.code in (0, None), (module, sub)
         assert out.getvalue().startswith(f"usage: python -m {module}{' ' + sub if sub else ''} "), (module, sub)
     assert not (tmp_path / "demo").exists()
+
+
+def test_local_slots_fill_the_cores_at_the_threads_each_job_takes():
+    from slurm.executor import ExecutorConfig, local_slots
+    assert local_slots(ExecutorConfig(parallel_jobs=2, threads_per_job=1), cores=16) == 2  # as set
+    assert local_slots(ExecutorConfig(parallel_jobs=0, threads_per_job=1), cores=16) == 16
+    assert local_slots(ExecutorConfig(parallel_jobs=0, threads_per_job=3), cores=16) == 5
+    assert local_slots(ExecutorConfig(parallel_jobs=0, threads_per_job=4), cores=2) == 1
+    assert local_slots(ExecutorConfig(parallel_jobs=0), cores=16) == 1  # torch takes every core
+    assert local_slots(ExecutorConfig()) == 1  # the default: one job at a time

@@ -3,6 +3,7 @@ entry point reads, and every shipped config loads against its schema."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,27 @@ def test_no_file_points_outside_the_repository():
     outside = [name for name in tracked if Path(name).suffix in (".py", ".md", ".yaml", ".sh", ".toml", ".txt", ".ini")
                and any(marker in (ROOT / name).read_text(errors="replace") for marker in OUTSIDE)]
     assert not outside, f"files that cite documents outside the repository: {outside}"
+
+
+def test_the_slurm_tests_share_one_xdist_worker(tmp_path):
+    """The suite's grouping holds on the installed pytest and pytest-xdist: tests on the session's SLURM cluster, in
+    two modules, all run on one worker (one cluster), while the others spread (constraints.txt pins pytest for
+    this)."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "conftest.py").write_text(
+        "import pytest\nfrom tests.conftest import pytest_collection_modifyitems  # noqa: F401 (the grouping)\n\n"
+        "@pytest.fixture(scope='session')\ndef slurm_cluster():\n    return None\n")
+    body = ("import os\nimport time\n\n" + "".join(
+        f"def test_{i}({'slurm_cluster' if i < 3 else ''}):\n    time.sleep(0.3)\n"
+        f"    with open({str(tmp_path / 'workers.txt')!r}, 'a') as f:\n"
+        f"        f.write(f\"{{__name__}}.{i} {{os.environ['PYTEST_XDIST_WORKER']}}\\n\")\n" for i in range(6)))
+    for module in ("test_one", "test_two"):
+        (tmp_path / f"{module}.py").write_text(body)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-p", "no:cacheprovider",
+                             "-q", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    ran = dict(line.split() for line in (tmp_path / "workers.txt").read_text().splitlines())
+    assert len(ran) == 12
+    assert len({worker for test, worker in ran.items() if int(test.split(".")[-1]) < 3}) == 1
+    assert len(set(ran.values())) == 2

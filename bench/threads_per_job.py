@@ -6,7 +6,7 @@ idle machine; it takes about 8 minutes on 2 cores):
 
 Prints each step's wall time on 1 and 2 threads and their ratio. A ratio below 2 means two local jobs on one
 thread each (configs/slurm/local.yaml: parallel_jobs 2, threads_per_job 1) finish a graph sooner than one job at
-a time on two threads; the main job's steps scale 1.1-1.7x (BENCHMARKS.md)."""
+a time on two threads; the main job's steps scale 1.0-1.6x (BENCHMARKS.md)."""
 import argparse
 import os
 import shutil

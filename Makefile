@@ -15,7 +15,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 # FP32=1: the same numbers on any x86-64 CPU with AVX2: fp32 pretraining and the AVX2 kernels of ATen, oneDNN,
-# MKL and OpenBLAS (pretrain/numerics.py), into runs/demo-fp32; every job runs on one thread either way
+# MKL and OpenBLAS (common/numerics.py), into runs/demo-fp32; every job runs on one thread either way
 # (configs/slurm/local.yaml). Without it, a CPU with native bf16 pretrains in bf16 (faster) and its numbers differ
 # from the table's.
 FP32 ?= 0

@@ -24,7 +24,7 @@ setup(
     version="0.1.0",
     description="SSL-HSIC pretraining of image backbones and their transfer evaluation, locally or on SLURM.",
     python_requires=">=3.10",
-    packages=find_packages(include=["pretrain*", "transfer*", "slurm*"]),
+    packages=find_packages(include=["common*", "pretrain*", "transfer*", "slurm*"]),
     package_data={"": ["*.yaml"], "transfer": ["splits/*.txt", "splits/*.md"]},
     install_requires=CORE,
     extras_require=EXTRAS,

@@ -341,7 +341,7 @@ def _set_up_process(device: str, threads: int | None) -> None:
 
 
 def _pretrain_config(run_dir: Path, overrides: list[str]):
-    from pretrain.config import load_config
+    from common.config import load_config
     from pretrain.schema import PretrainConfig
     return load_config(PretrainConfig, ROOT / "configs/pretrain/fashion_mnist_resnet18.yaml",
                        [f"run_dir={run_dir}", *tiny_overrides(), *overrides])
@@ -363,7 +363,7 @@ def _rank_worker(rank: int, world: int, port: int, backend: str, device: str, ru
                  overrides: list[str]) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     _set_up_process(device, 1 if device == "cpu" else None)
-    from pretrain.distributed import init_distributed, shutdown_distributed
+    from common.distributed import init_distributed, shutdown_distributed
     from pretrain.trainer import Pretrainer
     init_distributed(backend)  # the trainer's own init_distributed then finds the group made
     trainer = Pretrainer(_pretrain_config(Path(run_dir), overrides))

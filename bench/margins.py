@@ -25,7 +25,7 @@ KINDS = ("pretrained", "random", "supervised")
 
 
 def run_pipeline(seeds: list[int], tasks: list[str], out: Path, overrides: list[str]) -> None:
-    from pretrain.config import load_config
+    from common.config import load_config
     from slurm.pipeline import Pipeline, PipelineConfig
     config = load_config(PipelineConfig, "configs/pipeline/demo.yaml",
                          [f"root={out}", f"seeds={seeds}", *overrides])

@@ -1,2 +1,2 @@
 """SSL-HSIC pretraining (Li et al., NeurIPS 2021). Light to import: heavy stacks load where they are used."""
-__version__ = "0.1.0"
+from common import __version__  # noqa: F401 (the distribution's version, one place)

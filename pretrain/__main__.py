@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from pretrain.cli import config_parser, run_main
+from common.cli import config_parser, run_main
 
 EPILOG = """\
 examples:
@@ -20,7 +20,7 @@ All keys, with their defaults: pretrain/schema.py."""
 def main(argv: Sequence[str] | None = None) -> None:
     parser = config_parser("python -m pretrain", "Pretrain an image backbone with SSL-HSIC.", EPILOG)
     args = parser.parse_args(argv)
-    from pretrain.config import load_config
+    from common.config import load_config
     from pretrain.schema import PretrainConfig
     config = load_config(PretrainConfig, args.config, args.overrides)
     from pretrain.trainer import train

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pretrain.errors import UserError
+from common.errors import UserError
 
 FORMAT = "ssl-hsic/pretrain"
 VERSION = 1

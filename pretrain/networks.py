@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pretrain.errors import UserError
+from common.errors import UserError
 
 @dataclass(frozen=True)
 class Architecture:

@@ -1,13 +1,12 @@
 """LARS, the parameter groups that exclude biases and norm parameters, and the warmup + cosine schedule."""
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
 from torch import nn
 
-from pretrain.errors import UserError
+from common.errors import UserError
 
 
 class LARS(torch.optim.Optimizer):
@@ -82,15 +81,3 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     raise UserError(f"unknown optimizer '{name}'; choose lars, sgd or adamw (optim.name)")
-
-
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
-    """BYOL's schedule (byol/utils/schedules.py), which SSL-HSIC trains with:
-
-        lr_k = peak_lr * k / W                                            for k < W (0 at step 0)
-        lr_k = peak_lr * (1 + cos(pi * min(k - W, K - W) / (K - W))) / 2   after, 0 at step K
-    """
-    if step < warmup_steps:
-        return peak_lr * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))

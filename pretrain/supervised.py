@@ -32,11 +32,12 @@ def train_supervised(config) -> dict:
     from torch import nn
     from torchvision.transforms import InterpolationMode, v2
     from pretrain.data import build_dataset
-    from pretrain.io import atomic_torch_save
-    from pretrain.metrics import write_metrics
+    from common.files import atomic_torch_save
+    from common.records import write_metrics
     from pretrain.networks import build_resnet, feature_width
-    from pretrain.rundir import (Progress, RunDirLock, attach_log, cosine_schedule, detach_log, pick_device,
-                                 refuse_other_config, start_run_dir)
+    from common.rundir import (Progress, RunDirLock, attach_log, detach_log, pick_device, refuse_other_config,
+                               start_run_dir)
+    from common.schedule import cosine_schedule
     run_dir = Path(config.run_dir)
     refuse_other_config(run_dir, config, RERUN_SAFE, "supervised")
     if (run_dir / "metrics.json").exists():
@@ -47,7 +48,7 @@ def train_supervised(config) -> dict:
     dataset = build_dataset(d.dataset, d.root, d.split if d.dataset == "imagefolder" else "train", d.limit)
     steps_per_epoch = len(dataset) // c.batch_size
     if steps_per_epoch == 0:
-        from pretrain.errors import UserError
+        from common.errors import UserError
         raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch of {c.batch_size}")
     lock = RunDirLock(run_dir).acquire()
     start_run_dir(run_dir, config)
@@ -113,8 +114,8 @@ def train_supervised(config) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from pretrain.cli import config_parser
-    from pretrain.config import load_config
+    from common.cli import config_parser
+    from common.config import load_config
     from pretrain.schema import PretrainConfig
     parser = config_parser("python -m pretrain.supervised", "Train the pretraining network on the labels "
                            "(the positive control).", __doc__.split("\n\n")[1])
@@ -123,5 +124,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from pretrain.cli import run_main
+    from common.cli import run_main
     sys.exit(run_main(main))

@@ -38,10 +38,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from pretrain import checkpoint
-from pretrain.config import config_differences
-from pretrain.errors import UserError
-from pretrain.io import remove_partial_writes
-from pretrain.rundir import (RunDirLock, attach_log, detach_log, pick_device, refuse_other_config,
+from common.config import config_differences
+from common.errors import UserError
+from common.files import remove_partial_writes
+from common.rundir import (RunDirLock, attach_log, detach_log, pick_device, refuse_other_config,
                              start_run_dir)
 
 log = logging.getLogger("pretrain")
@@ -95,10 +95,10 @@ class Pretrainer:
     def __init__(self, config: DictConfig):
         from pretrain.data import build_dataset
         from pretrain.hsic import SSLHSICLoss
-        from pretrain.distributed import check_global_batch, detect, init_distributed, match_threads_to_allocation
+        from common.distributed import check_global_batch, detect, init_distributed, match_threads_to_allocation
         from pretrain.networks import Encoder, OnlineNetwork
 
-        self.config = config  # its values were checked when it loaded (pretrain.checks)
+        self.config = config  # its values were checked when it loaded (common.checks)
         self.run_dir = Path(config.run_dir)
         self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
         self.previous_path = self.checkpoint_path.with_name("previous.pt")
@@ -274,7 +274,7 @@ class Pretrainer:
     def save_checkpoint(self) -> None:
         """checkpoints/last.pt, written atomically; the one it replaces is kept as previous.pt (a hard link), so a
         crash at any point leaves a loadable checkpoint. A failed write stops the run and keeps both."""
-        from pretrain.io import atomic_torch_save
+        from common.files import atomic_torch_save
         if self.is_main:
             try:
                 if self.checkpoint_path.exists():
@@ -335,7 +335,7 @@ class Pretrainer:
         from pretrain.ema import debiased_ema_update_, ema_update_, target_tau
         from pretrain.hsic import NonFiniteFeatures, draw_generators
         from pretrain.networks import effective_rank
-        from pretrain.optim import warmup_cosine
+        from common.schedule import warmup_cosine
         lr = warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.peak_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -525,7 +525,7 @@ class Pretrainer:
                  self.step, self.stop_step, epoch)
 
     def _write_metrics(self, stats: dict[str, float], skipped: int) -> None:
-        from pretrain.metrics import file_record, write_metrics
+        from common.records import file_record, write_metrics
         c = self.config
         history = self.run_dir / "history.jsonl"
         if not stats and history.exists():  # resumed at the very end: report the last logged step
@@ -540,7 +540,7 @@ class Pretrainer:
 
 
 def train(config: DictConfig) -> dict[str, Any]:
-    from pretrain.distributed import shutdown_distributed
+    from common.distributed import shutdown_distributed
     metrics = Pretrainer(config).run()
     shutdown_distributed()
     return metrics

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from pretrain.cli import run_main, subcommand_parser
+from common.cli import run_main, subcommand_parser
 from slurm import commands as c
 
 # command -> (one-line help, add_arguments, run)

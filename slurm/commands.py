@@ -48,13 +48,13 @@ def split_arguments(argv: list[str]) -> tuple[dict, list[str], list[str]]:
         else:
             rest.append(item)
     if flags["executor"] is None:
-        from pretrain.errors import UserError
+        from common.errors import UserError
         raise UserError("--executor needs a file, e.g. --executor configs/slurm/local.yaml")
     return flags, executor_overrides, rest
 
 
 def run_submit(args: argparse.Namespace) -> None:
-    from pretrain.errors import UserError
+    from common.errors import UserError
     from slurm.executor import (build_executor, job_name, local_threads, report_failure, sbatch_script, step_command,
                                 step_config)
     from slurm.jobs import StepJob
@@ -101,7 +101,7 @@ def sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_sweep(args: argparse.Namespace) -> None:
-    from pretrain.config import load_config
+    from common.config import load_config
     from slurm import sweep
     from slurm.executor import load_executor_config
     executor_overrides = [o[len("executor."):] for o in args.overrides if o.startswith("executor.")]
@@ -159,7 +159,7 @@ def print_graph_status(root: str) -> int:
 
 
 def run_status(args: argparse.Namespace) -> None:
-    from pretrain.errors import UserError
+    from common.errors import UserError
     from slurm import graph
     root = Path(args.run_root)
     if (root / graph.MANIFEST).exists():
@@ -248,7 +248,7 @@ def pipeline_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_pipeline(args: argparse.Namespace) -> None:
-    from pretrain.config import load_config
+    from common.config import load_config
     from slurm.pipeline import Pipeline, PipelineConfig
     Pipeline(load_config(PipelineConfig, args.config, args.overrides), dry_run=args.dry_run).run()
 
@@ -280,14 +280,14 @@ def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from pretrain.config import load_config
+    from common.config import load_config
     from slurm.evaluate import EvaluateConfig, evaluate
     overrides = list(args.overrides)
     tasks = {}
     for item in args.task:
         task, sep, path = item.partition("=")
         if not sep:
-            from pretrain.errors import UserError
+            from common.errors import UserError
             raise UserError(f"--task {item}: expected TASK=CONFIG, e.g. knn=configs/transfer/linear_fashion_mnist.yaml")
         tasks[task] = path
     if args.backbone:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.checks import Rule, checked, existing_file, one_of
-from pretrain.errors import UserError
+from common.checks import Rule, checked, existing_file, one_of
+from common.errors import UserError
 from slurm.pipeline import TASK_FILES, TASK_OVERRIDES, run_graph
 from slurm.sweep import SEEDS
 from transfer import WEIGHTS

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pretrain.checks import NON_NEGATIVE, POSITIVE_INT, Rule, checked, greater_than, one_of, optional
+from common.checks import NON_NEGATIVE, POSITIVE_INT, Rule, checked, greater_than, one_of, optional
 
 CLUSTERS = ("local", "slurm", "debug")
 # What a profile may set: the resources of a job (not where its files go, nor which kind of cluster runs it).
@@ -40,8 +40,8 @@ def profile_steps() -> tuple[str, ...]:
 def _profiles(value) -> bool:
     """True for a mapping of steps to mappings of profile keys; a bad entry raises a UserError naming it (the
     step or key that is wrong and the closest right one), which the config check prints as its one line."""
-    from pretrain.config import closest_key
-    from pretrain.errors import UserError
+    from common.config import closest_key
+    from common.errors import UserError
     if not isinstance(value, dict):
         return False
     steps = profile_steps()
@@ -94,8 +94,8 @@ class ExecutorConfig:
 def for_step(config, step: str):
     """The executor config of one step's job: the defaults with the step's profile over them, checked."""
     from omegaconf import OmegaConf
-    from pretrain.checks import check_config
-    from pretrain.errors import UserError
+    from common.checks import check_config
+    from common.errors import UserError
     if step not in profile_steps():
         raise UserError(f"unknown step '{step}'; choose one of {', '.join(profile_steps())}")
     from omegaconf.errors import OmegaConfBaseException
@@ -116,7 +116,7 @@ def for_step(config, step: str):
 
 def check_signal_delay(config) -> None:
     """SIGUSR2 (checkpoint + requeue) must come after the job starts: signal_delay_s below the time limit."""
-    from pretrain.errors import UserError
+    from common.errors import UserError
     if config.signal_delay_s >= config.timeout_min * 60:
         raise UserError(f"config key 'signal_delay_s' is {config.signal_delay_s}; it must be below the time limit "
                         f"(timeout_min={config.timeout_min}: {config.timeout_min * 60} s), or the job is signalled to "
@@ -125,7 +125,7 @@ def check_signal_delay(config) -> None:
 
 def load_executor_config(path: str, overrides: list[str]):
     """The executor config of a file with key=value overrides; the defaults and every profile are checked."""
-    from pretrain.config import load_config
+    from common.config import load_config
     config = load_config(ExecutorConfig, path, overrides)
     check_signal_delay(config)
     for step in config.profiles or {}:
@@ -141,7 +141,7 @@ def step_config(path: str, overrides: list[str], step: str):
     config = for_step(load_executor_config(path, overrides), step)
     for override in overrides:  # checked when the file loaded
         config = OmegaConf.merge(config, OmegaConf.from_dotlist([override]))
-    from pretrain.checks import check_config
+    from common.checks import check_config
     check_config(config, ExecutorConfig)
     check_signal_delay(config)
     return config
@@ -182,7 +182,7 @@ def build_executor(config: ExecutorConfig, folder: str | Path | None = None, nam
 
     import submitit
     if config.cluster == "slurm" and shutil.which("srun") is None:  # submitit's own check, as one line
-        from pretrain.errors import UserError
+        from common.errors import UserError
         raise UserError("cluster: slurm needs SLURM's commands (srun, sbatch) on PATH; run this on a SLURM login "
                         "node, or set cluster: local")
     extra = {"slurm_max_num_timeout": config.max_num_timeout} if config.cluster == "slurm" else {}

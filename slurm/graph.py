@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pretrain.errors import UserError
-from pretrain.io import atomic_write_bytes
+from common.errors import UserError
+from common.files import atomic_write_bytes
 
 MANIFEST = "pipeline.json"
 FINISHED_BAD = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED",

@@ -26,7 +26,7 @@ class StepJob:
 
     def __init__(self, step: str, argv: list[str], signal_delay_s: float | None = None):
         if step not in steps():
-            from pretrain.errors import UserError
+            from common.errors import UserError
             raise UserError(f"unknown step '{step}'; choose one of {', '.join(steps())}")
         self.step, self.argv = step, list(argv)
         self.signal_delay_s = signal_delay_s  # SIGUSR2 comes this long before the kill: the checkpoint's budget
@@ -37,7 +37,7 @@ class StepJob:
     def __call__(self) -> Any:
         if self.step == "pretrain":
             return self._pretrain()
-        from pretrain.errors import UserError
+        from common.errors import UserError
         if self.step == "supervised":  # resumes from its per-epoch progress file when requeued
             from pretrain.supervised import main as supervised
             try:
@@ -52,8 +52,8 @@ class StepJob:
         return self._metrics()
 
     def _pretrain(self) -> Any:
-        from pretrain.cli import config_parser
-        from pretrain.config import load_config
+        from common.cli import config_parser
+        from common.config import load_config
         from pretrain.schema import PretrainConfig
         from pretrain.trainer import Pretrainer
         args = config_parser("pretrain", "").parse_args(self.argv)
@@ -70,7 +70,7 @@ class StepJob:
             import logging
             logging.shutdown()
             os._exit(143)
-        from pretrain.distributed import shutdown_distributed
+        from common.distributed import shutdown_distributed
         shutdown_distributed()
         return {"stats": stats, **(self._metrics() or {})}
 

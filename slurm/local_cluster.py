@@ -21,7 +21,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from pretrain.errors import UserError
+from common.errors import UserError
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 

@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.checks import Rule, checked, existing_file, one_of
-from pretrain.errors import UserError
+from common.checks import Rule, checked, existing_file, one_of
+from common.errors import UserError
 from slurm.sweep import SEEDS
 from transfer.tasks import TASKS, task_of
 
@@ -103,7 +103,7 @@ class Pipeline:
     # ------------------------------------------------------------------------------------ the plan
 
     def _pretrain_config(self):
-        from pretrain.config import load_config
+        from common.config import load_config
         from pretrain.schema import PretrainConfig
         return load_config(PretrainConfig, self.config.pretrain_config, list(self.config.pretrain_overrides))
 
@@ -116,7 +116,7 @@ class Pipeline:
         pretrain = self._pretrain_config()
         processes = for_step(self.executor_config, "pretrain")
         processes = processes.nodes * processes.tasks_per_node if self.executor_config.cluster == "slurm" else 1
-        from pretrain.distributed import check_global_batch
+        from common.distributed import check_global_batch
         check_global_batch("optim.batch_size", pretrain.optim.batch_size, processes,
                            f"the pretrain profile's {processes} processes (nodes x tasks_per_node)")
         data = Path(pretrain.data.root) / (pretrain.data.split if pretrain.data.dataset == "imagefolder" else "")
@@ -187,7 +187,7 @@ class Pipeline:
         nodes = self.plan()
         numerics = None
         if not self.dry_run and self.executor_config.cluster != "slurm":  # where the numbers may differ (README)
-            from pretrain.numerics import describe
+            from common.numerics import describe
             numerics = describe(cpu_amp=self._pretrain_config().train.cpu_amp)
             print(f"[pipeline] {numerics}", flush=True)
         report = run_graph(nodes, self.executor_config, self.root, self.dry_run, "pipeline", self.report_dirs,

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pretrain.checks import NON_NEGATIVE, Rule, checked, each
-from pretrain.errors import UserError
-from pretrain.io import atomic_write_bytes
+from common.checks import NON_NEGATIVE, Rule, checked, each
+from common.errors import UserError
+from common.files import atomic_write_bytes
 
 
 def _known_tasks(value) -> bool:

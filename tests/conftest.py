@@ -1,15 +1,12 @@
-"""Shared fixtures and helpers: the tiny pretraining config, checkpoint comparison, the CLI runner, and the SLURM
-cluster (real: Debian's daemons, started once per test session)."""
+"""The suite's fixtures and its grouping on pytest-xdist workers: the SLURM cluster (real: Debian's daemons, started
+once per test session), the generated scenes, a busy core. Plain helpers live in tests/helpers.py."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # The suite runs on two pytest-xdist workers (pytest.ini: -n 2) on one thread each, and so does every process a
 # test starts (the variable is inherited): two workers on two threads each would be four busy-waiting OpenMP
@@ -64,46 +61,6 @@ def scenes(tmp_path_factory):
     out = tmp_path_factory.mktemp("scenes")
     write_all(out, 16, 6, 96, 3)
     return out
-
-
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `python -m <args>` in a fresh interpreter, as a user would."""
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd or ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-# The smallest pretraining run that still exercises every part of the loop (2 epochs of 3 steps on 48 images).
-# optim.base_lr=1: the tiny runs' dynamics do not follow the small config's recipe (base_lr 4). crop_scale 0.5-1: the
-# official sampler's small crops of 28 px images (blank strips) make 6 steps chaotic, so that 1 and 2 threads
-# ended 3e-2 apart (1e-5 with these crops) and the two-process equivalence could not be told from rounding.
-TINY = ["data.limit=48", "data.image_size=16", "data.num_workers=0", "optim.batch_size=16", "optim.epochs=2",
-        "optim.base_lr=1.0", "augment.crop_scale=[0.5,1.0]",
-        "optim.warmup_epochs=0.5", "model.projector_hidden=64", "model.predictor_hidden=64",
-        "model.embedding_dim=32", "loss.num_features=64", "train.log_every=2", "train.checkpoint_every=100",
-        "train.deterministic=true", "train.cpu_amp=false", "train.rankme_every=2"]
-
-
-def tiny_config(run_dir, *overrides):
-    from pretrain.config import load_config
-    from pretrain.schema import PretrainConfig
-    return load_config(PretrainConfig, ROOT / "configs/pretrain/fashion_mnist_resnet18.yaml",
-                       [f"run_dir={run_dir}", *TINY, *overrides])
-
-
-def final_state(run_dir):
-    import torch
-    return torch.load(Path(run_dir) / "checkpoints" / "last.pt", weights_only=True)
-
-
-def assert_same_weights(a, b):
-    import torch
-    for part in ("online", "target", "ema", "loss"):
-        if a[part] is None:
-            assert b[part] is None
-            continue
-        assert a[part].keys() == b[part].keys()
-        for key in a[part]:
-            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.errors import UserError
+from common.errors import UserError
 from tests import classify_layouts
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 CONFIG = str(ROOT / "configs/transfer/classify_digits.yaml")
 SMALL = ["images.size=16", "finetune.batch_size=100", "finetune.lr_grid=[0.05,0.01]", "finetune.epochs_grid=[1]"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.errors import UserError
+from common.errors import UserError
 from tests.classify_layouts import HEIGHT, WIDTH, WRITERS, shade, voc_labels
 from transfer.classify_datasets import DATASETS, METRICS, ImageList, load_splits
 

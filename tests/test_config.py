@@ -2,10 +2,10 @@
 import pytest
 from omegaconf import OmegaConf
 
-from pretrain.config import closest_key, load_config
-from pretrain.errors import UserError
+from common.config import closest_key, load_config
+from common.errors import UserError
 from pretrain.schema import PretrainConfig
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def test_yaml_and_overrides_apply_in_order(tmp_path):

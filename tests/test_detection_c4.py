@@ -21,7 +21,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 # facebookresearch/moco @ 7397dfe (the last commit before the detection folder was removed), verbatim
 MOCO_CONFIGS = {
@@ -88,7 +88,7 @@ def flatten(node, prefix=""):
 
 
 def test_the_voc_c4_config_is_mocos_detectron2_config(tmp_path):
-    from pretrain.config import load_config
+    from common.config import load_config
     from transfer.backbone import resolve_backbone
     from transfer.detectron2_glue import dataset_names, detectron2_cfg, import_detectron2
     from transfer.tasks.detection import Config
@@ -125,8 +125,8 @@ def test_the_voc_c4_config_is_mocos_detectron2_config(tmp_path):
 
 
 def test_a_c4_config_refuses_a_basic_block_resnet(tmp_path):
-    from pretrain.config import load_config
-    from pretrain.errors import UserError
+    from common.config import load_config
+    from common.errors import UserError
     from transfer.backbone import resolve_backbone
     from transfer.detectron2_glue import detectron2_cfg
     from transfer.tasks.detection import Config

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 SCRIPT = ROOT / "bench" / "device_check.py"
 CPU_ROWS = ["SSL-HSIC step, fp32", "SSL-HSIC step, bf16 + channels_last", "BYOL step (plain torch), fp32",

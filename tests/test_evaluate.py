@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def test_evaluate_runs_named_backbones_and_reports_them_side_by_side(tmp_path):

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torchvision
 
-from pretrain.errors import UserError
-from tests.conftest import run_cli
+from common.errors import UserError
+from tests.helpers import run_cli
 from tests.helpers import randomise_batchnorm
 from transfer import export
 from transfer.backbone import load_backbone
@@ -104,10 +104,10 @@ def test_common_ssl_layouts_are_detected(resnet18_file, tmp_path, prefix, wrappe
 
 
 def test_pretraining_checkpoint_gives_the_requested_network(tmp_path):
-    from pretrain.config import load_config
+    from common.config import load_config
     from pretrain.schema import PretrainConfig
     from pretrain.trainer import train
-    from tests.conftest import TINY
+    from tests.helpers import TINY
     train(load_config(PretrainConfig, "configs/pretrain/fashion_mnist_resnet18.yaml",
                       [f"run_dir={tmp_path}", *TINY, "optim.max_steps=2"]))
     checkpoint = tmp_path / "checkpoints" / "last.pt"

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pretrain.distributed import shutdown_distributed
-from tests.conftest import final_state, tiny_config
+from common.distributed import shutdown_distributed
+from tests.helpers import final_state, tiny_config
 
 
 def free_port() -> int:
@@ -73,7 +73,7 @@ def test_total_draws_are_shared_among_the_processes(total, world, per_rank):
 
 def test_total_draws_that_do_not_divide_among_the_processes_are_refused_on_one_line():
     from omegaconf import OmegaConf
-    from pretrain.errors import UserError
+    from common.errors import UserError
     from pretrain.trainer import draws_per_rank
     with pytest.raises(UserError, match=r"^loss.total_draws=6 does not divide among the 4 processes; choose a "
                                         r"multiple of 4 \(or 0 to use loss.draws per process\)$"):
@@ -136,7 +136,7 @@ def test_a_world_size_that_does_not_divide_the_global_batch_is_refused_before_an
     env = {"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     import subprocess
     import sys
-    from tests.conftest import ROOT, TINY
+    from tests.helpers import ROOT, TINY
     result = subprocess.run([sys.executable, "-m", "pretrain", "--config", "configs/pretrain/fashion_mnist_resnet18.yaml",
                              f"run_dir={tmp_path / 'out'}", *TINY], cwd=ROOT, capture_output=True, text=True,
                             timeout=300, env={**os.environ, **env})
@@ -173,7 +173,7 @@ def test_the_pretraining_network_follows_model_zero_init_residual(tmp_path):
 # ---------------------------------------------------------------------------- schedules, EMA
 
 def test_learning_rate_is_zero_at_step_zero_then_linear_then_cosine():
-    from pretrain.optim import warmup_cosine
+    from common.schedule import warmup_cosine
     assert warmup_cosine(0, 100, 10, 2.0) == 0.0
     assert warmup_cosine(5, 100, 10, 2.0) == pytest.approx(1.0)       # 2.0 * 5 / 10
     assert warmup_cosine(10, 100, 10, 2.0) == pytest.approx(2.0)      # the peak, where the cosine starts

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.errors import UserError
-from tests.conftest import ROOT
+from common.errors import UserError
+from tests.helpers import ROOT
 
 CONFIG = str(ROOT / "configs/transfer/finetune_fashion_mnist.yaml")
 # 600 training images: 10% = 62 labelled (round(0.1 n_c) per class), 100 held out, 200 test images; 2 lr candidates of 3 epochs.
@@ -68,7 +68,7 @@ def test_a_killed_finetune_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_pa
 
 
 def test_held_out_images_lie_outside_every_labelled_subset_and_subsets_are_class_balanced():
-    from pretrain.config import load_config
+    from common.config import load_config
     from transfer.tasks import finetune
     config = load_config(finetune.Config, CONFIG, [*SMALL, "data.fractions=[0.05,0.1]", "seed=3"])
     train_set, _, subsets, heldout = finetune.prepare("finetune", config)
@@ -96,7 +96,7 @@ def test_multilabel_loss_leaves_difficult_entries_out_and_single_label_is_cross_
 
 
 def test_the_learning_rate_follows_a_cosine_to_zero_over_every_epoch_of_the_candidate():
-    from pretrain.rundir import cosine_schedule
+    from common.schedule import cosine_schedule
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([parameter], lr=0.1, momentum=0.9, nesterov=True)
     schedule = cosine_schedule(optimizer, 10)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 # On the SLURM tests' worker (pytest-xdist): the session's cluster stays up for the whole test, as the last
 # assertion expects of every other cluster.

@@ -1,12 +1,12 @@
-"""The fp32 switch (`make demo FP32=1`): the environment the Makefile sets is the one pretrain.numerics describes,
+"""The fp32 switch (`make demo FP32=1`): the environment the Makefile sets is the one common.numerics describes,
 and under it the kernels are the AVX2 ones whatever the CPU."""
 import os
 import re
 import subprocess
 import sys
 
-from pretrain.numerics import REPRODUCIBLE_ENV
-from tests.conftest import ROOT
+from common.numerics import REPRODUCIBLE_ENV
+from tests.helpers import ROOT
 
 
 def test_the_makefile_sets_the_environment_that_numerics_calls_pinned():
@@ -17,7 +17,7 @@ def test_the_makefile_sets_the_environment_that_numerics_calls_pinned():
 
 
 def test_under_the_switch_aten_and_onednn_run_their_avx2_kernels():
-    code = "from pretrain.numerics import describe; print(describe(cpu_amp=False))"
+    code = "from common.numerics import describe; print(describe(cpu_amp=False))"
     pinned = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, **REPRODUCIBLE_ENV})
     assert pinned.returncode == 0, pinned.stderr

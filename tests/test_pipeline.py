@@ -4,8 +4,8 @@ import json
 import pytest
 import yaml
 
-from tests.conftest import run_cli
-from tests.conftest import TINY
+from tests.helpers import run_cli
+from tests.helpers import TINY
 
 pytestmark = pytest.mark.slow
 

@@ -8,9 +8,9 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
-from pretrain.config import load_config
+from common.config import load_config
 from pretrain.schema import PretrainConfig
-from tests.conftest import TINY, assert_same_weights, final_state, run_cli, tiny_config
+from tests.helpers import TINY, assert_same_weights, final_state, run_cli, tiny_config
 
 # --------------------------------------------------------------------------------------- training
 
@@ -88,7 +88,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def _distributed_worker(rank, world, port, inputs, result_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from pretrain.distributed import init_distributed, shutdown_distributed
+    from common.distributed import init_distributed, shutdown_distributed
     init_distributed("gloo")
     loss, grads = _loss_and_grads(inputs[0].chunk(world)[rank], inputs[1].chunk(world)[rank], distributed=True)
     torch.save({"loss": loss, "grads": grads}, Path(result_dir) / f"rank{rank}.pt")

@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 # pretrained (EMA network) - random init, top-1, seeds 0, 1, 2; the pretraining seed is also the task's seed.
 # 2026-12-04, fp32, half an epoch, one thread as the suite runs (tests/conftest.py; on two threads they were

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 TABLE = yaml.safe_load((ROOT / "docs" / "protocol_values.yaml").read_text())["values"]
 CONFIGS = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "configs").rglob("*.yaml"))
@@ -34,7 +34,7 @@ def schema_of(path: str) -> type:
 
 @lru_cache(maxsize=None)
 def loaded(path: str):
-    from pretrain.config import load_config
+    from common.config import load_config
     return load_config(schema_of(path), ROOT / path, [])
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.errors import UserError
+from common.errors import UserError
 from pretrain.networks import ARCHITECTURES, build_resnet
 from tests import released_checkpoints as released
 from transfer.backbone import load_backbone

@@ -16,8 +16,8 @@ import time
 import pytest
 import torch
 
-from pretrain.cli import run_main
-from tests.conftest import ROOT, TINY, assert_same_weights, final_state, run_cli, tiny_config
+from common.cli import run_main
+from tests.helpers import ROOT, TINY, assert_same_weights, final_state, run_cli, tiny_config
 
 PRETRAIN = "configs/pretrain/fashion_mnist_resnet18.yaml"
 # (entry point, key, bad value); each case must end in exit 2, one line naming the key, and nothing written
@@ -179,11 +179,11 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_is_tak
 
 
 def test_a_task_holds_its_run_dir_too(tmp_path):
-    from pretrain.errors import UserError
-    from pretrain.rundir import RunDirLock
+    from common.errors import UserError
+    from common.rundir import RunDirLock
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from pretrain.rundir import RunDirLock
+        from common.rundir import RunDirLock
         RunDirLock({str(tmp_path / 'run')!r}).acquire()
         print('held', flush=True)
         time.sleep(120)
@@ -220,7 +220,7 @@ def fsync(fd):  # the second checkpoint write hangs after its bytes are out, bef
 
 os.fsync = fsync
 from pretrain.trainer import train
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 train(tiny_config(sys.argv[2], "train.checkpoint_every=2"))
 """
 
@@ -249,7 +249,7 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one_and_the_rerun_r
 
 
 def test_a_failed_write_stops_the_run_on_one_line_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from pretrain.errors import UserError
+    from common.errors import UserError
     from pretrain.trainer import train
     real_fsync, writes = os.fsync, []
 
@@ -289,7 +289,7 @@ def test_a_truncated_last_checkpoint_resumes_from_the_previous_one_or_is_refused
 
 
 def test_a_slurm_task_uses_as_many_threads_as_cpus_it_was_given():
-    code = ("import os, torch; from pretrain.distributed import match_threads_to_allocation as m; "
+    code = ("import os, torch; from common.distributed import match_threads_to_allocation as m; "
             "before = torch.get_num_threads(); print(m(), torch.get_num_threads(), before, "
             "m({'SLURM_CPUS_PER_TASK': '3', 'OMP_NUM_THREADS': '2'}), m({}))")
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}

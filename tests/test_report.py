@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 T_975 = {1: 12.706204736174705, 2: 4.302652729749464}  # Student's t, 0.975 quantile, 1 and 2 degrees of freedom
 

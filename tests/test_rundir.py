@@ -7,8 +7,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pretrain.errors import UserError
-from pretrain.rundir import Progress, attach_log, cosine_schedule, detach_log, refuse_other_config, start_run_dir
+from common.errors import UserError
+from common.rundir import Progress, attach_log, detach_log, refuse_other_config, start_run_dir
+from common.schedule import cosine_schedule
 
 
 def test_cosine_schedule_follows_its_formula_and_stays_at_zero_after_the_end():

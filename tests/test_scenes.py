@@ -149,7 +149,7 @@ def test_the_real_photo_smoke_set_loads(tmp_path):
 
 
 def test_scenes_cli_refuses_bad_sizes(tmp_path):
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
     result = run_cli("transfer", "scenes", "--out", str(tmp_path), "--train", "0")
     assert result.returncode == 2 and "need --train >= 1" in result.stderr
 

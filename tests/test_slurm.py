@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from tests.conftest import run_cli
-from tests.conftest import TINY, assert_same_weights, final_state
+from tests.helpers import run_cli
+from tests.helpers import TINY, assert_same_weights, final_state
 
 pytestmark = pytest.mark.slow
 
@@ -133,7 +133,7 @@ overrides: [[data.limit_train=300, data.limit_test=100, data.num_workers=0, cach
 
 def _distributed_probe():
     import torch.distributed as dist
-    from pretrain.distributed import detect, init_distributed, shutdown_distributed
+    from common.distributed import detect, init_distributed, shutdown_distributed
     info = init_distributed("gloo")
     total = torch.tensor([float(info.rank + 1)])
     dist.all_reduce(total)
@@ -154,7 +154,7 @@ def test_distributed_init_reads_a_two_task_allocation(slurm_cluster, tmp_path):
 
 
 def test_first_host_of_a_node_list():
-    from pretrain.distributed import detect, first_host
+    from common.distributed import detect, first_host
     assert first_host("gpu[003-005,010],cpu1") == "gpu003"
     env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
            "SLURM_JOB_NODELIST": "node[7-8]"}

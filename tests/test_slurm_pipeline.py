@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.cli import run_main
-from tests.conftest import TINY, run_cli
+from common.cli import run_main
+from tests.helpers import TINY, run_cli
 
 pytestmark = pytest.mark.slow
 

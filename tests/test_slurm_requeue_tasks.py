@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from tests.test_slurm import release_requeued
 
 pytestmark = pytest.mark.slow

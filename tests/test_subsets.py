@@ -4,7 +4,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pretrain.errors import UserError
+from common.errors import UserError
 from transfer.subsets import balanced_subset, imagenet_subset, per_class_sample, stratified_holdout, write_split
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def free_port() -> int:
@@ -88,7 +88,7 @@ def test_augmented_linear_on_two_processes_equals_one_process(tmp_path):
 def _depth_gradient_worker(rank, world, port, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from pretrain.distributed import init_distributed, shutdown_distributed
+    from common.distributed import init_distributed, shutdown_distributed
     from pretrain.networks import build_resnet
     from pretrain.sync_batchnorm import convert_sync_batchnorm
     from transfer.tasks.depth import FCRN, berhu_loss

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.errors import UserError
-from tests.conftest import run_cli
+from common.errors import UserError
+from tests.helpers import run_cli
 
 
 # ------------------------------------------------------------------------------------ classification
@@ -82,7 +82,7 @@ def test_linear_refuses_bad_input(tmp_path):
 
 
 def test_warmup_then_cosine_schedule_by_formula():
-    from pretrain.rundir import cosine_schedule
+    from common.schedule import cosine_schedule
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
     schedule = cosine_schedule(optimizer, total_steps=10, warmup_steps=4)
     lrs = []
@@ -437,7 +437,7 @@ def test_segmentation_chooses_its_lr_on_held_out_training_images(scenes, tmp_pat
 def test_the_voc_protocol_rescales_the_original_image_and_tests_at_its_original_size(scenes):
     """BYOL D.4: training rescales the original image by a ratio in [0.5, 2]; testing reads it as it is."""
     from mmseg.registry import TRANSFORMS
-    from pretrain.config import load_config
+    from common.config import load_config
     from transfer import mmseg_glue
     from transfer.backbone import resolve_backbone
     from transfer.tasks import segmentation

@@ -12,9 +12,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pretrain.errors import UserError
+from common.errors import UserError
 from pretrain.networks import architecture, build_resnet, feature_width
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from tests.helpers import randomise_batchnorm
 from transfer import export
 from transfer.backbone import Backbone, load_backbone
@@ -58,7 +58,7 @@ def x2_exports(x2_file, tmp_path_factory):
 
 @pytest.mark.parametrize("arch", WIDE)
 def test_the_wide_pretraining_configs_differ_from_resnet50s_in_the_encoder_only(arch):
-    from pretrain.config import load_config
+    from common.config import load_config
     from pretrain.schema import PretrainConfig
     base = OmegaConf.to_container(load_config(PretrainConfig, ROOT / "configs/pretrain/imagenet_resnet50.yaml", []))
     wide = OmegaConf.to_container(load_config(PretrainConfig, ROOT / f"configs/pretrain/imagenet_{arch}.yaml", []))
@@ -132,7 +132,7 @@ def test_a_wrong_width_is_refused(x2_file, x2_exports):
 # ------------------------------------------------------------------------------------------ detectron2
 
 def detection_config(tmp_path, name="detection_voc_r50_c4.yaml"):
-    from pretrain.config import load_config
+    from common.config import load_config
     from transfer.tasks.detection import Config
     return load_config(Config, ROOT / "configs/transfer" / name, [f"run_dir={tmp_path / 'run'}"])
 
@@ -208,7 +208,7 @@ def test_the_table_builder_builds_detectron2s_own_resnet50():
 
 @pytest.mark.parametrize("arch", ["resnet50x2", "resnet200x2"])
 def test_the_segmentation_config_carries_the_widths(arch, tmp_path):
-    from pretrain.config import load_config
+    from common.config import load_config
     from transfer.tasks.segmentation import Config, mmseg_config
     spec = architecture(arch)
     root = tmp_path / "VOC2012"  # the layout mmseg_config checks for

@@ -5,7 +5,7 @@ import sys
 from functools import partial
 from typing import Sequence
 
-from pretrain.cli import run_main, subcommand_parser
+from common.cli import run_main, subcommand_parser
 
 
 def commands() -> dict:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from pretrain import checkpoint
-from pretrain.errors import UserError
+from common.errors import UserError
 from pretrain.networks import ARCHITECTURES, build_resnet
 
 PREFIXES = ("", "module.", "encoder.", "backbone.", "model.", "module.encoder.", "module.backbone.",

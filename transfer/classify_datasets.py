@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pretrain.data import IMAGE_SUFFIXES
-from pretrain.errors import UserError
+from common.errors import UserError
 from transfer.subsets import per_class_sample, stratified_holdout
 
 log = logging.getLogger("transfer")

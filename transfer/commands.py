@@ -56,7 +56,7 @@ def run_verify(args: argparse.Namespace) -> None:
     print(f"ok: every weight used, worst stage difference {report.worst():.2e} <= {args.tolerance:g}")
     if args.record:
         import json
-        from pretrain.io import atomic_write_bytes
+        from common.files import atomic_write_bytes
         record = {"checkpoint": str(args.checkpoint), "weights": args.weights, "arch": backbone.arch,
                   "worst_difference": report.worst(), "tolerance": args.tolerance}
         atomic_write_bytes(args.record, json.dumps(record, indent=2).encode())
@@ -79,7 +79,7 @@ def scenes_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_scenes(args: argparse.Namespace) -> None:
-    from pretrain.errors import UserError
+    from common.errors import UserError
     if args.train < 1 or args.test < 1 or args.size < 32:
         raise UserError(f"need --train >= 1, --test >= 1 and --size >= 32, got {args.train}, {args.test}, {args.size}")
     if args.smoke:

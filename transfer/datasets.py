@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pretrain.errors import UserError
+from common.errors import UserError
 
 
 class NyuFolder(Dataset):

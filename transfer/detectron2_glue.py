@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.errors import UserError
+from common.errors import UserError
 from pretrain.networks import ARCHITECTURES, architecture
 
 log = logging.getLogger("transfer")
@@ -401,7 +401,7 @@ def build_trainer(cfg):
 
 def init_distributed_for_detectron2() -> bool:
     """Under SLURM / torchrun with several tasks: the process group, and detectron2's per-machine group."""
-    from pretrain.distributed import detect, init_distributed
+    from common.distributed import detect, init_distributed
     info = detect()
     if not info.is_distributed:
         return False

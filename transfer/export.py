@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from pretrain.errors import UserError
-from pretrain.io import atomic_write_bytes
-from pretrain.metrics import code_version, sha256_of
+from common.errors import UserError
+from common.files import atomic_write_bytes
+from common.records import code_version, sha256_of
 from transfer.backbone import Backbone, fingerprint
 
 FORMATS = {"torchvision": ".pth", "safetensors": ".safetensors", "detectron2": ".pkl", "mmseg": ".mmseg.pth"}

@@ -48,9 +48,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from pretrain.checks import (NON_NEGATIVE, POSITIVE_INT, at_least, between, checked, each, greater_than)
-from pretrain.errors import UserError
-from pretrain.io import remove_partial_writes
+from common.checks import (NON_NEGATIVE, POSITIVE_INT, at_least, between, checked, each, greater_than)
+from common.errors import UserError
+from common.files import remove_partial_writes
 
 log = logging.getLogger("transfer")
 
@@ -223,8 +223,9 @@ class Finetuner:
         """The network after the candidate's epochs or steps on train_set, resuming from folder/name.pt. Raises
         Diverged when the loss turns non-finite (checked at the end of every epoch, on every rank together)."""
         from pretrain.data import Augmented
-        from pretrain.distributed import check_global_batch, detect
-        from pretrain.rundir import Progress, cosine_schedule
+        from common.distributed import check_global_batch, detect
+        from common.rundir import Progress
+        from common.schedule import cosine_schedule
         p, processes = self.protocol, detect()
         check_global_batch("finetune.batch_size", p.batch_size, processes.world_size)
         per_epoch = len(train_set) // p.batch_size
@@ -286,7 +287,7 @@ class Finetuner:
     @torch.no_grad()
     def predict(self, model: nn.Module, dataset: Dataset) -> tuple[Tensor, Tensor]:
         """(outputs, targets) on dataset (eval transform), the images sharded over the processes by whole batches."""
-        from pretrain.distributed import detect
+        from common.distributed import detect
         from transfer.tasks.classification import Transformed, batch_shard
         p, processes = self.protocol, detect()
         view = Transformed(dataset, eval_transform(self.images))  # a corrupt image: a one-line error naming it
@@ -311,13 +312,13 @@ class Finetuner:
 
     def evaluated(self, name: str, work: Callable[[], dict]) -> dict:
         """folder/name.json if a previous run wrote it, else work()'s result, written there (by rank 0)."""
-        from pretrain.distributed import rank0_decides
+        from common.distributed import rank0_decides
         path = self.folder / f"{name}.json"
         if rank0_decides(path.exists()):
             return json.loads(path.read_text())
         result = work()
         if self.save:
-            from pretrain.io import atomic_write_bytes
+            from common.files import atomic_write_bytes
             atomic_write_bytes(path, json.dumps(result, indent=2).encode())
         return result
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.errors import UserError
+from common.errors import UserError
 
 TORSO_START = re.compile(r"^(.*?)initial_conv$")
 BLOCK = re.compile(r"^block_group_(\d+)/~/block_(\d+)/~/(conv|batchnorm)_(\d+)$")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.errors import UserError
+from common.errors import UserError
 from pretrain.networks import ARCHITECTURES, architecture
 
 log = logging.getLogger("transfer")
@@ -185,7 +185,7 @@ def register_modules() -> None:
         def _save_checkpoint_with_step(self, runner, step, meta):
             if not isinstance(self.file_backend, LocalBackend):
                 return super()._save_checkpoint_with_step(runner, step, meta)
-            from pretrain.io import atomic_write_bytes
+            from common.files import atomic_write_bytes
             stale = []
             if self.max_keep_ckpts > 0 and not (self.keep_ckpt_ids and self.keep_ckpt_ids[-1] == step):
                 if len(self.keep_ckpt_ids) == self.max_keep_ckpts:
@@ -228,7 +228,7 @@ def register_modules() -> None:
 
 
 def _durable_rename(source: Path, target: Path) -> None:
-    """fsync `source`, rename it over `target`, fsync the folder (pretrain.io's atomic write, for a file that
+    """fsync `source`, rename it over `target`, fsync the folder (common.files's atomic write, for a file that
     another library wrote)."""
     fd = os.open(source, os.O_RDONLY)
     try:
@@ -256,7 +256,7 @@ def train_and_evaluate(cfg_dict: dict, distributed: bool, gloo: bool) -> dict[st
     from mmengine.runner import Runner
     register_modules()
     cfg = Config(cfg_dict)
-    if distributed:  # the process group exists already (pretrain.distributed); mmengine then only wraps the model
+    if distributed:  # the process group exists already (common.distributed); mmengine then only wraps the model
         cfg.launcher = "pytorch"
         os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
     if gloo:
@@ -265,9 +265,9 @@ def train_and_evaluate(cfg_dict: dict, distributed: bool, gloo: bool) -> dict[st
             cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
     cfg.resume = True  # picks up the latest checkpoint in work_dir, if any
     work_dir = Path(cfg.work_dir)
-    from pretrain.distributed import detect
+    from common.distributed import detect
     if detect().rank == 0:  # rank 0 alone writes checkpoints
-        from pretrain.io import remove_partial_writes
+        from common.files import remove_partial_writes
         remove_partial_writes(work_dir, log)
     last = work_dir / "last_checkpoint"
     if last.exists():

@@ -48,7 +48,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.errors import UserError
+from common.errors import UserError
 from transfer.names import default_name
 
 REFERENCES = Path(__file__).with_name("references.yaml")

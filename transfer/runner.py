@@ -15,10 +15,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pretrain.errors import UserError
-from pretrain.metrics import metrics_record, sha256_of
-from pretrain.io import atomic_write_bytes
-from pretrain.rundir import RunDirLock, attach_log, detach_log, refuse_other_config, start_run_dir
+from common.errors import UserError
+from common.records import metrics_record, sha256_of
+from common.files import atomic_write_bytes
+from common.rundir import RunDirLock, attach_log, detach_log, refuse_other_config, start_run_dir
 from transfer import WEIGHTS
 from transfer.backbone import Backbone, fingerprint
 
@@ -72,7 +72,7 @@ class TaskRun:
     def start(self) -> None:
         """Take the run dir (rank 0 holds its lock and writes config.yaml and log.txt); every rank may write
         files of its own task into it (the backbone in a framework's format, rank 0's checkpoints)."""
-        from pretrain.distributed import detect
+        from common.distributed import detect
         self.is_main = detect().rank == 0
         self.lock = RunDirLock(self.run_dir).acquire() if self.is_main else None
         if self.is_main:
@@ -123,14 +123,14 @@ def run_task(name: str, backbone_spec: str, weights: str = "ema", config_path: s
              overrides: list[str] = ()) -> dict:
     """Load the config and backbone, report a finished run, else prepare the data, start the run dir, run the
     task and write metrics.json; return its content."""
-    from pretrain.config import load_config
-    from pretrain.distributed import match_threads_to_allocation, shutdown_distributed
+    from common.config import load_config
+    from common.distributed import match_threads_to_allocation, shutdown_distributed
     from transfer import tasks
     from transfer.backbone import resolve_backbone
     module = tasks.get(name).load()
     config = load_config(module.Config, config_path, overrides)
     if getattr(config, "device", None) is not None:
-        from pretrain.rundir import pick_device
+        from common.rundir import pick_device
         pick_device(config.device)  # device=cuda without a GPU is refused before anything is written
     backbone = resolve_backbone(backbone_spec, config.seed, weights)
     run = TaskRun(name, config, backbone)

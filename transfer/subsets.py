@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from pretrain.errors import UserError
+from common.errors import UserError
 
 SPLITS = Path(__file__).with_name("splits")
 IMAGENET_PERCENTS = (1, 10)
@@ -81,6 +81,6 @@ def per_class_sample(labels: Sequence[int], count: int, seed: int) -> tuple[list
 
 def write_split(path: str | Path, names: Sequence[str]) -> Path:
     """One name per line, atomically."""
-    from pretrain.io import atomic_write_bytes
+    from common.files import atomic_write_bytes
     atomic_write_bytes(Path(path), "".join(f"{name}\n" for name in names).encode())
     return Path(path)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from pretrain.errors import UserError
+from common.errors import UserError
 from transfer.backbone import Backbone
 
 STAGES = ("stem", "res2", "res3", "res4", "res5")

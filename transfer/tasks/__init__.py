@@ -49,7 +49,7 @@ def task_of(key: str) -> str | None:
 
 
 def get(name: str) -> Task:
-    from pretrain.errors import UserError
+    from common.errors import UserError
     if name not in TASKS:
         raise UserError(f"unknown task '{name}'; choose one of {', '.join(TASKS)}")
     return TASKS[name]

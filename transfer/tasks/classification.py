@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from pretrain.checks import (DEVICE, NON_NEGATIVE, POSITIVE_INT, at_least, between, checked, each, greater_than,
+from common.checks import (DEVICE, NON_NEGATIVE, POSITIVE_INT, at_least, between, checked, each, greater_than,
                              one_of)
-from pretrain.errors import UserError
-from pretrain.rundir import Progress, cosine_schedule
+from common.errors import UserError
+from common.rundir import Progress
+from common.schedule import cosine_schedule
 from transfer.backbone import Backbone, fingerprint
 from transfer.runner import TaskResult
 
@@ -230,7 +231,7 @@ class FeatureCache:
 def cached_features(backbone: Backbone, model: nn.Module, dataset: Dataset, description: dict, cache: FeatureCache,
                     batch_size: int, num_workers: int, device, key: str | None = None) -> tuple[Tensor, Tensor, bool]:
     """(features, labels, came_from_cache), extracted sharded over the processes when there are several."""
-    from pretrain.distributed import barrier, detect, rank0_decides
+    from common.distributed import barrier, detect, rank0_decides
     key = key or FeatureCache.key(backbone, description)
     if rank0_decides(cache.get(key) is not None):
         return *cache.get(key), True
@@ -349,8 +350,8 @@ def prepare(task: str, config: Config):
 
 def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskResult:
     from pretrain.augment import eval_transform
-    from pretrain.distributed import init_distributed
-    from pretrain.rundir import pick_device
+    from common.distributed import init_distributed
+    from common.rundir import pick_device
     processes = init_distributed()
     train_set, test_set = data
     d = config.data

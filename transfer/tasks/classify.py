@@ -23,9 +23,9 @@ from torch.utils.data import ConcatDataset
 
 import numpy as np
 
-from pretrain.checks import (DEVICE, NON_NEGATIVE, POSITIVE_INT, Rule, at_least, between, checked, each, one_of,
+from common.checks import (DEVICE, NON_NEGATIVE, POSITIVE_INT, Rule, at_least, between, checked, each, one_of,
                              optional)
-from pretrain.errors import UserError
+from common.errors import UserError
 from transfer.backbone import Backbone
 from transfer.classify_datasets import DATASETS
 from transfer.finetune import FinetuneProtocol, Images
@@ -95,8 +95,8 @@ def prepare(task: str, config: Config):
 
 
 def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskResult:
-    from pretrain.distributed import init_distributed
-    from pretrain.rundir import pick_device
+    from common.distributed import init_distributed
+    from common.rundir import pick_device
     processes = init_distributed()
     device = pick_device(config.device)
     metrics, varies, extra = {}, {}, {"val_source": data.val_source, "world_size": processes.world_size,

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.checks import DEVICE, NON_NEGATIVE, POSITIVE_INT, checked, each, greater_than, one_of
-from pretrain.errors import UserError
+from common.checks import DEVICE, NON_NEGATIVE, POSITIVE_INT, checked, each, greater_than, one_of
+from common.errors import UserError
 from pretrain.networks import feature_width
 from transfer.runner import TaskResult
 
@@ -238,9 +238,10 @@ def train_and_evaluate(config: Config, backbone, run_dir: Path, device, save: bo
     averages the gradients, so the run follows the one-process run up to float noise."""
     import sys
     from tqdm import tqdm
-    from pretrain.distributed import detect
-    from pretrain.io import remove_partial_writes
-    from pretrain.rundir import Progress, cosine_schedule
+    from common.distributed import detect
+    from common.files import remove_partial_writes
+    from common.rundir import Progress
+    from common.schedule import cosine_schedule
     from transfer.datasets import build_depth_dataset
     d = config.data
     processes = detect()
@@ -319,7 +320,7 @@ def evaluate(model: nn.Module, dataset, device, autocast=None) -> dict[str, floa
     r + W, ... and the sums are added over ranks."""
     import contextlib
     import torch.distributed as dist
-    from pretrain.distributed import detect
+    from common.distributed import detect
     processes = detect()
     model.eval()
     sums = torch.zeros(7, dtype=torch.float64)
@@ -344,7 +345,7 @@ Keys and defaults: transfer/tasks/depth.py (Config)."""
 
 
 def prepare(task: str, config: Config) -> None:
-    from pretrain.distributed import check_global_batch, detect
+    from common.distributed import check_global_batch, detect
     from transfer.datasets import NyuRawFrames, build_depth_dataset
     check_global_batch("batch_size", config.batch_size, detect().world_size)
     d = config.data
@@ -355,8 +356,8 @@ def prepare(task: str, config: Config) -> None:
 
 
 def run(task: str, config: Config, backbone, task_run, data) -> TaskResult:
-    from pretrain.distributed import init_distributed
-    from pretrain.rundir import pick_device
+    from common.distributed import init_distributed
+    from common.rundir import pick_device
     d = config.data
     processes = init_distributed()
     metrics = train_and_evaluate(config, backbone, task_run.run_dir, pick_device(config.device), processes.rank == 0)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from pretrain.checks import (DEVICE, NON_NEGATIVE, POSITIVE_INT, at_least, between, checked, each, greater_than,
+from common.checks import (DEVICE, NON_NEGATIVE, POSITIVE_INT, at_least, between, checked, each, greater_than,
                              one_of)
 from transfer.backbone import Backbone
 from transfer.runner import TaskResult

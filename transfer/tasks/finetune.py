@@ -20,8 +20,8 @@ from typing import Optional
 
 from torch.utils.data import Subset
 
-from pretrain.checks import DEVICE, NON_NEGATIVE, POSITIVE_INT, between, checked, each, one_of
-from pretrain.errors import UserError
+from common.checks import DEVICE, NON_NEGATIVE, POSITIVE_INT, between, checked, each, one_of
+from common.errors import UserError
 from transfer.backbone import Backbone
 from transfer.finetune import FinetuneProtocol, Images
 from transfer.runner import TaskResult
@@ -120,9 +120,9 @@ def prepare(task: str, config: Config):
 
 
 def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskResult:
-    from pretrain.distributed import init_distributed
+    from common.distributed import init_distributed
     from pretrain.networks import feature_width
-    from pretrain.rundir import pick_device
+    from common.rundir import pick_device
     from transfer.finetune import Finetuner, select_and_finetune
     from transfer.logistic import top1
     from transfer.tasks.classification import topk_accuracy

@@ -20,8 +20,8 @@ from typing import Optional
 
 import torch
 
-from pretrain.checks import DEVICE, NON_NEGATIVE, POSITIVE_INT, between, checked, each, greater_than, one_of
-from pretrain.errors import UserError
+from common.checks import DEVICE, NON_NEGATIVE, POSITIVE_INT, between, checked, each, greater_than, one_of
+from common.errors import UserError
 from pretrain.networks import feature_width
 from transfer.backbone import Backbone
 from transfer.runner import TaskResult
@@ -181,7 +181,7 @@ Keys and defaults: transfer/tasks/segmentation.py (Config). mmseg's logs and che
 
 
 def prepare(task: str, config: Config) -> None:
-    from pretrain.distributed import check_global_batch, detect
+    from common.distributed import check_global_batch, detect
     check_global_batch("schedule.batch_size", config.schedule.batch_size, detect().world_size)
     _dataset(config.data, "train", []), _dataset(config.data, "val", [])
     if config.schedule.lr_grid:
@@ -235,7 +235,7 @@ def choose_lr(config: Config, train_one) -> tuple[float, dict[str, float]]:
     mIoU. Each candidate runs in RUN_DIR/select/lr<lr>/ and resumes there."""
     import json
     from omegaconf import OmegaConf
-    from pretrain.distributed import barrier, detect
+    from common.distributed import barrier, detect
     folder = Path(config.run_dir) / "select"
     if detect().rank == 0:
         heldout_lists(config, folder)
@@ -254,7 +254,7 @@ def choose_lr(config: Config, train_one) -> tuple[float, dict[str, float]]:
                                                       "val_labels": str((folder / "heldout_labels").resolve())}})
         scores[f"{lr:g}"] = train_one(candidate)["mIoU"]
         if detect().rank == 0:  # atomically: a rerun reads it back instead of training the candidate again
-            from pretrain.io import atomic_write_bytes
+            from common.files import atomic_write_bytes
             atomic_write_bytes(result, json.dumps({"lr": lr, "mIoU": scores[f"{lr:g}"]}).encode())
         log.info("segmentation: lr %g -> held-out mIoU %.2f", lr, scores[f"{lr:g}"])
     return max(config.schedule.lr_grid, key=lambda lr: scores[f"{lr:g}"]), scores
@@ -264,7 +264,7 @@ def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskRe
     """Train and evaluate with mmseg; metrics are mmseg's (mIoU, mAcc, aAcc in percent, IoU.<class>). With
     schedule.lr_grid, the lr is chosen first on held-out training images (`choose_lr`)."""
     from omegaconf import OmegaConf
-    from pretrain.distributed import init_distributed
+    from common.distributed import init_distributed
     from transfer import export, mmseg_glue
     from transfer.scenes import CLASSES
     processes = init_distributed()  # here, not by mmengine: its launcher insists on a GPU

@@ -115,6 +115,6 @@ def rank0_decides(flag: bool) -> bool:
 def check_global_batch(key: str, batch: int, processes: int, among: str | None = None) -> None:
     """UserError unless the global batch `key`=`batch` divides among `processes` (described by `among`)."""
     if batch % processes:
-        from pretrain.errors import UserError
+        from common.errors import UserError
         raise UserError(f"{key}={batch} (the global batch) does not divide among {among or f'the {processes} processes'}"
                         f"; choose a multiple of {processes}")

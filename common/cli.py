@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from pretrain.errors import UserError
+from common.errors import UserError
 
 USER_ERROR_EXIT = 2
 

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from pretrain.io import atomic_write_bytes
+from common.files import atomic_write_bytes
 
 
 def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -20,7 +20,7 @@ def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def code_version() -> str:
     """The package version, plus the git commit (and '-dirty') when run from a checkout."""
-    from pretrain import __version__
+    from common import __version__
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -12,8 +12,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pretrain.config import config_differences, save_config
-from pretrain.errors import UserError
+from common.config import config_differences, save_config
+from common.errors import UserError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -70,14 +70,6 @@ def pick_device(name: str | None):
     return torch.device("cpu")
 
 
-def cosine_schedule(optimizer, total_steps: int, warmup_steps: int = 0):
-    """LambdaLR with lr_k = lr_0 k / W for k < W, then lr_0 (1 + cos(pi min(k - W, K - W) / (K - W))) / 2, K =
-    total_steps (pretrain.optim.warmup_cosine; W = 0: a plain cosine decay)."""
-    import torch
-    from pretrain.optim import warmup_cosine
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: warmup_cosine(k, total_steps, warmup_steps, 1.0))
-
-
 class Progress:
     """A resumable training state in one file: {counter: n, name: module/optimizer/schedule state, ...}.
 
@@ -97,7 +89,7 @@ class Progress:
         return int(state[self.counter])
 
     def save(self, position: int) -> None:
-        from pretrain.io import atomic_torch_save
+        from common.files import atomic_torch_save
         atomic_torch_save({self.counter: position, **{name: obj.state_dict() for name, obj in self.stateful.items()}},
                           self.path)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pretrain.errors import UserError
+from common.errors import UserError
 
 
 @dataclass(frozen=True)

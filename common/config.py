@@ -1,7 +1,7 @@
 """Config loading: dataclass schema <- YAML file <- `key=value` overrides (OmegaConf).
 
 An unknown key or a value of the wrong type raises UserError naming the key and the closest valid key; a value
-outside its field's rule (pretrain.checks) raises UserError naming the key, the value and what is allowed.
+outside its field's rule (common.checks) raises UserError naming the key, the value and what is allowed.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from pretrain.errors import UserError
+from common.errors import UserError
 
 
 def config_keys(config: DictConfig, prefix: str = "") -> list[str]:
@@ -93,14 +93,14 @@ def load_config(schema: type, path: str | Path | None = None, overrides: Sequenc
     missing = OmegaConf.missing_keys(config)
     if missing:
         raise UserError(f"config keys {sorted(missing)} have no value; set them in the YAML file or as key=value")
-    from pretrain.checks import check_config
+    from common.checks import check_config
     check_config(config, schema)
     return config
 
 
 def save_config(config: DictConfig, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    from pretrain.io import atomic_write_bytes
+    from common.files import atomic_write_bytes
     atomic_write_bytes(Path(path), OmegaConf.to_yaml(config, resolve=True).encode())
 
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from common.errors import UserError
 
@@ -95,8 +98,6 @@ def _non_finite(value: Any) -> bool:
 
 def check_config(config: Any, schema: type, prefix: str = "") -> None:
     """Raise UserError for the first value of `config` (a DictConfig of `schema`) that breaks its rule."""
-    import typing
-    from omegaconf import DictConfig, ListConfig, OmegaConf
     hints = typing.get_type_hints(schema)  # field.type is a string under `from __future__ import annotations`
     for field in dataclasses.fields(schema):
         key = f"{prefix}{field.name}"

@@ -28,10 +28,15 @@ def config_parser(prog: str, description: str, epilog: str = "") -> argparse.Arg
     """An argparse parser with the project's `--config FILE [key=value ...]` convention."""
     parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    return parser
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--config FILE [key=value ...]`."""
     parser.add_argument("--config", metavar="FILE", help="YAML config; its keys override the built-in defaults")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides applied after the config file, e.g. optim.lr=0.1")
-    return parser
 
 
 def subcommand_parser(prog: str, description: str,

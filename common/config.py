@@ -5,14 +5,19 @@ outside its field's rule (common.checks) raises UserError naming the key, the va
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from common.checks import check_config
 from common.errors import UserError
+from common.files import atomic_write_bytes
 
 
 def config_keys(config: DictConfig, prefix: str = "") -> list[str]:
@@ -51,8 +56,6 @@ def _config_error(error: OmegaConfBaseException, schema: type, source: str) -> U
 
 def _replaced_mappings(schema: type, raw: dict) -> list[str]:
     """Top-level keys of `raw` that `schema` types as a plain dict (e.g. a pipeline's tasks), not a nested config."""
-    import dataclasses
-    import typing
     hints = typing.get_type_hints(schema)
     return [f.name for f in dataclasses.fields(schema) if isinstance(raw.get(f.name), dict) and hints.get(f.name) is dict]
 
@@ -64,7 +67,6 @@ def load_config(schema: type, path: str | Path | None = None, overrides: Sequenc
         path = Path(path)
         if not path.is_file():
             raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config")
-        import yaml
         try:
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as error:
@@ -93,14 +95,12 @@ def load_config(schema: type, path: str | Path | None = None, overrides: Sequenc
     missing = OmegaConf.missing_keys(config)
     if missing:
         raise UserError(f"config keys {sorted(missing)} have no value; set them in the YAML file or as key=value")
-    from common.checks import check_config
     check_config(config, schema)
     return config
 
 
 def save_config(config: DictConfig, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    from common.files import atomic_write_bytes
     atomic_write_bytes(Path(path), OmegaConf.to_yaml(config, resolve=True).encode())
 
 

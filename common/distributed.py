@@ -6,6 +6,11 @@ import os
 import subprocess
 from dataclasses import dataclass
 
+import torch
+import torch.distributed as dist
+
+from common.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistributedEnv:
@@ -52,8 +57,6 @@ def detect(environ: dict[str, str] | None = None) -> DistributedEnv:
 
 def init_distributed(backend: str | None = None) -> DistributedEnv:
     """Initialise the default process group when the environment describes several processes."""
-    import torch
-    import torch.distributed as dist
     info = detect()
     if not info.is_distributed or dist.is_initialized():
         return info
@@ -76,7 +79,6 @@ def match_threads_to_allocation(environ: dict[str, str] | None = None) -> int | 
     cpus = env.get("SLURM_CPUS_PER_TASK")
     if not cpus or "OMP_NUM_THREADS" in env:
         return None
-    import torch
     threads = max(1, int(cpus))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
@@ -88,7 +90,6 @@ def shutdown_distributed() -> None:
 
     Without the barrier a rank that tears its gloo connections down first can abort a peer still inside the
     last collective ("terminate called without an active exception", SIGABRT)."""
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         barrier()
         dist.destroy_process_group()
@@ -96,15 +97,12 @@ def shutdown_distributed() -> None:
 
 def barrier() -> None:
     """Wait for every process (nothing under one process)."""
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def rank0_decides(flag: bool) -> bool:
     """Rank 0's value of `flag` on every rank (the ranks must take the same branch before a collective)."""
-    import torch
-    import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
         return flag
     value = torch.tensor([int(flag)])
@@ -115,6 +113,5 @@ def rank0_decides(flag: bool) -> bool:
 def check_global_batch(key: str, batch: int, processes: int, among: str | None = None) -> None:
     """UserError unless the global batch `key`=`batch` divides among `processes` (described by `among`)."""
     if batch % processes:
-        from common.errors import UserError
         raise UserError(f"{key}={batch} (the global batch) does not divide among {among or f'the {processes} processes'}"
                         f"; choose a multiple of {processes}")

@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`."""
@@ -39,7 +41,6 @@ def remove_partial_writes(folder: Path, logger, name: str = "*") -> None:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save, atomically."""
-    import torch
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())

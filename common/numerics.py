@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import platform
 
+import torch
+
 # The environment of the fp32 switch: the AVX2 code paths of ATen, oneDNN, MKL and OpenBLAS. The threads, which
 # change rounding too, are the executor's (configs/slurm/local.yaml: one per job, whatever the machine's cores).
 REPRODUCIBLE_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2",
@@ -29,7 +31,6 @@ def cpu_model() -> str:
 
 
 def native_bf16() -> bool:
-    import torch
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
@@ -40,7 +41,6 @@ def pinned() -> bool:
 
 def describe(cpu_amp: bool) -> str:
     """One line: the CPU, its kernels, the pretraining precision, and whether the numbers are the pinned ones."""
-    import torch
     bf16 = native_bf16()
     precision = "bf16 (train.cpu_amp and native bf16)" if cpu_amp and bf16 else "fp32"
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "the CPU's best")

@@ -4,9 +4,11 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+from common import __version__
 from common.files import atomic_write_bytes
 
 
@@ -20,7 +22,6 @@ def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def code_version() -> str:
     """The package version, plus the git commit (and '-dirty') when run from a checkout."""
-    from common import __version__
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -50,7 +51,6 @@ def metrics_record(*, task: str, dataset: str, backbone: dict[str, str] | None, 
 def torch_threads() -> int | None:
     """torch's intra-op threads in this process (None before torch is imported): reductions split across threads
     round differently, so a run's numbers depend on it."""
-    import sys
     return sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
 
 

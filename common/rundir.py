@@ -5,15 +5,22 @@ with the same config resumes or reports; a different config is refused before an
 """
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
+import os
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from common.config import config_differences, save_config
 from common.errors import UserError
+from common.files import atomic_torch_save
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -62,7 +69,6 @@ def detach_log(logger: logging.Logger, handler: logging.Handler) -> None:
 
 def pick_device(name: str | None):
     """cuda (this process's GPU) when asked for or available, else cpu; device=cuda without a GPU is refused."""
-    import torch
     if name in (None, "cuda") and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     if name == "cuda":
@@ -80,7 +86,6 @@ class Progress:
         self.path, self.counter, self.stateful = Path(path), counter, stateful
 
     def restore(self) -> int:
-        import torch
         if not self.path.exists():
             return 0
         state = torch.load(self.path, map_location="cpu", weights_only=True)
@@ -89,7 +94,6 @@ class Progress:
         return int(state[self.counter])
 
     def save(self, position: int) -> None:
-        from common.files import atomic_torch_save
         atomic_torch_save({self.counter: position, **{name: obj.state_dict() for name, obj in self.stateful.items()}},
                           self.path)
 
@@ -113,9 +117,6 @@ class RunDirLock:
 
     @staticmethod
     def holder() -> dict[str, Any]:
-        import os
-        import socket
-        import time
         return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -125,9 +126,6 @@ class RunDirLock:
         return f"pid {record.get('pid')} on {record.get('host')}{job}, since {record.get('since')}"
 
     def acquire(self) -> "RunDirLock":
-        import fcntl
-        import json
-        import os
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -154,8 +152,6 @@ class RunDirLock:
         return self
 
     def release(self) -> None:
-        import fcntl
-        import os
         if self.fd is not None:
             os.ftruncate(self.fd, 0)
             fcntl.flock(self.fd, fcntl.LOCK_UN)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
     """BYOL's schedule (byol/utils/schedules.py), which SSL-HSIC trains with:
@@ -19,5 +21,4 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak_lr: float
 def cosine_schedule(optimizer, total_steps: int, warmup_steps: int = 0):
     """LambdaLR with lr_k = lr_0 k / W for k < W, then lr_0 (1 + cos(pi min(k - W, K - W) / (K - W))) / 2, K =
     total_steps (warmup_cosine above; W = 0: a plain cosine decay)."""
-    import torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: warmup_cosine(k, total_steps, warmup_steps, 1.0))

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from common.errors import UserError
+from common.seeds import derive_seed
 
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -128,7 +129,7 @@ class Augmented(Dataset):
         if isinstance(image, CorruptImage):
             return image
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 100_000_007 + index)
+            torch.manual_seed(derive_seed(self.seed, "pretrain.views", epoch, index))
             return self.transform(image), label
 
 
@@ -152,7 +153,8 @@ class EpochBatchSampler(Sampler):
         return max(0, self.batches_per_epoch - self.start_batch)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(
+            derive_seed(self.seed, "pretrain.order", self.epoch)))
         for b in range(self.start_batch, self.batches_per_epoch):
             first = b * self.global_batch + self.rank * self.local_batch
             yield [(int(i), self.epoch) for i in order[first:first + self.local_batch]]

@@ -27,6 +27,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from common.seeds import derive_seed
+
 KERNELS = ("imq", "gaussian")
 ESTIMATORS = ("rff", "exact")
 
@@ -224,7 +226,7 @@ def draw_seed(seed: int, step: int, draw: int) -> int:
 
     Draw index = rank * draws_per_process + k, so that W processes with one draw each use the same draws as
     one process with W draws."""
-    return ((seed * 1_000_003 + step) * 65_537 + draw) % (2 ** 63)
+    return derive_seed(seed, "pretrain.kernel_draws", step, draw)
 
 
 def draw_generators(seed: int, step: int, first: int, count: int) -> list[torch.Generator]:
@@ -263,6 +265,15 @@ class SSLHSICLoss(nn.Module):
         self.num_features, self.gamma, self.kernel, self.estimator = num_features, gamma, kernel, estimator
         self.normalize, self.bandwidth_pairs = normalize, bandwidth_pairs
         self.scale = nn.Parameter(torch.tensor(float(init_scale)))
+
+    @classmethod
+    def from_config(cls, config) -> "SSLHSICLoss":
+        """Built by keyword from a loss config (pretrain.schema.LossConfig): the fields that name an argument of
+        the constructor (num_features, gamma, kernel, estimator, init_scale); the others (scale_lr, draws) are
+        the trainer's."""
+        import inspect
+        names = inspect.signature(cls.__init__).parameters
+        return cls(**{name: getattr(config, name) for name in names if name != "self" and hasattr(config, name)})
 
     def extra_repr(self) -> str:
         return (f"kernel={self.kernel}, estimator={self.estimator}, num_features={self.num_features}, "

@@ -9,6 +9,24 @@ import tempfile
 import time
 from pathlib import Path
 
+from common.config import load_config
+from common.errors import UserError
+from slurm import graph, sweep
+from slurm.evaluate import EvaluateConfig, evaluate
+from slurm.executor import (
+    build_executor,
+    job_name,
+    load_executor_config,
+    local_threads,
+    report_failure,
+    sbatch_script,
+    step_config,
+)
+from slurm.jobs import StepJob
+from slurm.pipeline import Pipeline, PipelineConfig
+from slurm.steps import Job, get_step, steps
+from transfer.report import build_report
+
 # ------------------------------------------------------------------------------------------ submit
 # python -m slurm submit STEP [step arguments] [--executor FILE] [executor.KEY=VALUE] [--dry-run] [--wait|--no-wait]
 
@@ -24,7 +42,6 @@ Local jobs are waited for by default, SLURM jobs are not (--wait / --no-wait).""
 
 
 def submit_arguments(parser: argparse.ArgumentParser) -> None:
-    from slurm.jobs import steps
     parser.epilog = SUBMIT_EPILOG.format(steps=", ".join(steps()))
     parser.add_argument("step", help="the step to run as a job")
     parser.add_argument("step_args", nargs=argparse.REMAINDER, help="arguments of the step, plus this command's flags")
@@ -48,21 +65,16 @@ def split_arguments(argv: list[str]) -> tuple[dict, list[str], list[str]]:
         else:
             rest.append(item)
     if flags["executor"] is None:
-        from common.errors import UserError
         raise UserError("--executor needs a file, e.g. --executor configs/slurm/local.yaml")
     return flags, executor_overrides, rest
 
 
 def run_submit(args: argparse.Namespace) -> None:
-    from common.errors import UserError
-    from slurm.executor import (build_executor, job_name, local_threads, report_failure, sbatch_script, step_command,
-                                step_config)
-    from slurm.jobs import StepJob
     flags, executor_overrides, step_args = split_arguments(args.step_args)
     config = step_config(flags["executor"], executor_overrides, args.step)  # refuses an unknown step
-    job = StepJob(args.step, step_args, config.signal_delay_s)
+    job = StepJob(Job.from_argv(args.step, step_args), config.signal_delay_s)
     if flags["dry_run"]:
-        command = step_command(args.step, step_args)
+        command = job.job.command()
         shown = (sbatch_script(config, command, name=job_name(config, args.step)) if config.cluster == "slurm"
                  else f"python -m {shlex.join(command)}")
         print(f"# {config.cluster} executor, {len(step_args)} step arguments; nothing submitted\n{shown}")
@@ -86,7 +98,8 @@ def run_submit(args: argparse.Namespace) -> None:
 
 SWEEP_EPILOG = """\
 A sweep file names backbones, tasks (task: config file), seeds and override sets; the sweep submits a job array
-per task and backbone over the rest (--dry-run prints their sbatch flags) and writes RUN_ROOT/sweep.json. Then:
+per task and backbone over the rest (--dry-run prints their sbatch flags and commands), or runs its jobs here with
+the local executor, and writes RUN_ROOT/manifest.json. Then:
   python -m slurm status RUN_ROOT      states, and for failed jobs their log and the end of their stderr
   python -m slurm collect RUN_ROOT     one table of every job's metrics.json (the transfer report)"""
 
@@ -95,57 +108,31 @@ def sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = SWEEP_EPILOG
     parser.add_argument("--config", required=True, help="the sweep YAML (keys: slurm/sweep.py SweepConfig)")
     parser.add_argument("--executor", default="configs/slurm/local.yaml", help="executor config (default: local)")
-    parser.add_argument("--wait", action="store_true", help="wait for every job, then print their states")
+    parser.add_argument("--wait", action="store_true", help="on SLURM, wait for every job, then print their states")
     parser.add_argument("--dry-run", action="store_true", help="list the jobs without submitting")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="sweep keys, or executor.KEY=VALUE")
 
 
 def run_sweep(args: argparse.Namespace) -> None:
-    from common.config import load_config
-    from slurm import sweep
-    from slurm.executor import load_executor_config
     executor_overrides = [o[len("executor."):] for o in args.overrides if o.startswith("executor.")]
     overrides = [o for o in args.overrides if not o.startswith("executor.")]
     config = load_config(sweep.SweepConfig, args.config, overrides)
     executor_config = load_executor_config(args.executor, executor_overrides)
-    if args.dry_run:
-        from slurm.executor import job_name, sbatch_flags, show_flags
-        for key, step_config, jobs in sweep.batches(config, executor_config):
-            if executor_config.cluster == "slurm":  # what sweep.submit sends, from the same executor
-                flags = sbatch_flags(step_config, len(jobs), Path(config.run_root) / "jobs", job_name(step_config, key))
-                print(f"{key}: sbatch {show_flags(flags)}")
-            for job in jobs:
-                print(f"{job['task']:13s} seed {job['seed']}  {job['backbone']}  -> {job['run_dir']}")
-        return
-    jobs = sweep.submit(config, executor_config)
-    print(f"submitted {len(jobs)} jobs ({executor_config.cluster}); manifest {config.run_root}/sweep.json")
-    if args.wait:
-        sweep.wait(jobs)
-        print_status(config.run_root)
-
-
-def print_status(run_root: str) -> int:
-    from slurm import sweep
-    failed = 0
-    for job in sweep.load_manifest(run_root):
-        state, detail = sweep.job_state(job)
-        failed += state == "FAILED"
-        print(f"{job['job_id']:>10s}  {state:16s} {job['task']:13s} seed {job['seed']}  {job['backbone']}"
-              + (f"\n            {detail}" if state == "FAILED" else ""))
-    return failed
+    sweep.run(config, executor_config, args.dry_run, args.wait)
+    if not args.dry_run and (args.wait or executor_config.cluster != "slurm"):
+        print_graph_status(config.run_root)
 
 
 # ------------------------------------------------------------------------------------------ status
 # python -m slurm status RUN_ROOT: the state of every job of a sweep; failed ones with their log tail.
 
 def status_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_root", help="the run_root of a submitted sweep, or the root of a pipeline submitted to SLURM")
+    parser.add_argument("run_root", help="the root of a sweep, pipeline or evaluation (the folder of its manifest.json)")
 
 
 def print_graph_status(root: str) -> int:
-    """Every step of a pipeline submitted to SLURM: DONE, FAILED with its log, NEVER naming the failed step it
+    """Every job of a sweep, pipeline or evaluation: DONE, FAILED with its log, NEVER naming the failed step it
     waits for, or the scheduler's state; return how many failed or can never run."""
-    from slurm import graph
     nodes = graph.load(root)
     states = graph.states(nodes)
     width = max(len(n.name) for n in nodes)
@@ -159,36 +146,28 @@ def print_graph_status(root: str) -> int:
 
 
 def run_status(args: argparse.Namespace) -> None:
-    from common.errors import UserError
-    from slurm import graph
     root = Path(args.run_root)
-    if (root / graph.MANIFEST).exists():
-        print_graph_status(args.run_root)
-    elif (root / "sweep.json").exists():
-        print_status(args.run_root)
-    else:
-        raise UserError(f"{root} is not a submitted run: it holds neither {graph.MANIFEST} (a pipeline or evaluation "
-                        "submitted to SLURM) nor sweep.json (a sweep); pass the root the submission printed (a local "
-                        "pipeline keeps no manifest: its steps ran in order, see ROOT/report)")
+    if not (root / graph.MANIFEST).exists():
+        raise UserError(f"{root} is not a submitted run: it holds no {graph.MANIFEST}; pass the root the sweep, "
+                        "pipeline or evaluation printed")
+    print_graph_status(args.run_root)
 
 
 # ------------------------------------------------------------------------------------------ collect
 # python -m slurm collect RUN_ROOT [--out DIR]: every job's metrics.json in one table (the transfer report).
 
 def collect_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_root", help="the run_root of a submitted sweep")
+    parser.add_argument("run_root", help="the root of a sweep, pipeline or evaluation")
     parser.add_argument("--out", help="where to write report.md / report.csv (default RUN_ROOT/report)")
     parser.add_argument("--baseline", help="the backbone every other is compared with (a name; default: random init)")
 
 
 def run_collect(args: argparse.Namespace) -> None:
-    from pathlib import Path
-    from slurm import sweep
-    from transfer.report import build_report
-    jobs = sweep.load_manifest(args.run_root)
-    if print_status(args.run_root):
+    nodes = graph.load(args.run_root)
+    if print_graph_status(args.run_root):
         print("(failed jobs are left out of the table)")
-    run_dirs = [job["run_dir"] for job in jobs if (Path(job["run_dir"]) / "metrics.json").exists()]
+    run_dirs = [node.job.run_dir for node in nodes if get_step(node.step).kind in ("task", "training")
+                and node.job.run_dir and (Path(node.job.run_dir) / "metrics.json").exists()]
     build_report(run_dirs, args.out or str(Path(args.run_root) / "report"), plots=False, baseline=args.baseline)
 
 
@@ -248,8 +227,6 @@ def pipeline_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_pipeline(args: argparse.Namespace) -> None:
-    from common.config import load_config
-    from slurm.pipeline import Pipeline, PipelineConfig
     Pipeline(load_config(PipelineConfig, args.config, args.overrides), dry_run=args.dry_run).run()
 
 
@@ -280,14 +257,11 @@ def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from common.config import load_config
-    from slurm.evaluate import EvaluateConfig, evaluate
     overrides = list(args.overrides)
     tasks = {}
     for item in args.task:
         task, sep, path = item.partition("=")
         if not sep:
-            from common.errors import UserError
             raise UserError(f"--task {item}: expected TASK=CONFIG, e.g. knn=configs/transfer/linear_fashion_mnist.yaml")
         tasks[task] = path
     if args.backbone:

@@ -13,9 +13,14 @@ from pathlib import Path
 
 from common.checks import Rule, checked, existing_file, one_of
 from common.errors import UserError
-from slurm.pipeline import TASK_FILES, TASK_OVERRIDES, run_graph
-from slurm.sweep import SEEDS
+from slurm.config_rules import SEEDS, TASK_FILES, TASK_OVERRIDES
+from slurm.dispatch import run_graph
+from slurm.executor import for_step, load_executor_config
+from slurm.graph import Node
+from slurm.steps import Job
 from transfer import WEIGHTS
+from transfer.names import split_named
+from transfer.tasks import task_of
 
 
 @dataclass
@@ -34,9 +39,6 @@ class EvaluateConfig:
 
 def plan(config: EvaluateConfig) -> list:
     """The graph: a node per task x backbone x seed, then the report."""
-    from slurm.graph import Node
-    from transfer.names import split_named
-    from transfer.tasks import task_of
     if not config.tasks:
         raise UserError("nothing to evaluate: give at least one task (tasks: {task: config file})")
     root = Path(config.root)
@@ -55,25 +57,22 @@ def plan(config: EvaluateConfig) -> list:
         for name, spec in named.items():
             for seed in config.seeds:
                 run_dir = root / task / name / f"seed{seed}"
-                argv = ["--backbone", f"{name}={split_named(spec)[1]}", "--weights", config.weights, "--config",
-                        task_config, f"run_dir={run_dir}", f"seed={seed}", *config.task_overrides.get(task, [])]
-                nodes.append(Node(f"{task}/{name}/seed{seed}", task_of(task), argv, str(run_dir / "metrics.json"),
+                job = Job(task_of(task), task_config, [f"seed={seed}", *config.task_overrides.get(task, [])],
+                          str(run_dir), {"backbone": f"{name}={split_named(spec)[1]}", "weights": config.weights})
+                nodes.append(Node(f"{task}/{name}/seed{seed}", job, str(run_dir / "metrics.json"),
                                   group=f"{task}/{name}"))
                 run_dirs.append(str(run_dir))
-    baseline = ["--baseline", config.baseline] if config.baseline else []
-    nodes.append(Node("report", "report", [*run_dirs, "--out", str(root / "report"), *baseline],
+    nodes.append(Node("report", Job("report", inputs=run_dirs, options={"out": str(root / "report"),
+                                                                          "baseline": config.baseline or None}),
                       str(root / "report" / "report.md"), needs=[n.name for n in nodes]))
     return nodes
 
 
 def evaluate(config: EvaluateConfig, dry_run: bool = False) -> dict:
-    from slurm.executor import for_step, load_executor_config
     executor_config = load_executor_config(config.executor, list(config.executor_overrides))
     executor_config.folder = str(Path(config.root) / "jobs")
     nodes = plan(config)
     for step in {node.step for node in nodes}:  # every profile in use is valid
         for_step(executor_config, step)
-    report = nodes[-1]
-    run_dirs = report.argv[:report.argv.index("--out")]
-    return run_graph(nodes, executor_config, Path(config.root), dry_run, "evaluate", run_dirs,
+    return run_graph(nodes, executor_config, Path(config.root), dry_run, "evaluate", nodes[-1].job.inputs,
                      config.baseline or None)

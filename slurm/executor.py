@@ -17,12 +17,19 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from common.checks import NON_NEGATIVE, POSITIVE_INT, Rule, checked, greater_than, one_of, optional
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from common.checks import NON_NEGATIVE, POSITIVE_INT, Rule, check_config, checked, greater_than, one_of, optional
+from common.config import closest_key, load_config
+from common.errors import UserError
+from slurm.steps import steps
 
 CLUSTERS = ("local", "slurm", "debug")
 # What a profile may set: the resources of a job (not where its files go, nor which kind of cluster runs it).
@@ -32,16 +39,13 @@ PROFILE_KEYS = ("timeout_min", "partition", "nodes", "gpus_per_node", "tasks_per
 
 
 def profile_steps() -> tuple[str, ...]:
-    """The steps a profile can name: every job step, and the report."""
-    from slurm.jobs import steps
-    return steps()
+    """The steps a profile can name: every step of the table (slurm.steps), the report included."""
+    return tuple(steps())
 
 
 def _profiles(value) -> bool:
     """True for a mapping of steps to mappings of profile keys; a bad entry raises a UserError naming it (the
     step or key that is wrong and the closest right one), which the config check prints as its one line."""
-    from common.config import closest_key
-    from common.errors import UserError
     if not isinstance(value, dict):
         return False
     steps = profile_steps()
@@ -93,12 +97,8 @@ class ExecutorConfig:
 
 def for_step(config, step: str):
     """The executor config of one step's job: the defaults with the step's profile over them, checked."""
-    from omegaconf import OmegaConf
-    from common.checks import check_config
-    from common.errors import UserError
     if step not in profile_steps():
         raise UserError(f"unknown step '{step}'; choose one of {', '.join(profile_steps())}")
-    from omegaconf.errors import OmegaConfBaseException
     profile = (config.profiles or {}).get(step) or {}
     profile = OmegaConf.to_container(profile) if OmegaConf.is_config(profile) else dict(profile)
     try:
@@ -116,7 +116,6 @@ def for_step(config, step: str):
 
 def check_signal_delay(config) -> None:
     """SIGUSR2 (checkpoint + requeue) must come after the job starts: signal_delay_s below the time limit."""
-    from common.errors import UserError
     if config.signal_delay_s >= config.timeout_min * 60:
         raise UserError(f"config key 'signal_delay_s' is {config.signal_delay_s}; it must be below the time limit "
                         f"(timeout_min={config.timeout_min}: {config.timeout_min * 60} s), or the job is signalled to "
@@ -125,7 +124,6 @@ def check_signal_delay(config) -> None:
 
 def load_executor_config(path: str, overrides: list[str]):
     """The executor config of a file with key=value overrides; the defaults and every profile are checked."""
-    from common.config import load_config
     config = load_config(ExecutorConfig, path, overrides)
     check_signal_delay(config)
     for step in config.profiles or {}:
@@ -137,11 +135,9 @@ def step_config(path: str, overrides: list[str], step: str):
     """The config of one job of `step` from the command line: the file's defaults, the step's profile over them,
     then the command line's overrides over both (`slurm submit pretrain ... executor.nodes=2` gets 2 nodes
     whatever the pretrain profile says)."""
-    from omegaconf import OmegaConf
     config = for_step(load_executor_config(path, overrides), step)
     for override in overrides:  # checked when the file loaded
         config = OmegaConf.merge(config, OmegaConf.from_dotlist([override]))
-    from common.checks import check_config
     check_config(config, ExecutorConfig)
     check_signal_delay(config)
     return config
@@ -178,11 +174,9 @@ def build_executor(config: ExecutorConfig, folder: str | Path | None = None, nam
     """The submitit executor of one job, or of one job array (several submissions in `executor.batch()`):
     named `name` (default: the config's name), waiting on SLURM for the jobs `after` to succeed. Submissions and
     dry runs (`sbatch_script`) both build it here, so a dry run prints what is submitted."""
-    import shutil
 
     import submitit
     if config.cluster == "slurm" and shutil.which("srun") is None:  # submitit's own check, as one line
-        from common.errors import UserError
         raise UserError("cluster: slurm needs SLURM's commands (srun, sbatch) on PATH; run this on a SLURM login "
                         "node, or set cluster: local")
     extra = {"slurm_max_num_timeout": config.max_num_timeout} if config.cluster == "slurm" else {}
@@ -220,15 +214,16 @@ def local_threads(config: ExecutorConfig):
             os.environ["OMP_NUM_THREADS"] = previous
 
 
-def sbatch_script(config: ExecutorConfig, argv: list[str], count: int = 1, folder: str | Path | None = None,
+def sbatch_script(config: ExecutorConfig, command: list[str], count: int = 1, folder: str | Path | None = None,
                   name: str | None = None, after: Sequence[str] = ()) -> str:
-    """The sbatch script submitit writes for a job running `argv`, or for a job array of `count` tasks (submitit
-    adds --array=0-<count - 1>%<parallelism> when one batch holds several jobs): what a dry run shows."""
+    """The sbatch script submitit writes for a job running `python -m COMMAND` (slurm.steps.Job.command), or for a
+    job array of `count` tasks (submitit adds --array=0-<count - 1>%<parallelism> when one batch holds several
+    jobs): what a dry run shows."""
     from submitit.slurm.slurm import _make_sbatch_string
     slurm = build_executor(config, folder, name, after)._executor
     parameters = dict(slurm.parameters, **({"map_count": count} if count > 1 else {}))
     text = _make_sbatch_string(command=slurm._submitit_command_str, folder=slurm.folder, **parameters)
-    return text + f"\n# inside that job, submitit runs: python -m {shlex.join(argv)}\n"
+    return text + f"\n# inside that job, submitit runs: python -m {shlex.join(command)}\n"
 
 
 def sbatch_flags(config: ExecutorConfig, count: int = 1, folder: str | Path | None = None, name: str | None = None,
@@ -241,16 +236,6 @@ def sbatch_flags(config: ExecutorConfig, count: int = 1, folder: str | Path | No
 def show_flags(flags: list[str]) -> str:
     """The flags on one line as a person reads them: quoted only where a value has a space."""
     return " ".join(flag if not any(c.isspace() for c in flag) else shlex.quote(flag) for flag in flags)
-
-
-def step_command(step: str, argv: list[str]) -> list[str]:
-    """The `python -m` arguments that run a step as its job does (slurm.jobs.StepJob): pretrain, the supervised
-    control (pretrain.supervised), or a transfer command."""
-    if step == "pretrain":
-        return ["pretrain", *argv]
-    if step == "supervised":
-        return ["pretrain.supervised", *argv]
-    return ["transfer", step, *argv]
 
 
 def report_failure(job) -> str:

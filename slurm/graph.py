@@ -1,10 +1,11 @@
-"""A dependency graph of step jobs, submitted to SLURM at once, and its state.
+"""A dependency graph of step jobs (a pipeline, an evaluation, a sweep), submitted to SLURM at once, and its state.
 
-Each node is a step (pretrain, export, a task run, the report...) with the file that marks it done and the nodes
-it needs. `plan` decides what a submission sends and `submit` sends it: every node that is not done as an sbatch
+Each node is a job (slurm.steps.Job: pretrain, export, a task run, the report...) with the file that marks it done
+and the nodes it needs. `plan` decides what a submission sends and `submit` sends it: every node that is not done as an sbatch
 job with `--dependency=afterok:<ids of what it needs>` (a job array's id when it needs all of that array), the nodes
 of one group (a task on one backbone over seeds) as one job array, each named after what it runs
-(ssl-hsic:linear/pretrained), and writes the manifest ROOT/pipeline.json; nothing stays running on the login node.
+(ssl-hsic:linear/pretrained), and writes the manifest ROOT/manifest.json; nothing stays running on the login node.
+Local runs (slurm.pipeline.run_local) write the same manifest, so one `status` reads every kind of run.
 A dry run prints the same plan, with {name} where the ids will be. SLURM starts each job when its inputs exist; a job
 whose input failed stays pending for ever (reason DependencyNeverSatisfied).
 
@@ -17,15 +18,20 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import subprocess
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
 from common.files import atomic_write_bytes
+from slurm.executor import build_executor, for_step, job_name
+from slurm.jobs import StepJob
+from slurm.steps import Job
 
-MANIFEST = "pipeline.json"
+MANIFEST = "manifest.json"
 FINISHED_BAD = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED",
                 "LOST")
 LIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
@@ -34,8 +40,7 @@ LIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING
 @dataclass
 class Node:
     name: str                 # unique, e.g. "linear/pretrained/seed0"
-    step: str                 # what the job runs (slurm.jobs.steps())
-    argv: list[str]
+    job: Job                  # what it runs
     done: str                 # the file whose existence means the step is done
     needs: list[str] = field(default_factory=list)
     group: str = ""           # nodes of one group go into one job array (same step, same needs)
@@ -43,13 +48,21 @@ class Node:
     folder: str = ""
 
     @property
+    def step(self) -> str:
+        return self.job.step
+
+    @property
     def is_done(self) -> bool:
         return Path(self.done).exists()
+
+    @classmethod
+    def from_record(cls, entry: dict) -> "Node":
+        return cls(**{**entry, "job": Job(**entry["job"])})
 
 
 def squeue_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
     """job id -> (state, reason) for the jobs the controller still knows (recent ones included)."""
-    if not job_ids:
+    if not job_ids or shutil.which("squeue") is None:  # local jobs, on a machine without SLURM
         return {}
     bases = sorted({job_id.split("_")[0] for job_id in job_ids})
     out = subprocess.run(["squeue", "-h", "-t", "all", "-r", "-o", "%i|%T|%r", "-j", ",".join(bases)],
@@ -124,13 +137,13 @@ def load(root: str | Path) -> list[Node]:
     if not path.exists():
         raise UserError(f"{path} does not exist: pass the root of a pipeline submitted to SLURM")
     try:
-        return [Node(**entry) for entry in json.loads(path.read_text())["jobs"]]
-    except (ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{path} is not a pipeline manifest ({type(error).__name__}: {error}); resubmit the "
+        return [Node.from_record(entry) for entry in json.loads(path.read_text())["jobs"]]
+    except (ValueError, KeyError, TypeError, UserError) as error:
+        raise UserError(f"{path} is not a job manifest ({type(error).__name__}: {error}); resubmit the "
                         "pipeline to write it again") from None
 
 
-def _save(root: Path, nodes: list[Node]) -> None:
+def save(root: Path, nodes: list[Node]) -> None:
     atomic_write_bytes(root / MANIFEST, json.dumps({"jobs": [asdict(n) for n in nodes]}, indent=2).encode())
 
 
@@ -155,7 +168,6 @@ class Batch:
 
     @property
     def name(self) -> str:
-        from slurm.executor import job_name
         return job_name(self.config, self.key)
 
 
@@ -164,7 +176,6 @@ def plan(nodes: list[Node], executor_config, root: str | Path) -> tuple[list[Bat
     kept (pending or running on live inputs) as one job, or one job array per group, each waiting for the batches
     and queued nodes it needs. Reads the manifest and the queue of a previous submission; submits nothing, so a dry
     run prints the same plan."""
-    from slurm.executor import for_step
     root = Path(root)
     previous = {n.name: n for n in load(root)} if (root / MANIFEST).exists() else {}
     for node in nodes:
@@ -205,8 +216,6 @@ def plan(nodes: list[Node], executor_config, root: str | Path) -> tuple[list[Bat
 
 def submit(nodes: list[Node], executor_config, root: str | Path, signal_delay_s: float | None = None) -> list[Node]:
     """Submit what is not done (see the module docstring and `plan`); write and return the manifest's nodes."""
-    from slurm.executor import build_executor
-    from slurm.jobs import StepJob
     root = Path(root)
     batches, _ = plan(nodes, executor_config, root)
     check_partitions([batch.config for batch in batches])
@@ -218,10 +227,20 @@ def submit(nodes: list[Node], executor_config, root: str | Path, signal_delay_s:
                                   after=[ids[ref] for ref in batch.after])
         delay = signal_delay_s if signal_delay_s is not None else batch.config.signal_delay_s
         with executor.batch():
-            handles = [executor.submit(StepJob(node.step, node.argv, delay)) for node in batch.nodes]
+            handles = [executor.submit(StepJob(node.job, delay)) for node in batch.nodes]
         for node, handle in zip(batch.nodes, handles):
             node.job_id, node.folder = str(handle.job_id), str(batch.folder)
             ids[node.name] = node.job_id
         ids[batch.key] = node.job_id.split("_")[0]  # a job array's id: afterok on it waits for all its tasks
-    _save(root, nodes)
+    save(root, nodes)
     return nodes
+
+
+def wait(nodes: list[Node], poll_s: float = 2.0, timeout_s: float = 24 * 3600) -> dict[str, tuple[str, str]]:
+    """Poll `states` until no node is pending or running (or `timeout_s` passes); the last states."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        current = states(nodes)
+        if all(state not in LIVE for state, _ in current.values()) or time.monotonic() > deadline:
+            return current
+        time.sleep(poll_s)

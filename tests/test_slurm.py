@@ -4,6 +4,7 @@ import io
 import json
 import re
 import runpy
+import shlex
 import sys
 import time
 
@@ -40,15 +41,16 @@ def test_timed_out_pretraining_requeues_and_ends_like_an_uninterrupted_run(slurm
     and bitwise equality needs the same reduction order."""
     from slurm.executor import build_executor
     from slurm.jobs import StepJob
+    from slurm.steps import Job
     # About 300 steps: longer than the 1-minute limit, whose SIGUSR2 comes 40 s before it.
     overrides = [*TINY, "data.image_size=32", "optim.epochs=100", "train.checkpoint_every=1000"]
 
     def args(run_dir):
-        return ["--config", "configs/pretrain/fashion_mnist_resnet18.yaml", f"run_dir={run_dir}", *overrides]
+        return Job("pretrain", "configs/pretrain/fashion_mnist_resnet18.yaml", overrides, str(run_dir))
     executor = build_executor(cluster_executor(tmp_path, timeout_min=1, signal_delay_s=40, max_num_timeout=5))
-    job = executor.submit(StepJob("pretrain", args(tmp_path / "job"), signal_delay_s=40))
+    job = executor.submit(StepJob(args(tmp_path / "job"), signal_delay_s=40))
     twin_executor = build_executor(cluster_executor(tmp_path / "twin", timeout_min=15, max_num_timeout=0))
-    twin = twin_executor.submit(StepJob("pretrain", args(tmp_path / "straight"), signal_delay_s=40))
+    twin = twin_executor.submit(StepJob(args(tmp_path / "straight"), signal_delay_s=40))
     requeued = False
     deadline = time.monotonic() + 1500
     while not (job.done() and twin.done()) and time.monotonic() < deadline:
@@ -107,7 +109,7 @@ overrides: [[data.limit_train=300, data.limit_test=100, data.num_workers=0, cach
     assert result.returncode == 0, result.stderr
     assert "submitted 4 jobs (slurm)" in result.stdout and result.stdout.count("DONE") == 4
     # one job array per task and backbone over the seeds, named after them
-    manifest = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["jobs"]
+    manifest = json.loads((tmp_path / "sweep" / "manifest.json").read_text())["jobs"]
     arrays = {}
     for job in manifest:
         arrays.setdefault(job["job_id"].split("_")[0], []).append(job["job_id"].split("_")[1])
@@ -204,34 +206,56 @@ def test_dry_runs_name_each_job_by_its_step_and_size_it_by_its_profile(tmp_path)
     result = run_cli("slurm", "sweep", "--config", str(sweep), "--executor", str(executor), "--dry-run")
     assert result.returncode == 0, result.stderr
     first = result.stdout.splitlines()[0]  # one task, one backbone, one seed: a single job named after its run
-    assert first.startswith("knn/random-resnet18/seed4: sbatch ") and " --job-name=ssl-hsic:knn/random-resnet18/seed4 " in first
+    assert first.startswith("[sweep] knn/random-resnet18/seed4: sbatch ")
+    assert " --job-name=ssl-hsic:knn/random-resnet18/seed4 " in first
     assert "--array" not in first and " --time=30 " in first
     assert not (tmp_path / "sweep").exists()
 
 
-def test_every_command_the_pipeline_dry_run_prints_exists(tmp_path):
-    """`python -m X [subcommand] --help` for each distinct entry point a dry run prints (in this process: runpy
-    runs a module as `python -m` does)."""
-    result = run_cli("slurm", "pipeline", "--config", "configs/pipeline/demo.yaml", "--dry-run",
-                     f"root={tmp_path / 'demo'}", "executor=configs/slurm/cluster.yaml")
-    assert result.returncode == 0, result.stderr
-    commands = [line.split(": python -m ", 1)[1].split() for line in result.stdout.splitlines() if ": python -m " in line]
-    entries = sorted({(c[0], c[1] if c[0] == "transfer" else "") for c in commands})
-    assert entries == [("pretrain", ""), ("pretrain.supervised", ""), *(("transfer", sub) for sub in sorted(
+def printed_commands(stdout: str) -> list[list[str]]:
+    return [shlex.split(line.split(": python -m ", 1)[1]) for line in stdout.splitlines() if ": python -m " in line]
+
+
+def run_help(command: list[str]) -> str:
+    """`python -m COMMAND --help` in this process (runpy runs a module as `python -m` does); its output."""
+    module, rest = command[0], command[1:]
+    out, argv = io.StringIO(), sys.argv
+    sys.argv = [module, *rest, "--help"]
+    try:
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    finally:
+        sys.argv = argv
+    assert exit.value.code in (0, None), command
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("cluster", ["local", "slurm"])
+def test_every_command_a_dry_run_prints_runs(tmp_path, cluster):
+    """Each command the pipeline's, an evaluation's and a sweep's dry runs print, run with --help appended: its
+    module, subcommand and every argument it carries parse (one per step: the commands of a step differ only in
+    values)."""
+    executor = "configs/slurm/cluster.yaml" if cluster == "slurm" else "configs/slurm/local.yaml"
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(json.dumps({"run_root": str(tmp_path / "sweep"), "backbones": ["random:resnet18"],
+                                 "tasks": {"knn": "configs/transfer/linear_fashion_mnist.yaml"}, "seeds": [4]}))
+    runs = [("pipeline", "--config", "configs/pipeline/demo.yaml", "--dry-run", f"root={tmp_path / 'demo'}",
+             f"executor={executor}"),
+            ("evaluate", "--backbone", "random:resnet18", "--task", "depth=configs/transfer/depth_scenes.yaml",
+             "--root", str(tmp_path / "eval"), "--executor", executor, "--dry-run"),
+            ("sweep", "--config", str(sweep), "--executor", executor, "--dry-run")]
+    by_step = {}
+    for argv in runs:
+        result = run_cli("slurm", *argv)
+        assert result.returncode == 0, result.stderr
+        for command in printed_commands(result.stdout):
+            by_step.setdefault(tuple(command[:2]) if command[0] == "transfer" else (command[0],), command)
+    assert sorted(by_step) == [("pretrain",), ("pretrain.supervised",), *(("transfer", sub) for sub in sorted(
         ("scenes", "export", "verify", "linear", "knn", "finetune", "segmentation", "classify", "detection", "depth",
          "report")))]
-    argv = sys.argv
-    for module, sub in entries:
-        out = io.StringIO()
-        sys.argv = [module, *([sub] if sub else []), "--help"]
-        try:
-            with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit:
-                runpy.run_module(module, run_name="__main__", alter_sys=True)
-        finally:
-            sys.argv = argv
-        assert exit.value.code in (0, None), (module, sub)
-        assert out.getvalue().startswith(f"usage: python -m {module}{' ' + sub if sub else ''} "), (module, sub)
-    assert not (tmp_path / "demo").exists()
+    for key, command in by_step.items():
+        assert run_help(command).startswith(f"usage: python -m {' '.join(key)} "), command
+    assert not any((tmp_path / name).exists() for name in ("demo", "eval", "sweep"))
 
 
 def test_local_slots_fill_the_cores_at_the_threads_each_job_takes():

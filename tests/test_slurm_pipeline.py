@@ -49,7 +49,7 @@ def wait_until_settled(root: Path, timeout_s: float = 900) -> dict:
 
 
 def manifest_ids(root: Path) -> dict:
-    return {job["name"]: job["job_id"] for job in json.loads((root / "pipeline.json").read_text())["jobs"]}
+    return {job["name"]: job["job_id"] for job in json.loads((root / "manifest.json").read_text())["jobs"]}
 
 
 @pytest.mark.timeout(2400)
@@ -120,7 +120,7 @@ def test_a_missing_partition_is_refused_before_anything_is_submitted(slurm_clust
     result = run_cli("slurm", "pipeline", "--config", str(config))
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: SLURM partition 'a100' does not exist on this cluster")
-    assert not (tmp_path / "root" / "pipeline.json").exists()
+    assert not (tmp_path / "root" / "manifest.json").exists()
 
 
 # ------------------------------------------------------------------------- the dry run is the submission
@@ -210,16 +210,16 @@ def _executor(tmp_path, document: dict) -> str:
 
 
 def _broken_manifest(root: Path) -> bool:
-    (root / "pipeline.json").write_text("{")  # cut short
+    (root / "manifest.json").write_text("{")  # cut short
     return True
 
 
 BAD_SLURM_INPUT = {
     # case: (argv maker, what the one line must say)
     "status-not-a-run": (lambda t: ["status", str(t)],
-                         [" is not a submitted run", "neither pipeline.json", "nor sweep.json"]),
+                         [" is not a submitted run", "holds no manifest.json"]),
     "status-broken-manifest": (lambda t: _broken_manifest(t) and ["status", str(t)],
-                               ["pipeline.json is not a pipeline manifest", "resubmit"]),
+                               ["manifest.json is not a job manifest", "resubmit"]),
     "pipeline-repeated-seed": (lambda t: ["pipeline", "--config", str(write_pipeline(t, [])), "seeds=[0,1,0]"],
                                ["'seeds' is [0, 1, 0]", "seed 0 appears 2 times", "e.g. [0, 1]"]),
     "evaluate-repeated-seed": (lambda t: ["evaluate", "--backbone", "random:resnet18", "--task",

@@ -101,6 +101,7 @@ def preempted(slurm_cluster, scenes, tmp_path_factory):
     from pretrain.networks import build_resnet
     from slurm.executor import ExecutorConfig, build_executor
     from slurm.jobs import StepJob
+    from slurm.steps import Job
     root = tmp_path_factory.mktemp("requeue")
     backbone = root / "backbone.pth"  # one backbone file for every run (a torchvision state_dict)
     with torch.random.fork_rng(devices=[]):
@@ -112,9 +113,9 @@ def preempted(slurm_cluster, scenes, tmp_path_factory):
     runs = {name: Run(make(scenes)) for name, make in TASKS.items()}
 
     def submit(run: Run, run_dir: Path):
-        argv = ["--backbone", str(backbone), "--config", str(ROOT / run.task["config"]), f"run_dir={run_dir}",
-                *run.task["overrides"]]
-        return executor.submit(StepJob(run.task["step"], argv, config.signal_delay_s))
+        job = Job(run.task["step"], str(ROOT / run.task["config"]), list(run.task["overrides"]), str(run_dir),
+                  {"backbone": str(backbone)})
+        return executor.submit(StepJob(job, config.signal_delay_s))
     for name, run in runs.items():
         run.run_dir, run.straight_dir = root / name / "preempted", root / name / "straight"
         planted = run.run_dir / run.task["leftover"]  # as a kill in the middle of a checkpoint write leaves it

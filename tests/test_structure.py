@@ -79,7 +79,7 @@ def test_importing_the_core_and_the_registry_stays_light():
 
 
 def test_every_registered_task_is_complete_and_reachable_from_every_entry_point():
-    from slurm.jobs import steps
+    from slurm.steps import steps
     from slurm.pipeline import PipelineConfig
     from transfer.__main__ import commands
     from transfer.tasks import TASKS, task_of

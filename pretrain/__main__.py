@@ -5,6 +5,9 @@ import sys
 from typing import Sequence
 
 from common.cli import config_parser, run_main
+from common.config import load_config
+from pretrain.schema import PretrainConfig
+from pretrain.trainer import train
 
 EPILOG = """\
 examples:
@@ -20,10 +23,7 @@ All keys, with their defaults: pretrain/schema.py."""
 def main(argv: Sequence[str] | None = None) -> None:
     parser = config_parser("python -m pretrain", "Pretrain an image backbone with SSL-HSIC.", EPILOG)
     args = parser.parse_args(argv)
-    from common.config import load_config
-    from pretrain.schema import PretrainConfig
     config = load_config(PretrainConfig, args.config, args.overrides)
-    from pretrain.trainer import train
     train(config)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from common.errors import UserError
 
 FORMAT = "ssl-hsic/pretrain"
@@ -38,7 +40,6 @@ def backbone_state(raw: dict, weights: str) -> dict:
 
 def load(path: str | Path) -> dict:
     """Read a pretraining checkpoint for resuming; a UserError names an unreadable or foreign file."""
-    import torch
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

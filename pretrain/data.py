@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+from torchvision.io import ImageReadMode, decode_image
 
 from common.errors import UserError
 from common.seeds import derive_seed
@@ -94,7 +95,6 @@ class ImageFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        from torchvision.io import ImageReadMode, decode_image
         path, label = self.samples[index]
         try:
             return decode_image(path, mode=ImageReadMode.RGB), label

@@ -22,12 +22,16 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
-from common.config import config_differences
+from common.config import config_differences, load_config
 from common.errors import UserError
-from common.files import remove_partial_writes
+from common.files import atomic_torch_save, remove_partial_writes
+from common.records import write_metrics
 from common.rundir import RunDirLock, attach_log, detach_log, refuse_other_config, start_run_dir
+from pretrain.schema import PretrainConfig
 
 # step -> the method's class ("module:Class"); both read the pretraining config (pretrain/schema.py)
 METHODS = {"pretrain": "pretrain.methods.ssl_hsic:SSLHSIC", "supervised": "pretrain.methods.supervised:Supervised"}
@@ -42,8 +46,6 @@ def method_class(step: str):
 
 def load_step_config(step: str, config_path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     """The checked config of a training step: the config file with key=value overrides applied."""
-    from common.config import load_config
-    from pretrain.schema import PretrainConfig
     method_class(step)  # refuse an unknown step before reading anything
     return load_config(PretrainConfig, config_path, list(overrides))
 
@@ -159,7 +161,6 @@ class Engine:
     def save_checkpoint(self) -> None:
         """The checkpoint, written atomically; the one it replaces is kept as the previous file (a hard link), so
         a crash at any point leaves a loadable checkpoint. A failed write stops the run and keeps both."""
-        from common.files import atomic_torch_save
         if self.is_main:
             try:
                 if self.checkpoint_path.exists():
@@ -174,7 +175,6 @@ class Engine:
                     from None
             self.log.info("step %d: checkpoint %s", self.step, self.checkpoint_path)
         if self.dist.is_distributed:
-            import torch
             torch.distributed.barrier()
 
     # ---------------------------------------------------------------------------------- stopping
@@ -221,7 +221,6 @@ class Engine:
                 lock.release()
 
     def _run(self) -> dict[str, Any]:
-        from tqdm import tqdm
         method, log = self.method, self.log
         if self.resume_state is not None:
             self.step, self._elapsed_before = method.load_state_dict(self.resume_state)
@@ -260,7 +259,6 @@ class Engine:
                     if method.checkpoint_due(self.step):
                         self.save_checkpoint()
                     if self.dist.is_distributed:  # every rank stops at the same step, whoever got the signal
-                        import torch
                         flag = torch.tensor([float(self.stop_requested)], device=self.device)
                         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
                         self.stop_requested = bool(flag.item())
@@ -304,7 +302,6 @@ class Engine:
                       self.step, self.stop_step, epoch)
 
     def _write_metrics(self, stats: dict[str, float], skipped: int) -> None:
-        from common.records import write_metrics
         history = self.run_dir / "history.jsonl"
         if not stats and history.exists():  # resumed at the very end: report the last logged step
             lines = history.read_text().splitlines()

@@ -21,6 +21,7 @@ as a piecewise-constant density rather than on the grid's points (see `imq_radia
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Callable, Sequence
 
@@ -271,7 +272,6 @@ class SSLHSICLoss(nn.Module):
         """Built by keyword from a loss config (pretrain.schema.LossConfig): the fields that name an argument of
         the constructor (num_features, gamma, kernel, estimator, init_scale); the others (scale_lr, draws) are
         the trainer's."""
-        import inspect
         names = inspect.signature(cls.__init__).parameters
         return cls(**{name: getattr(config, name) for name in names if name != "self" and hasattr(config, name)})
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torchvision
 from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from common.errors import UserError
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -70,7 +73,6 @@ def feature_width(arch: str) -> int:
 def _scaled_resnet(spec: Architecture, zero_init_residual: bool) -> nn.Module:
     """torchvision's ResNet with every channel count multiplied by spec.width (haiku's width_multiplier): built by
     torchvision's own constructor and layer factory, with its stem and stage widths scaled."""
-    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
     block = BasicBlock if spec.block == "basic" else Bottleneck
 
     class WideResNet(ResNet):
@@ -114,7 +116,6 @@ def build_resnet(arch: str, state_dict: dict[str, Tensor] | None = None, zero_in
     `zero_init_residual` starts the scale of the last BatchNorm of every residual block at 0, so that each
     block starts as the identity, as the official (haiku) ResNet does; torchvision's default starts it at 1."""
     spec = architecture(arch)
-    import torchvision
     if spec.width == 1 and hasattr(torchvision.models, arch):
         model = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
     else:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from common.checks import (DEVICE, NON_NEGATIVE, POSITIVE_INT, PROBABILITY, at_least, between, checked, each,
-                             greater_than, one_of)
+from common.checks import DEVICE, NON_NEGATIVE, POSITIVE_INT, PROBABILITY, at_least, between, checked, each, greater_than, one_of
 from pretrain.networks import BACKBONES
 
 

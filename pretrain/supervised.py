@@ -20,10 +20,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from common.cli import config_parser
+from pretrain.engine import build_engine, load_step_config
+
 
 def train_supervised(config) -> dict:
     """Train (or resume, or report a finished run) and return the run's metrics.json record."""
-    from pretrain.engine import build_engine
     engine = build_engine("supervised", config)
     stats = engine.run()
     path = Path(config.run_dir) / "metrics.json"
@@ -31,8 +33,6 @@ def train_supervised(config) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from common.cli import config_parser
-    from pretrain.engine import load_step_config
     parser = config_parser("python -m pretrain.supervised", "Train the pretraining network on the labels "
                            "(the positive control).", __doc__.split("\n\n")[1])
     args = parser.parse_args(argv)

@@ -15,6 +15,8 @@ SyncBatchNorm). The running statistics move by momentum towards (mean, var * n /
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
 
@@ -26,10 +28,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2-D input (got {input.dim()}-D)")
 
     def forward(self, x: Tensor) -> Tensor:
-        import torch.distributed as dist
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        import torch.distributed.nn.functional as dist_fn
         channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
         local_mean = x.mean(dims)

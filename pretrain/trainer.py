@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from common.distributed import shutdown_distributed
 from pretrain.engine import Engine
 from pretrain.methods.ssl_hsic import SSLHSIC, TrainingDiverged, TwoViews, draws_per_rank, gather  # noqa: F401
 
@@ -42,7 +43,6 @@ class Pretrainer(Engine):
 
 
 def train(config: DictConfig) -> dict[str, Any]:
-    from common.distributed import shutdown_distributed
     metrics = Pretrainer(config).run()
     shutdown_distributed()
     return metrics

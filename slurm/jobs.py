@@ -15,10 +15,9 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from pretrain.engine import build_engine, load_step_config
-
 from common.distributed import shutdown_distributed
 from common.errors import UserError
+from pretrain.engine import build_engine, load_step_config
 from slurm.steps import Job, get_step
 from transfer.__main__ import main
 from transfer.runner import run_task

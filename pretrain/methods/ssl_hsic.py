@@ -30,12 +30,28 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.utils.data import DataLoader
 
+from common.distributed import check_global_batch, detect, init_distributed, match_threads_to_allocation
 from common.errors import UserError
+from common.records import file_record
+from common.rundir import pick_device
+from common.schedule import warmup_cosine
 from common.seeds import derive_seed
 from pretrain import checkpoint
+from pretrain.augment import TwoCrops
+from pretrain.augment import TwoViews as TwoViewTransform
+from pretrain.batch_augment import BatchPhotometric
+from pretrain.data import Augmented, EpochBatchSampler, build_dataset, collate_views
+from pretrain.ema import debiased_ema_update_, ema_update_, target_tau
+from pretrain.hsic import NonFiniteFeatures, SSLHSICLoss, draw_generators
+from pretrain.networks import Encoder, OnlineNetwork, effective_rank
+from pretrain.optim import build_optimizer
+from pretrain.sync_batchnorm import convert_sync_batchnorm
 
 log = logging.getLogger("pretrain")
 
@@ -57,10 +73,8 @@ class TrainingDiverged(UserError):
 
 def gather(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate a tensor across processes (rank order); gradients flow back to every rank's slice."""
-    import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
-    import torch.distributed.nn.functional as dist_fn
     return torch.cat(dist_fn.all_gather(tensor))
 
 
@@ -90,12 +104,6 @@ class SSLHSIC:
     done_when_metrics_exist = False
 
     def __init__(self, config: DictConfig, run_dir: Path):
-        from common.distributed import check_global_batch, detect, init_distributed, match_threads_to_allocation
-        from common.rundir import pick_device
-        from pretrain.data import build_dataset
-        from pretrain.hsic import SSLHSICLoss
-        from pretrain.networks import Encoder, OnlineNetwork
-        from pretrain.optim import build_optimizer
 
         self.config = config  # its values were checked when it loaded (common.checks)
         self.checkpoint_path = run_dir / "checkpoints" / self.checkpoint_file
@@ -129,7 +137,6 @@ class SSLHSIC:
         self.target: Encoder | None = copy.deepcopy(self.online.encoder) if m.use_target else None
         self.ema = copy.deepcopy(self.online)  # the exported network
         if self.dist.is_distributed and m.sync_bn:  # the target too: the official code syncs both
-            from pretrain.sync_batchnorm import convert_sync_batchnorm
             self.online = convert_sync_batchnorm(self.online, self.device)
             self.target = convert_sync_batchnorm(self.target, self.device) if self.target is not None else None
         for frozen in filter(None, (self.target, self.ema)):
@@ -144,7 +151,6 @@ class SSLHSIC:
                 module.to(memory_format=torch.channels_last)
         self.photometric = None
         if config.augment.batched:
-            from pretrain.batch_augment import BatchPhotometric
             self.photometric = nn.ModuleList(BatchPhotometric(config.augment, config.data.image_size, view)
                                              for view in (0, 1)).to(self.device)
         self.forward_views: nn.Module = TwoViews(self.online)
@@ -212,10 +218,6 @@ class SSLHSIC:
     # -------------------------------------------------------------------------------------- steps
 
     def loader(self, epoch: int, start_batch: int):
-        from torch.utils.data import DataLoader
-        from pretrain.augment import TwoCrops
-        from pretrain.augment import TwoViews as TwoViewTransform
-        from pretrain.data import Augmented, EpochBatchSampler, collate_views
         c = self.config
         transform = (TwoCrops if c.augment.batched else TwoViewTransform)(c.augment, c.data.image_size)
         dataset = Augmented(self.dataset, transform, c.seed)
@@ -259,10 +261,6 @@ class SSLHSIC:
     def update(self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None = None, *, step: int
                ) -> dict[str, float]:
         """One optimisation step (number `step`, from 0) on a pair of views."""
-        from common.schedule import warmup_cosine
-        from pretrain.ema import debiased_ema_update_, ema_update_, target_tau
-        from pretrain.hsic import NonFiniteFeatures, draw_generators
-        from pretrain.networks import effective_rank
         lr = warmup_cosine(step, self.total_steps, self.warmup_steps, self.peak_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -343,7 +341,6 @@ class SSLHSIC:
         """Nothing beside checkpoints/last.pt: transfer reads its networks (pretrain/checkpoint.py)."""
 
     def metrics(self, stats: dict[str, float], skipped: int, step: int) -> dict:
-        from common.records import file_record
         c = self.config
         final = {k: stats[k] for k in ("loss", "hsic_xy", "hsic_xx", "scale", "images_per_s", "probe_top1")
                  if k in stats}

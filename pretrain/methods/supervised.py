@@ -19,9 +19,19 @@ import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
+from torch import nn
+from torchvision.transforms import InterpolationMode, v2
 
+from common.distributed import DistributedEnv
+from common.errors import UserError
+from common.files import atomic_torch_save
+from common.rundir import pick_device
+from common.schedule import cosine_schedule
 from common.seeds import derive_seed
+from pretrain.data import build_dataset
+from pretrain.networks import build_resnet, feature_width
 
 log = logging.getLogger("pretrain.supervised")
 
@@ -33,15 +43,6 @@ class Supervised:
     done_when_metrics_exist = True
 
     def __init__(self, config: DictConfig, run_dir: Path):
-        import torch.nn.functional as F
-        from torch import nn
-        from torchvision.transforms import InterpolationMode, v2
-        from common.distributed import DistributedEnv
-        from common.errors import UserError
-        from common.rundir import pick_device
-        from common.schedule import cosine_schedule
-        from pretrain.data import build_dataset
-        from pretrain.networks import build_resnet, feature_width
         self.config, self.cross_entropy = config, F.cross_entropy
         d, c = config.data, config.optim
         self.dataset = build_dataset(d.dataset, d.root, d.split if d.dataset == "imagefolder" else "train", d.limit)
@@ -88,7 +89,6 @@ class Supervised:
 
     @staticmethod
     def read_checkpoint(path: Path) -> dict:
-        from common.errors import UserError
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
@@ -143,7 +143,6 @@ class Supervised:
         return {"loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1), **stats}
 
     def export(self, run_dir: Path) -> None:
-        from common.files import atomic_torch_save
         state = {k: v.detach().cpu() for k, v in self.backbone.state_dict().items()}
         atomic_torch_save(state, run_dir / "backbone.pth")
         log.info("supervised: backbone %s", run_dir / "backbone.pth")

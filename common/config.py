@@ -1,8 +1,9 @@
 """Config loading: dataclass schema <- YAML file <- `key=value` overrides (OmegaConf).
 
-An unknown key or a value of the wrong type raises UserError naming the key and the closest valid key; a value
-outside its field's rule (common.checks) raises UserError naming the key, the value and what is allowed.
-"""
+An unknown key or a value of the wrong type raises UserError naming the key and the closest valid
+key; a value outside its field's rule (common.checks) raises UserError naming the key, the value and
+what is allowed."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +14,12 @@ from typing import Any, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 from common.checks import check_config
 from common.errors import UserError
@@ -47,7 +53,10 @@ def _config_error(error: OmegaConfBaseException, schema: type, source: str) -> U
     key = getattr(error, "full_key", None) or getattr(error, "key", None) or "?"
     if isinstance(error, (ConfigKeyError, ConfigAttributeError)):
         valid = config_keys(OmegaConf.structured(schema))
-        return UserError(f"unknown config key '{key}' in {source}; did you mean '{closest_key(str(key), valid)}'?")
+        return UserError(
+            f"unknown config key '{key}' in {source}; did you mean "
+            f"'{closest_key(str(key), valid)}'?"
+        )
     first_line = str(error).splitlines()[0]
     if isinstance(error, ValidationError):
         return UserError(f"config key '{key}' in {source} has the wrong type: {first_line}")
@@ -55,31 +64,46 @@ def _config_error(error: OmegaConfBaseException, schema: type, source: str) -> U
 
 
 def _replaced_mappings(schema: type, raw: dict) -> list[str]:
-    """Top-level keys of `raw` that `schema` types as a plain dict (e.g. a pipeline's tasks), not a nested config."""
+    """Top-level keys of `raw` that `schema` types as a plain dict (e.g. a pipeline's tasks), not
+    a nested config."""
     hints = typing.get_type_hints(schema)
-    return [f.name for f in dataclasses.fields(schema) if isinstance(raw.get(f.name), dict) and hints.get(f.name) is dict]
+    return [
+        f.name
+        for f in dataclasses.fields(schema)
+        if isinstance(raw.get(f.name), dict) and hints.get(f.name) is dict
+    ]
 
 
-def load_config(schema: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Build a config: the schema's defaults, then the YAML file at `path`, then `key=value` overrides."""
+def load_config(
+    schema: type, path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> DictConfig:
+    """Build a config: the schema's defaults, then the YAML file at `path`, then `key=value`
+    overrides."""
     config = OmegaConf.structured(schema)
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config")
+            raise UserError(
+                f"config file {path} does not exist; pass an existing YAML file to --config"
+            )
         try:
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
             if "'\\t'" in str(error):
-                raise UserError(f"config file {path} has a tab{where}; YAML indents with spaces only") from None
+                raise UserError(
+                    f"config file {path} has a tab{where}; YAML indents with spaces only"
+                ) from None
             problem = getattr(error, "problem", None) or " ".join(str(error).split())
             raise UserError(f"config file {path} is not valid YAML{where}: {problem}") from None
         if not isinstance(raw, dict):
-            raise UserError(f"config file {path} must hold a mapping of keys, not a {type(raw).__name__}")
+            raise UserError(
+                f"config file {path} must hold a mapping of keys, not a {type(raw).__name__}"
+            )
         from_file = OmegaConf.load(path)
-        for key in _replaced_mappings(schema, raw):  # a mapping the file gives replaces the default, not adds to it
+        # a mapping the file gives replaces the default, not adds to it
+        for key in _replaced_mappings(schema, raw):
             config[key] = {}
         try:
             config = OmegaConf.merge(config, from_file)
@@ -94,7 +118,10 @@ def load_config(schema: type, path: str | Path | None = None, overrides: Sequenc
             raise _config_error(error, schema, f"override '{override}'") from None
     missing = OmegaConf.missing_keys(config)
     if missing:
-        raise UserError(f"config keys {sorted(missing)} have no value; set them in the YAML file or as key=value")
+        raise UserError(
+            f"config keys {sorted(missing)} have no value; set them in the YAML file or as "
+            f"key=value"
+        )
     check_config(config, schema)
     return config
 
@@ -105,7 +132,9 @@ def save_config(config: DictConfig, path: str | Path) -> None:
 
 
 def flat_config(config: DictConfig | dict) -> dict[str, Any]:
-    container = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
+    container = (
+        OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
+    )
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -114,6 +143,7 @@ def flat_config(config: DictConfig | dict) -> dict[str, Any]:
                 walk(value, f"{prefix}{key}.")
         else:
             flat[prefix[:-1]] = node
+
     walk(container, "")
     return flat
 

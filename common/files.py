@@ -1,4 +1,5 @@
 """Atomic file writes: a reader (or a preempted job) never sees a half-written file."""
+
 from __future__ import annotations
 
 import io
@@ -32,7 +33,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def remove_partial_writes(folder: Path, logger, name: str = "*") -> None:
-    """Delete the temporary files that `atomic_write_bytes` left in `folder` when its process was killed mid-write
+    """Delete the temporary files that `atomic_write_bytes` left in `folder` when its process was
+    killed mid-write
     (only `name`'s, or all); the one writer of `folder` calls it before it writes there again."""
     for partial in Path(folder).glob(f".{name}.*.tmp"):
         logger.info("removing %s, left by an interrupted checkpoint write", partial)

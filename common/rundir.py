@@ -1,8 +1,9 @@
 """Run-dir bookkeeping shared by pretraining and every transfer task, each piece written once.
 
-A run dir holds the config it was started with (config.yaml), the run's log (log.txt) and its results. A rerun
-with the same config resumes or reports; a different config is refused before anything is written.
-"""
+A run dir holds the config it was started with (config.yaml), the run's log (log.txt) and its
+results. A rerun with the same config resumes or reports; a different config is refused before
+anything is written."""
+
 from __future__ import annotations
 
 import fcntl
@@ -25,16 +26,25 @@ from common.files import atomic_torch_save
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
-def refuse_other_config(run_dir: Path, config: DictConfig, may_change: set[str], what: str = "") -> None:
-    """UserError when run_dir/config.yaml exists and differs from `config` outside the keys in `may_change`."""
+def refuse_other_config(
+    run_dir: Path, config: DictConfig, may_change: set[str], what: str = ""
+) -> None:
+    """UserError when run_dir/config.yaml exists and differs from `config` outside the keys in
+    `may_change`."""
     saved = Path(run_dir) / "config.yaml"
     if not saved.exists():
         return
-    differences = config_differences(OmegaConf.to_container(OmegaConf.load(saved)),
-                                     OmegaConf.to_container(config, resolve=True), may_change)
+    differences = config_differences(
+        OmegaConf.to_container(OmegaConf.load(saved)),
+        OmegaConf.to_container(config, resolve=True),
+        may_change,
+    )
     if differences:
-        raise UserError(f"run dir {run_dir} holds a {what + ' ' if what else ''}run of another config (differs at "
-                        f"{', '.join(differences[:5])}); choose another run_dir or remove that one")
+        raise UserError(
+            f"run dir {run_dir} holds a {what + ' ' if what else ''}run of another config (differs "
+            f"at "
+            f"{', '.join(differences[:5])}); choose another run_dir or remove that one"
+        )
 
 
 def start_run_dir(run_dir: Path, config: DictConfig) -> None:
@@ -46,15 +56,18 @@ def start_run_dir(run_dir: Path, config: DictConfig) -> None:
 
 
 def attach_log(logger: logging.Logger, run_dir: Path | None) -> logging.Handler | None:
-    """Log INFO and above to run_dir/log.txt (timestamped; not when run_dir is None) and to stderr (bare);
+    """Log INFO and above to run_dir/log.txt (timestamped; not when run_dir is None) and to stderr
+    (bare);
     return the file handler."""
     handler = None
     if run_dir is not None:
         handler = logging.FileHandler(Path(run_dir) / "log.txt")
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         logger.addHandler(handler)
-    if not any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr
-               for h in logger.handlers):
+    if not any(
+        isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr
+        for h in logger.handlers
+    ):
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(console)
@@ -68,7 +81,8 @@ def detach_log(logger: logging.Logger, handler: logging.Handler) -> None:
 
 
 def pick_device(name: str | None):
-    """cuda (this process's GPU) when asked for or available, else cpu; device=cuda without a GPU is refused."""
+    """cuda (this process's GPU) when asked for or available, else cpu; device=cuda without a GPU
+    is refused."""
     if name in (None, "cuda") and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     if name == "cuda":
@@ -77,10 +91,11 @@ def pick_device(name: str | None):
 
 
 class Progress:
-    """A resumable training state in one file: {counter: n, name: module/optimizer/schedule state, ...}.
+    """A resumable training state in one file: {counter: n, name: module/optimizer/schedule state,
+    ...}.
 
-    `restore` loads what `save` wrote into the same objects and returns the counter (0 without a file).
-    """
+    `restore` loads what `save` wrote into the same objects and returns the counter (0 without a
+    file)."""
 
     def __init__(self, path: Path, counter: str = "step", **stateful: Any):
         self.path, self.counter, self.stateful = Path(path), counter, stateful
@@ -94,31 +109,45 @@ class Progress:
         return int(state[self.counter])
 
     def save(self, position: int) -> None:
-        atomic_torch_save({self.counter: position, **{name: obj.state_dict() for name, obj in self.stateful.items()}},
-                          self.path)
+        atomic_torch_save(
+            {
+                self.counter: position,
+                **{name: obj.state_dict() for name, obj in self.stateful.items()},
+            },
+            self.path,
+        )
 
 
 class RunDirLock:
     """One writer per run dir: an advisory lock (flock) on RUN_DIR/.lock, held for the run's life.
 
-    The file records the holder (host, pid, SLURM job id, start time). A second writer is refused with a
-    UserError naming the holder. The kernel drops the lock when its process dies, so a requeued job takes over
-    a lock left by a killed one; the file's stale record is then replaced (and logged).
-    """
+    The file records the holder (host, pid, SLURM job id, start time). A second writer is refused
+    with a UserError naming the holder. The kernel drops the lock when its process dies, so a
+    requeued job takes over a lock left by a killed one; the file's stale record is then replaced
+    (and logged)."""
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / ".lock"
         self.fd: int | None = None
-        self.taken_over_from: str | None = None  # the previous holder, when it died holding the lock
+        # the previous holder, when it died holding the lock
+        self.taken_over_from: str | None = None
 
     def log_takeover(self, logger: logging.Logger) -> None:
         if self.taken_over_from:
-            logger.info("run dir %s: taking over from %s (no longer running)", self.path.parent, self.taken_over_from)
+            logger.info(
+                "run dir %s: taking over from %s (no longer running)",
+                self.path.parent,
+                self.taken_over_from,
+            )
 
     @staticmethod
     def holder() -> dict[str, Any]:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
 
     @staticmethod
     def describe(record: dict[str, Any]) -> str:
@@ -137,8 +166,11 @@ class RunDirLock:
                 who = self.describe(json.loads(previous))
             except ValueError:
                 who = "another process"
-            raise UserError(f"run dir {self.path.parent} is in use by {who}; wait for that run to end, or choose "
-                            "another run_dir") from None
+            raise UserError(
+                f"run dir {self.path.parent} is in use by {who}; wait for that run to end, or "
+                f"choose "
+                "another run_dir"
+            ) from None
         stale = os.read(fd, 4096).decode(errors="replace").strip()
         try:
             self.taken_over_from = self.describe(json.loads(stale)) if stale else None

@@ -1,4 +1,6 @@
-"""python -m pretrain --config FILE [key=value ...]: SSL-HSIC pretraining into the config's run dir."""
+"""python -m pretrain --config FILE [key=value ...]: SSL-HSIC pretraining into the config's run
+dir."""
+
 from __future__ import annotations
 
 import sys
@@ -21,7 +23,9 @@ All keys, with their defaults: pretrain/schema.py."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = config_parser("python -m pretrain", "Pretrain an image backbone with SSL-HSIC.", EPILOG)
+    parser = config_parser(
+        "python -m pretrain", "Pretrain an image backbone with SSL-HSIC.", EPILOG
+    )
     args = parser.parse_args(argv)
     config = load_config(PretrainConfig, args.config, args.overrides)
     train(config)

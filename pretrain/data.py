@@ -1,10 +1,10 @@
-"""Datasets for pretraining: Fashion-MNIST from Debian's dataset-fashion-mnist files, and ImageFolder trees
-(ImageNet-style). Items are uint8 image tensors [3, H, W] with integer labels.
+"""Datasets for pretraining: Fashion-MNIST from Debian's dataset-fashion-mnist files, and
+ImageFolder trees (ImageNet-style). Items are uint8 image tensors [3, H, W] with integer labels.
 
-A corrupt image does not raise inside a DataLoader worker (where the error would come back wrapped in a
-traceback); the dataset returns a `CorruptImage` marker and the training loop decides: a clear error naming
-the file, or a counted skip (data.on_corrupt).
-"""
+A corrupt image does not raise inside a DataLoader worker (where the error would come back wrapped
+in a traceback); the dataset returns a `CorruptImage` marker and the training loop decides: a clear
+error naming the file, or a counted skip (data.on_corrupt)."""
+
 from __future__ import annotations
 
 import gzip
@@ -21,10 +21,22 @@ from common.errors import UserError
 from common.seeds import derive_seed
 
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
-FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-                       "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                         "Bag", "Ankle boot")
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
@@ -35,18 +47,23 @@ class CorruptImage:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (gzip'd or not): magic 0x0000 | dtype 0x08 (uint8) | ndim, then big-endian dims."""
+    """Read an IDX file (gzip'd or not): magic 0x0000 | dtype 0x08 (uint8) | ndim, then
+    big-endian dims."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise UserError(f"{path} is not a uint8 IDX file (bad magic number); re-install {FASHION_MNIST_PACKAGE}")
+        raise UserError(
+            f"{path} is not a uint8 IDX file (bad magic number); re-install {FASHION_MNIST_PACKAGE}"
+        )
     ndim = data[3]
     dims = np.frombuffer(data, dtype=">u4", count=ndim, offset=4).astype(int)
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
-        raise UserError(f"{path} is truncated: {body.size} bytes of {int(np.prod(dims))}; re-install "
-                        f"{FASHION_MNIST_PACKAGE}")
+        raise UserError(
+            f"{path} is truncated: {body.size} bytes of {int(np.prod(dims))}; re-install "
+            f"{FASHION_MNIST_PACKAGE}"
+        )
     return body.reshape(*dims)
 
 
@@ -59,9 +76,12 @@ class FashionMNIST(Dataset):
             raise UserError(f"Fashion-MNIST has splits {list(FASHION_MNIST_FILES)}, not '{split}'")
         images_file, labels_file = (root / name for name in FASHION_MNIST_FILES[split])
         if not images_file.is_file() or not labels_file.is_file():
-            raise UserError(f"Fashion-MNIST not found in {root} (no {images_file.name}); install the Debian "
-                            f"package {FASHION_MNIST_PACKAGE} (apt-get install {FASHION_MNIST_PACKAGE}) or set "
-                            "data.root to a folder with the four idx .gz files")
+            raise UserError(
+                f"Fashion-MNIST not found in {root} (no {images_file.name}); install the Debian "
+                f"package {FASHION_MNIST_PACKAGE} (apt-get install "
+                f"{FASHION_MNIST_PACKAGE}) or set "
+                "data.root to a folder with the four idx .gz files"
+            )
         self.images = torch.from_numpy(read_idx(images_file).copy())
         self.labels = torch.from_numpy(read_idx(labels_file).astype(np.int64))
         if limit:
@@ -76,20 +96,30 @@ class FashionMNIST(Dataset):
 
 
 class ImageFolder(Dataset):
-    """root/<class>/<image>: the ImageNet layout. Unreadable files come back as CorruptImage markers."""
+    """root/<class>/<image>: the ImageNet layout. Unreadable files come back as CorruptImage
+    markers."""
 
     def __init__(self, root: str | Path, limit: int = 0):
         root = Path(root)
         if not root.is_dir():
-            raise UserError(f"image folder {root} does not exist; set data.root to a folder of class sub-folders")
+            raise UserError(
+                f"image folder {root} does not exist; set data.root to a folder of class "
+                f"sub-folders"
+            )
         self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-        self.samples = [(str(path), label) for label, name in enumerate(self.classes)
-                        for path in sorted((root / name).rglob("*")) if path.suffix.lower() in IMAGE_SUFFIXES]
+        self.samples = [
+            (str(path), label)
+            for label, name in enumerate(self.classes)
+            for path in sorted((root / name).rglob("*"))
+            if path.suffix.lower() in IMAGE_SUFFIXES
+        ]
         if limit:
             self.samples = self.samples[:limit]
         if not self.samples:
-            raise UserError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)}) in class "
-                            "sub-folders; expected root/<class>/<image>")
+            raise UserError(
+                f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)}) in class "
+                "sub-folders; expected root/<class>/<image>"
+            )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -113,9 +143,9 @@ def build_dataset(name: str, root: str, split: str = "train", limit: int = 0) ->
 class Augmented(Dataset):
     """Applies `transform` to dataset[index] with randomness fixed by (seed, epoch, index).
 
-    The sampler hands out (index, epoch) pairs. Seeding each item makes the views independent of worker
-    count and order, so a resumed run sees exactly the views the uninterrupted run would have seen.
-    """
+    The sampler hands out (index, epoch) pairs. Seeding each item makes the views independent of
+    worker count and order, so a resumed run sees exactly the views the uninterrupted run would have
+    seen."""
 
     def __init__(self, dataset: Dataset, transform: Callable, seed: int):
         self.dataset, self.transform, self.seed = dataset, transform, seed
@@ -135,15 +165,30 @@ class Augmented(Dataset):
 
 class EpochBatchSampler(Sampler):
     """Deterministic global batches: epoch e shuffles with seed (seed, e); global batch b is
-    perm[b*B:(b+1)*B], of which rank r takes the r-th contiguous slice. Starting at `start_batch` resumes
+    perm[b*B:(b+1)*B], of which rank r takes the r-th contiguous slice. Starting at `start_batch`
+    resumes
     mid-epoch. Incomplete batches are dropped."""
 
-    def __init__(self, size: int, global_batch: int, seed: int, epoch: int, start_batch: int = 0,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        size: int,
+        global_batch: int,
+        seed: int,
+        epoch: int,
+        start_batch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if global_batch % world_size:
-            raise UserError(f"batch size {global_batch} is not divisible by the {world_size} processes")
+            raise UserError(
+                f"batch size {global_batch} is not divisible by the {world_size} processes"
+            )
         self.size, self.global_batch, self.seed, self.epoch = size, global_batch, seed, epoch
-        self.start_batch, self.rank, self.local_batch = start_batch, rank, global_batch // world_size
+        self.start_batch, self.rank, self.local_batch = (
+            start_batch,
+            rank,
+            global_batch // world_size,
+        )
 
     @property
     def batches_per_epoch(self) -> int:
@@ -153,11 +198,15 @@ class EpochBatchSampler(Sampler):
         return max(0, self.batches_per_epoch - self.start_batch)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(
-            derive_seed(self.seed, "pretrain.order", self.epoch)))
+        order = torch.randperm(
+            self.size,
+            generator=torch.Generator().manual_seed(
+                derive_seed(self.seed, "pretrain.order", self.epoch)
+            ),
+        )
         for b in range(self.start_batch, self.batches_per_epoch):
             first = b * self.global_batch + self.rank * self.local_batch
-            yield [(int(i), self.epoch) for i in order[first:first + self.local_batch]]
+            yield [(int(i), self.epoch) for i in order[first : first + self.local_batch]]
 
 
 def collate_views(items: list) -> dict:
@@ -167,5 +216,9 @@ def collate_views(items: list) -> dict:
     if not good:
         return {"view1": None, "view2": None, "labels": None, "corrupt": corrupt}
     (views, labels) = zip(*good)
-    return {"view1": torch.stack([v[0] for v in views]), "view2": torch.stack([v[1] for v in views]),
-            "labels": torch.tensor(labels), "corrupt": corrupt}
+    return {
+        "view1": torch.stack([v[0] for v in views]),
+        "view2": torch.stack([v[1] for v in views]),
+        "labels": torch.tensor(labels),
+        "corrupt": corrupt,
+    }

@@ -1,5 +1,7 @@
-"""Networks: torchvision ResNet backbones (architecture unchanged, so every export path applies), the
+"""Networks: torchvision ResNet backbones (architecture unchanged, so every export path applies),
+the
 projector / predictor MLPs, and the online network that chains them."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,18 +16,22 @@ from common.errors import UserError
 
 @dataclass(frozen=True)
 class Architecture:
-    """A ResNet as the official (haiku) code and the paper name it: residual block type, blocks per stage and width
-    multiplier w. The stem has 64 w channels, stage i (0..3) bottleneck blocks 64 w 2^i inner and 256 w 2^i output
-    channels (basic blocks: 64 w 2^i both), so the pooled feature has 2048 w (basic: 512 w) channels. Key names
+    """A ResNet as the official (haiku) code and the paper name it: residual block type, blocks per
+    stage and width multiplier w. The stem has 64 w channels, stage i (0..3) bottleneck blocks 64 w
+    2^i inner and 256 w 2^i output channels (basic blocks: 64 w 2^i both), so the pooled feature has
+    2048 w (basic: 512 w) channels. Key names
     are torchvision's whatever the width (conv1, bn1, layerN.M.convK / bnK, downsample.0 / .1)."""
+
     name: str
-    block: str                              # "basic" | "bottleneck"
-    layers: tuple[int, int, int, int]       # blocks per stage
-    width: int = 1                          # multiplier of every channel count (the paper's 1x, 2x, 4x)
+    block: str  # "basic" | "bottleneck"
+    layers: tuple[int, int, int, int]  # blocks per stage
+    # multiplier of every channel count (the paper's 1x, 2x, 4x)
+    width: int = 1
 
     @property
     def depth(self) -> int:
-        """The layer count the frameworks spell (18, 50, 200): 2 (basic) or 3 (bottleneck) per block, plus 2."""
+        """The layer count the frameworks spell (18, 50, 200): 2 (basic) or 3 (bottleneck) per
+        block, plus 2."""
         return (2 if self.block == "basic" else 3) * sum(self.layers) + 2
 
     @property
@@ -36,7 +42,7 @@ class Architecture:
     def stage_channels(self) -> tuple[int, ...]:
         """Output channels of stages 1..4 (res2..res5)."""
         expansion = 1 if self.block == "basic" else 4
-        return tuple(64 * self.width * 2 ** i * expansion for i in range(4))
+        return tuple(64 * self.width * 2**i * expansion for i in range(4))
 
     @property
     def feature_width(self) -> int:
@@ -44,14 +50,22 @@ class Architecture:
 
 
 # The one architecture table: every ResNet this platform builds, imports and exports.
-ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in (
-    Architecture("resnet18", "basic", (2, 2, 2, 2)), Architecture("resnet34", "basic", (3, 4, 6, 3)),
-    Architecture("resnet50", "bottleneck", (3, 4, 6, 3)), Architecture("resnet101", "bottleneck", (3, 4, 23, 3)),
-    Architecture("resnet152", "bottleneck", (3, 8, 36, 3)),
-    Architecture("resnet50x2", "bottleneck", (3, 4, 6, 3), 2), Architecture("resnet50x4", "bottleneck", (3, 4, 6, 3), 4),
-    Architecture("resnet200", "bottleneck", (3, 24, 36, 3)), Architecture("resnet200x2", "bottleneck", (3, 24, 36, 3), 2),
-)}
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet50x2", "resnet50x4", "resnet200x2")  # pretraining offers
+ARCHITECTURES: dict[str, Architecture] = {
+    arch.name: arch
+    for arch in (
+        Architecture("resnet18", "basic", (2, 2, 2, 2)),
+        Architecture("resnet34", "basic", (3, 4, 6, 3)),
+        Architecture("resnet50", "bottleneck", (3, 4, 6, 3)),
+        Architecture("resnet101", "bottleneck", (3, 4, 23, 3)),
+        Architecture("resnet152", "bottleneck", (3, 8, 36, 3)),
+        Architecture("resnet50x2", "bottleneck", (3, 4, 6, 3), 2),
+        Architecture("resnet50x4", "bottleneck", (3, 4, 6, 3), 4),
+        Architecture("resnet200", "bottleneck", (3, 24, 36, 3)),
+        Architecture("resnet200x2", "bottleneck", (3, 24, 36, 3), 2),
+    )
+}
+# pretraining offers
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet50x2", "resnet50x4", "resnet200x2")
 
 
 def architecture(arch: str) -> Architecture:
@@ -66,12 +80,14 @@ def resnet_depth(arch: str) -> int:
 
 
 def feature_width(arch: str) -> int:
-    """Channels of the last stage (the pooled feature size): 512 w for basic blocks, 2048 w for bottlenecks."""
+    """Channels of the last stage (the pooled feature size): 512 w for basic blocks, 2048 w for
+    bottlenecks."""
     return architecture(arch).feature_width
 
 
 def _scaled_resnet(spec: Architecture, zero_init_residual: bool) -> nn.Module:
-    """torchvision's ResNet with every channel count multiplied by spec.width (haiku's width_multiplier): built by
+    """torchvision's ResNet with every channel count multiplied by spec.width (haiku's
+    width_multiplier): built by
     torchvision's own constructor and layer factory, with its stem and stage widths scaled."""
     block = BasicBlock if spec.block == "basic" else Bottleneck
 
@@ -109,15 +125,20 @@ def _scaled_resnet(spec: Architecture, zero_init_residual: bool) -> nn.Module:
     return model
 
 
-def build_resnet(arch: str, state_dict: dict[str, Tensor] | None = None, zero_init_residual: bool = False
-                 ) -> nn.Module:
-    """A torchvision ResNet of the table without its classifier (fc = Identity), optionally loaded strictly.
+def build_resnet(
+    arch: str, state_dict: dict[str, Tensor] | None = None, zero_init_residual: bool = False
+) -> nn.Module:
+    """A torchvision ResNet of the table without its classifier (fc = Identity), optionally loaded
+    strictly.
 
-    `zero_init_residual` starts the scale of the last BatchNorm of every residual block at 0, so that each
-    block starts as the identity, as the official (haiku) ResNet does; torchvision's default starts it at 1."""
+    `zero_init_residual` starts the scale of the last BatchNorm of every residual block at 0, so
+    that each block starts as the identity, as the official (haiku) ResNet does; torchvision's
+    default starts it at 1."""
     spec = architecture(arch)
     if spec.width == 1 and hasattr(torchvision.models, arch):
-        model = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
+        model = getattr(torchvision.models, arch)(
+            weights=None, zero_init_residual=zero_init_residual
+        )
     else:
         model = _scaled_resnet(spec, zero_init_residual)
     model.fc = nn.Identity()
@@ -129,20 +150,33 @@ def build_resnet(arch: str, state_dict: dict[str, Tensor] | None = None, zero_in
 def build_backbone(name: str, zero_init_residual: bool = False) -> tuple[nn.Module, int]:
     """A pretraining backbone (fc = Identity) and its feature width."""
     if name not in BACKBONES:
-        raise UserError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)} (model.backbone)")
+        raise UserError(
+            f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)} (model.backbone)"
+        )
     return build_resnet(name, zero_init_residual=zero_init_residual), feature_width(name)
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """Linear -> BatchNorm (momentum 0.1, eps 1e-5) -> ReLU -> Linear without bias, as in BYOL."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim, eps=1e-5, momentum=0.1),
-                         nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim, bias=False))
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim),
+        nn.BatchNorm1d(hidden_dim, eps=1e-5, momentum=0.1),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim, bias=False),
+    )
 
 
 class Encoder(nn.Module):
-    """backbone -> projector: what the target network copies. forward returns (features, projection)."""
+    """backbone -> projector: what the target network copies. forward returns (features,
+    projection)."""
 
-    def __init__(self, backbone: str, projector_hidden: int, embedding_dim: int, zero_init_residual: bool = False):
+    def __init__(
+        self,
+        backbone: str,
+        projector_hidden: int,
+        embedding_dim: int,
+        zero_init_residual: bool = False,
+    ):
         super().__init__()
         self.backbone, width = build_backbone(backbone, zero_init_residual)
         self.projector = mlp(width, projector_hidden, embedding_dim)
@@ -153,33 +187,54 @@ class Encoder(nn.Module):
 
 
 def linear_probe(in_dim: int, num_classes: int, seed: int) -> nn.Linear:
-    """The online probe's classifier: weights from a truncated normal with std 1/sqrt(in_dim) (haiku's Linear),
-    drawn from their own generator so that adding the probe leaves every other random draw of the run as it
+    """The online probe's classifier: weights from a truncated normal with std 1/sqrt(in_dim)
+    (haiku's Linear), drawn from their own generator so that adding the probe leaves every other
+    random draw of the run as it
     was; bias 0."""
-    with torch.random.fork_rng(devices=[]):  # nn.Linear's own init would draw from the global generator
+    # nn.Linear's own init would draw from the global generator
+    with torch.random.fork_rng(devices=[]):
         probe = nn.Linear(in_dim, num_classes)
-    std = in_dim ** -0.5
+    std = in_dim**-0.5
     with torch.no_grad():
-        nn.init.trunc_normal_(probe.weight, std=std, a=-2 * std, b=2 * std,
-                              generator=torch.Generator().manual_seed(seed))
+        nn.init.trunc_normal_(
+            probe.weight,
+            std=std,
+            a=-2 * std,
+            b=2 * std,
+            generator=torch.Generator().manual_seed(seed),
+        )
         probe.bias.zero_()
     return probe
 
 
 class OnlineNetwork(nn.Module):
-    """The trained network: an Encoder, in the with-target variant a predictor on its projection, and optionally
-    an online linear probe (`num_classes` > 0) for the detached backbone features (the trainer applies it to
-    view 1 only, behind detach(), so its loss never reaches the backbone: the official code's stop_gradient).
+    """The trained network: an Encoder, in the with-target variant a predictor on its projection,
+    and optionally an online linear probe (`num_classes` > 0) for the detached backbone features
+    (the trainer applies it to view 1 only, behind detach(), so its loss never reaches the backbone:
+    the official code's stop_gradient).
 
     forward returns (backbone features, projection, prediction); without a predictor, prediction = projection.
     """
 
-    def __init__(self, backbone: str, projector_hidden: int, embedding_dim: int, predictor_hidden: int,
-                 use_predictor: bool, zero_init_residual: bool = False, num_classes: int = 0, probe_seed: int = 0):
+    def __init__(
+        self,
+        backbone: str,
+        projector_hidden: int,
+        embedding_dim: int,
+        predictor_hidden: int,
+        use_predictor: bool,
+        zero_init_residual: bool = False,
+        num_classes: int = 0,
+        probe_seed: int = 0,
+    ):
         super().__init__()
         self.encoder = Encoder(backbone, projector_hidden, embedding_dim, zero_init_residual)
-        self.predictor = mlp(embedding_dim, predictor_hidden, embedding_dim) if use_predictor else nn.Identity()
-        self.probe = linear_probe(feature_width(backbone), num_classes, probe_seed) if num_classes else None
+        self.predictor = (
+            mlp(embedding_dim, predictor_hidden, embedding_dim) if use_predictor else nn.Identity()
+        )
+        self.probe = (
+            linear_probe(feature_width(backbone), num_classes, probe_seed) if num_classes else None
+        )
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         features, projection = self.encoder(images)
@@ -188,7 +243,8 @@ class OnlineNetwork(nn.Module):
 
 @torch.no_grad()
 def effective_rank(embeddings: Tensor, eps: float = 1e-7) -> float:
-    """RankMe (Garrido et al., ICML 2023): exp(entropy of the normalised singular values), in [1, min(n, d)].
+    """RankMe (Garrido et al., ICML 2023): exp(entropy of the normalised singular values), in [1,
+    min(n, d)].
 
     rank = exp(-sum_k p_k log p_k), p_k = sigma_k / sum_j sigma_j + eps. A label-free signal: collapsed
     representations have a small effective rank.

@@ -1,9 +1,10 @@
-"""SSL-HSIC pretraining on the engine: `train(config)`, and `Pretrainer`, the engine of the SSL-HSIC method
-(pretrain/methods/ssl_hsic.py) with the method's networks and steps reachable as attributes.
+"""SSL-HSIC pretraining on the engine: `train(config)`, and `Pretrainer`, the engine of the SSL-HSIC
+method (pretrain/methods/ssl_hsic.py) with the method's networks and steps reachable as attributes.
 
-Run directory: config.yaml, checkpoints/last.pt (atomic; previous.pt), events (TensorBoard), history.jsonl, log.txt,
-metrics.json. Rerunning resumes from checkpoints/last.pt and ends with the same weights as an uninterrupted run.
-"""
+Run directory: config.yaml, checkpoints/last.pt (atomic; previous.pt), events (TensorBoard),
+history.jsonl, log.txt, metrics.json. Rerunning resumes from checkpoints/last.pt and ends with the
+same weights as an uninterrupted run."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,7 +19,8 @@ RESUMABLE_CHANGES = SSLHSIC.may_change
 
 
 class Pretrainer(Engine):
-    """The SSL-HSIC engine. Attributes it does not have are the method's (online, target, ema, loss_fn, ...);
+    """The SSL-HSIC engine. Attributes it does not have are the method's (online, target, ema,
+    loss_fn, ...);
     `train_step(view1, view2, labels)` takes one step at the engine's position and moves it on."""
 
     def __init__(self, config: DictConfig):

@@ -1,1 +1,2 @@
-"""Dispatch of every project step as a submitit job: locally by default, on SLURM when configured."""
+"""Dispatch of every project step as a submitit job: locally by default, on SLURM when
+configured."""

@@ -1,19 +1,22 @@
-"""A dependency graph of step jobs (a pipeline, an evaluation, a sweep), submitted to SLURM at once, and its state.
+"""A dependency graph of step jobs (a pipeline, an evaluation, a sweep), submitted to SLURM at once,
+and its state.
 
-Each node is a job (slurm.steps.Job: pretrain, export, a task run, the report...) with the file that marks it done
-and the nodes it needs. `plan` decides what a submission sends and `submit` sends it: every node that is not done as an sbatch
+Each node is a job (slurm.steps.Job: pretrain, export, a task run, the report...) with the file that
+marks it done and the nodes it needs. `plan` decides what a submission sends and `submit` sends it:
+every node that is not done as an sbatch
 job with `--dependency=afterok:<ids of what it needs>` (a job array's id when it needs all of that array), the nodes
 of one group (a task on one backbone over seeds) as one job array, each named after what it runs
-(ssl-hsic:linear/pretrained), and writes the manifest ROOT/manifest.json; nothing stays running on the login node.
-Local runs (slurm.pipeline.run_local) write the same manifest, so one `status` reads every kind of run.
-A dry run prints the same plan, with {name} where the ids will be. SLURM starts each job when its inputs exist; a job
-whose input failed stays pending for ever (reason DependencyNeverSatisfied).
+(ssl-hsic:linear/pretrained), and writes the manifest ROOT/manifest.json; nothing stays running on
+the login node. Local runs (slurm.pipeline.run_local) write the same manifest, so one `status` reads
+every kind of run. A dry run prints the same plan, with {name} where the ids will be. SLURM starts
+each job when its inputs exist; a job whose input failed stays pending for ever (reason
+DependencyNeverSatisfied).
 
-`states` reads the manifest, the done markers, submitit's result files and `squeue`: DONE, FAILED (with its
-log), PENDING / RUNNING / ..., or NEVER (naming the failed step it waits for). A rerun of `submit` skips what is
-done, keeps what is pending or running on live inputs, and resubmits the rest (failed, lost, or pending on a
-failed input, which it cancels first).
-"""
+`states` reads the manifest, the done markers, submitit's result files and `squeue`: DONE, FAILED
+(with its log), PENDING / RUNNING / ..., or NEVER (naming the failed step it waits for). A rerun of
+`submit` skips what is done, keeps what is pending or running on live inputs, and resubmits the rest
+(failed, lost, or pending on a failed input, which it cancels first)."""
+
 from __future__ import annotations
 
 import json
@@ -32,18 +35,27 @@ from slurm.jobs import StepJob
 from slurm.steps import Job
 
 MANIFEST = "manifest.json"
-FINISHED_BAD = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED",
-                "LOST")
+FINISHED_BAD = (
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "LOST",
+)
 LIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
 
 
 @dataclass
 class Node:
-    name: str                 # unique, e.g. "linear/pretrained/seed0"
-    job: Job                  # what it runs
-    done: str                 # the file whose existence means the step is done
+    name: str  # unique, e.g. "linear/pretrained/seed0"
+    job: Job  # what it runs
+    done: str  # the file whose existence means the step is done
     needs: list[str] = field(default_factory=list)
-    group: str = ""           # nodes of one group go into one job array (same step, same needs)
+    group: str = ""  # nodes of one group go into one job array (same step, same needs)
     job_id: str = ""
     folder: str = ""
 
@@ -65,8 +77,11 @@ def squeue_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
     if not job_ids or shutil.which("squeue") is None:  # local jobs, on a machine without SLURM
         return {}
     bases = sorted({job_id.split("_")[0] for job_id in job_ids})
-    out = subprocess.run(["squeue", "-h", "-t", "all", "-r", "-o", "%i|%T|%r", "-j", ",".join(bases)],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-r", "-o", "%i|%T|%r", "-j", ",".join(bases)],
+        capture_output=True,
+        text=True,
+    ).stdout
     states = {}
     for line in out.splitlines():
         parts = line.strip().split("|")
@@ -78,6 +93,7 @@ def squeue_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
 def _result(node: Node) -> str | None:
     """'success' / 'error' from submitit's result file of the node's job, or None."""
     from submitit.core.utils import JobPaths
+
     paths = JobPaths(node.folder, job_id=node.job_id)
     if not paths.result_pickle.exists():
         return None
@@ -87,6 +103,7 @@ def _result(node: Node) -> str | None:
 
 def log_path(node: Node) -> str:
     from submitit.core.utils import JobPaths
+
     return str(JobPaths(node.folder, job_id=node.job_id).stderr)
 
 
@@ -127,8 +144,10 @@ def states(nodes: list[Node]) -> dict[str, tuple[str, str]]:
         if state in LIVE or state == "NOT SUBMITTED":
             culprit = failed_input(node.name)
             if culprit:
-                result[node.name] = ("NEVER", f"needs {culprit}, which ended {result[culprit][0]} "
-                                               f"({result[culprit][1]})")
+                result[node.name] = (
+                    "NEVER",
+                    f"needs {culprit}, which ended {result[culprit][0]} ({result[culprit][1]})",
+                )
     return result
 
 
@@ -139,31 +158,42 @@ def load(root: str | Path) -> list[Node]:
     try:
         return [Node.from_record(entry) for entry in json.loads(path.read_text())["jobs"]]
     except (ValueError, KeyError, TypeError, UserError) as error:
-        raise UserError(f"{path} is not a job manifest ({type(error).__name__}: {error}); resubmit the "
-                        "pipeline to write it again") from None
+        raise UserError(
+            f"{path} is not a job manifest ({type(error).__name__}: {error}); resubmit the "
+            "pipeline to write it again"
+        ) from None
 
 
 def save(root: Path, nodes: list[Node]) -> None:
-    atomic_write_bytes(root / MANIFEST, json.dumps({"jobs": [asdict(n) for n in nodes]}, indent=2).encode())
+    atomic_write_bytes(
+        root / MANIFEST, json.dumps({"jobs": [asdict(n) for n in nodes]}, indent=2).encode()
+    )
 
 
 def check_partitions(configs) -> None:
     """Every partition the jobs ask for exists on this cluster (before anything is submitted)."""
     for partition in sorted({c.partition for c in configs if c.partition}):
-        found = subprocess.run(["scontrol", "show", "partition", partition], capture_output=True, text=True)
+        found = subprocess.run(
+            ["scontrol", "show", "partition", partition], capture_output=True, text=True
+        )
         if found.returncode != 0:
-            raise UserError(f"SLURM partition '{partition}' does not exist on this cluster (sinfo lists the "
-                            "partitions); set executor.partition or the step's profile")
+            raise UserError(
+                f"SLURM partition '{partition}' does not exist on this cluster (sinfo lists the "
+                "partitions); set executor.partition or the step's profile"
+            )
 
 
 @dataclass
 class Batch:
     """One sbatch call of a submission: a job, or a job array over the nodes of one group."""
-    key: str                  # the group (a job array), or the node's name (one job): the job is named after it
+
+    # the group (a job array), or the node's name (one job): the job is named after it
+    key: str
     nodes: list[Node]
-    config: Any               # the step's executor config (slurm.executor.for_step)
+    config: Any  # the step's executor config (slurm.executor.for_step)
     folder: Path
-    after: list[str] = field(default_factory=list)   # keys of batches before it, or names of queued nodes
+    # keys of batches before it, or names of queued nodes
+    after: list[str] = field(default_factory=list)
     cancel: list[str] = field(default_factory=list)  # queued jobs of these nodes that it replaces
 
     @property
@@ -171,10 +201,13 @@ class Batch:
         return job_name(self.config, self.key)
 
 
-def plan(nodes: list[Node], executor_config, root: str | Path) -> tuple[list[Batch], dict[str, tuple[str, str]]]:
-    """What `submit` sends, in order, and every node's state before it: the nodes that are neither done nor
-    kept (pending or running on live inputs) as one job, or one job array per group, each waiting for the batches
-    and queued nodes it needs. Reads the manifest and the queue of a previous submission; submits nothing, so a dry
+def plan(
+    nodes: list[Node], executor_config, root: str | Path
+) -> tuple[list[Batch], dict[str, tuple[str, str]]]:
+    """What `submit` sends, in order, and every node's state before it: the nodes that are neither
+    done nor kept (pending or running on live inputs) as one job, or one job array per group, each
+    waiting for the batches and queued nodes it needs. Reads the manifest and the queue of a
+    previous submission; submits nothing, so a dry
     run prints the same plan."""
     root = Path(root)
     previous = {n.name: n for n in load(root)} if (root / MANIFEST).exists() else {}
@@ -187,7 +220,7 @@ def plan(nodes: list[Node], executor_config, root: str | Path) -> tuple[list[Bat
     for node in nodes:
         groups.setdefault(node.group or node.name, []).append(node)
     batches: list[Batch] = []
-    batch_of: dict[str, Batch] = {}     # node name -> the batch that submits it now
+    batch_of: dict[str, Batch] = {}  # node name -> the batch that submits it now
     for key, group in groups.items():
         todo, cancel = [], []
         for node in group:
@@ -199,23 +232,39 @@ def plan(nodes: list[Node], executor_config, root: str | Path) -> tuple[list[Bat
                 todo.append(node)
         if not todo:
             continue
-        waits = {need for node in todo for need in node.needs if current[need][0] != "DONE" or need in batch_of}
+        waits = {
+            need
+            for node in todo
+            for need in node.needs
+            if current[need][0] != "DONE" or need in batch_of
+        }
         after = []
-        for other in batches:  # a batch of this submission whose nodes are all needed: its (array) job id
+        # a batch of this submission whose nodes are all needed: its (array) job id
+        for other in batches:
             names = {n.name for n in other.nodes}
             if names <= waits:
                 after.append(other.key)
                 waits -= names
-        after += [node.name for node in nodes if node.name in waits]  # single nodes: queued before, or in a batch
-        batch = Batch(key if len(todo) > 1 else todo[0].name, todo, configs[todo[0].step],
-                      root / "jobs" / todo[0].step, after, cancel)
+        # single nodes: queued before, or in a batch
+        after += [node.name for node in nodes if node.name in waits]
+        batch = Batch(
+            key if len(todo) > 1 else todo[0].name,
+            todo,
+            configs[todo[0].step],
+            root / "jobs" / todo[0].step,
+            after,
+            cancel,
+        )
         batches.append(batch)
         batch_of.update((node.name, batch) for node in todo)
     return batches, current
 
 
-def submit(nodes: list[Node], executor_config, root: str | Path, signal_delay_s: float | None = None) -> list[Node]:
-    """Submit what is not done (see the module docstring and `plan`); write and return the manifest's nodes."""
+def submit(
+    nodes: list[Node], executor_config, root: str | Path, signal_delay_s: float | None = None
+) -> list[Node]:
+    """Submit what is not done (see the module docstring and `plan`); write and return the
+    manifest's nodes."""
     root = Path(root)
     batches, _ = plan(nodes, executor_config, root)
     check_partitions([batch.config for batch in batches])
@@ -223,21 +272,29 @@ def submit(nodes: list[Node], executor_config, root: str | Path, signal_delay_s:
     for batch in batches:
         for job_id in batch.cancel:
             subprocess.run(["scancel", job_id], capture_output=True)
-        executor = build_executor(batch.config, folder=batch.folder, name=batch.name,
-                                  after=[ids[ref] for ref in batch.after])
+        executor = build_executor(
+            batch.config,
+            folder=batch.folder,
+            name=batch.name,
+            after=[ids[ref] for ref in batch.after],
+        )
         delay = signal_delay_s if signal_delay_s is not None else batch.config.signal_delay_s
         with executor.batch():
             handles = [executor.submit(StepJob(node.job, delay)) for node in batch.nodes]
         for node, handle in zip(batch.nodes, handles):
             node.job_id, node.folder = str(handle.job_id), str(batch.folder)
             ids[node.name] = node.job_id
-        ids[batch.key] = node.job_id.split("_")[0]  # a job array's id: afterok on it waits for all its tasks
+        # a job array's id: afterok on it waits for all its tasks
+        ids[batch.key] = node.job_id.split("_")[0]
     save(root, nodes)
     return nodes
 
 
-def wait(nodes: list[Node], poll_s: float = 2.0, timeout_s: float = 24 * 3600) -> dict[str, tuple[str, str]]:
-    """Poll `states` until no node is pending or running (or `timeout_s` passes); the last states."""
+def wait(
+    nodes: list[Node], poll_s: float = 2.0, timeout_s: float = 24 * 3600
+) -> dict[str, tuple[str, str]]:
+    """Poll `states` until no node is pending or running (or `timeout_s` passes); the last
+    states."""
     deadline = time.monotonic() + timeout_s
     while True:
         current = states(nodes)

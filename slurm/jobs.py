@@ -1,11 +1,12 @@
 """A step's job (slurm.steps.Job) as a submitit job that requeues itself.
 
-On SIGUSR2 (SLURM's warning before the time limit, or a preemption signal) a training job (pretraining, the
-supervised control) finishes its current step, writes a checkpoint, and then lets submitit requeue it; the requeued
-job resumes from that checkpoint in the same run dir. Other steps are short or resume from their own run-dir state,
-so they just requeue. On SIGTERM (scontrol requeue, scancel) training also checkpoints at the step boundary and
-exits without a result, so that a requeued job resumes and a cancelled one shows as cancelled.
-"""
+On SIGUSR2 (SLURM's warning before the time limit, or a preemption signal) a training job
+(pretraining, the supervised control) finishes its current step, writes a checkpoint, and then lets
+submitit requeue it; the requeued job resumes from that checkpoint in the same run dir. Other steps
+are short or resume from their own run-dir state, so they just requeue. On SIGTERM (scontrol
+requeue, scancel) training also checkpoints at the step boundary and exits without a result, so that
+a requeued job resumes and a cancelled one shows as cancelled."""
+
 from __future__ import annotations
 
 import json
@@ -24,11 +25,13 @@ from transfer.runner import run_task
 
 
 class StepJob:
-    """Callable by submitit: runs a Job's step in this process, as `python -m ...` (Job.command) would."""
+    """Callable by submitit: runs a Job's step in this process, as `python -m ...` (Job.command)
+    would."""
 
     def __init__(self, job: Job, signal_delay_s: float | None = None):
         self.job = job
-        self.signal_delay_s = signal_delay_s  # SIGUSR2 comes this long before the kill: the checkpoint's budget
+        # SIGUSR2 comes this long before the kill: the checkpoint's budget
+        self.signal_delay_s = signal_delay_s
 
     def __repr__(self) -> str:
         return f"StepJob({self.job!r})"
@@ -39,8 +42,13 @@ class StepJob:
             if step.kind == "training":
                 return self._train()
             if step.kind == "task":
-                run_task(step.name, self.job.options["backbone"], self.job.options.get("weights", "ema"),
-                         self.job.config, self._overrides())
+                run_task(
+                    step.name,
+                    self.job.options["backbone"],
+                    self.job.options.get("weights", "ema"),
+                    self.job.config,
+                    self._overrides(),
+                )
             else:
                 main(self.job.command()[1:])
         except UserError as error:  # the job's stderr ends with the step's own one-line message
@@ -48,18 +56,25 @@ class StepJob:
         return self._metrics()
 
     def _overrides(self) -> list[str]:
-        return ([f"run_dir={self.job.run_dir}"] if self.job.run_dir is not None else []) + list(self.job.overrides)
+        return ([f"run_dir={self.job.run_dir}"] if self.job.run_dir is not None else []) + list(
+            self.job.overrides
+        )
 
     def _train(self) -> Any:
         config = load_step_config(self.job.step, self.job.config, self._overrides())
         engine = build_engine(self.job.step, config)
         submitit_handler = signal.getsignal(signal.SIGUSR2)
         if callable(submitit_handler):
+
             def on_usr2(signum, frame):  # checkpoint at the step boundary, then submitit requeues
-                engine.request_stop(lambda: submitit_handler(signum, None), budget_s=self.signal_delay_s)
+                engine.request_stop(
+                    lambda: submitit_handler(signum, None), budget_s=self.signal_delay_s
+                )
+
             signal.signal(signal.SIGUSR2, on_usr2)
         stats = engine.run()
-        if engine.stop_requested:  # SIGTERM: checkpointed; exit without a result, the job is being ended
+        # SIGTERM: checkpointed; exit without a result, the job is being ended
+        if engine.stop_requested:
             logging.shutdown()
             os._exit(143)
         shutdown_distributed()
@@ -73,4 +88,5 @@ class StepJob:
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on SIGUSR2: the same job again; it resumes from its run dir."""
         import submitit
+
         return submitit.helpers.DelayedSubmission(StepJob(self.job, self.signal_delay_s))

@@ -1,15 +1,17 @@
 """A real one-node SLURM cluster on this machine, configured in a temporary directory.
 
-It runs Debian's munged, slurmctld and slurmd (as root) with every file, port and socket private to the
-directory, so it touches no system SLURM. The tests start one per session; a person can try jobs on it:
+It runs Debian's munged, slurmctld and slurmd (as root) with every file, port and socket private to
+the directory, so it touches no system SLURM. The tests start one per session; a person can try jobs
+on it:
 
     python -m slurm local-cluster --dir /tmp/cluster       # starts it, prints `export SLURM_CONF=...`
 
-SIGINT (Ctrl-C) or SIGTERM stops it with its daemons (also when it runs in the background, `... &`); SIGKILL
-cannot be caught and leaves them running (find them by the folder: pgrep -af DIR).
+SIGINT (Ctrl-C) or SIGTERM stops it with its daemons (also when it runs in the background, `... &`);
+SIGKILL cannot be caught and leaves them running (find them by the folder: pgrep -af DIR).
 
 Clients (sbatch, squeue, submitit) reach it through the SLURM_CONF environment variable.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,11 +55,16 @@ class LocalSlurmCluster:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
     def _check_prerequisites(self) -> None:
-        missing = [d for d in DAEMONS + ("sbatch", "scontrol") if shutil.which(d) is None
-                   and not Path(f"/usr/sbin/{d}").exists()]
+        missing = [
+            d
+            for d in DAEMONS + ("sbatch", "scontrol")
+            if shutil.which(d) is None and not Path(f"/usr/sbin/{d}").exists()
+        ]
         if missing:
-            raise UserError(f"SLURM programs {missing} are missing: install Debian's munge, slurmctld, slurmd "
-                            "and slurm-client (scripts/install.sh does)")
+            raise UserError(
+                f"SLURM programs {missing} are missing: install Debian's munge, slurmctld, slurmd "
+                "and slurm-client (scripts/install.sh does)"
+            )
         if os.geteuid() != 0:
             raise UserError("the local SLURM cluster runs its daemons as root; run it as root")
 
@@ -105,13 +112,30 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
         self._check_prerequisites()
         self._write_config()
         log = self.dir / "log"
-        self._spawn(["munged", "--foreground", "--force", f"--socket={self.munge_socket}",
-                     f"--key-file={self.dir}/munge/munge.key", f"--pid-file={self.dir}/munge/munged.pid",
-                     f"--seed-file={self.dir}/munge/munged.seed", f"--log-file={log}/munged.log"])
-        self._wait(lambda: self.munge_socket.exists(), timeout_s, "munged did not create its socket")
+        self._spawn(
+            [
+                "munged",
+                "--foreground",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={self.dir}/munge/munge.key",
+                f"--pid-file={self.dir}/munge/munged.pid",
+                f"--seed-file={self.dir}/munge/munged.seed",
+                f"--log-file={log}/munged.log",
+            ]
+        )
+        self._wait(
+            lambda: self.munge_socket.exists(), timeout_s, "munged did not create its socket"
+        )
         self._spawn(["slurmctld", "-D", "-i", "-f", str(self.conf)])
-        self._wait(lambda: self.scontrol("ping", check=False).returncode == 0 and "UP" in
-                   self.scontrol("ping", check=False).stdout, timeout_s, "slurmctld did not answer ping")
+        self._wait(
+            lambda: (
+                self.scontrol("ping", check=False).returncode == 0
+                and "UP" in self.scontrol("ping", check=False).stdout
+            ),
+            timeout_s,
+            "slurmctld did not answer ping",
+        )
         self._spawn(["slurmd", "-D", "-f", str(self.conf), "-N", self.host])
         self._wait(self._node_ready, timeout_s, "slurmd did not register its node")
         return self
@@ -119,27 +143,36 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
     def _spawn(self, argv: list[str]) -> None:
         name = argv[0]
         with open(self.dir / "log" / f"{name}.stdout", "ab") as out:
-            self._processes.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                                    start_new_session=True))
+            self._processes.append(
+                subprocess.Popen(
+                    argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+                )
+            )
 
     def _wait(self, ready, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for proc in self._processes:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}; "
-                                       f"see {self.dir}/log: {self.log_tail()}")
+                    raise RuntimeError(
+                        f"{proc.args[0]} exited with {proc.returncode}; "
+                        f"see {self.dir}/log: {self.log_tail()}"
+                    )
             if ready():
                 return
             time.sleep(0.25)
-        raise RuntimeError(f"{what} within {timeout_s:.0f} s; see {self.dir}/log: {self.log_tail()}")
+        raise RuntimeError(
+            f"{what} within {timeout_s:.0f} s; see {self.dir}/log: {self.log_tail()}"
+        )
 
     def _node_ready(self) -> bool:
         out = self.scontrol("show", "node", self.host, check=False).stdout
         return "State=IDLE" in out or "State=MIXED" in out or "State=ALLOCATED" in out
 
     def scontrol(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(["scontrol", *args], env=self.env, capture_output=True, text=True, check=check)
+        return subprocess.run(
+            ["scontrol", *args], env=self.env, capture_output=True, text=True, check=check
+        )
 
     def log_tail(self, lines: int = 5) -> str:
         tails = []
@@ -151,13 +184,19 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
 
     def cancel_jobs(self, timeout_s: float = 30) -> None:
         """Cancel every job and wait for them to leave: a job must not outlive its cluster."""
-        jobs = subprocess.run(["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True, text=True).stdout.split()
+        jobs = subprocess.run(
+            ["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True, text=True
+        ).stdout.split()
         if not jobs:
             return
         subprocess.run(["scancel", *jobs], env=self.env, capture_output=True)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and subprocess.run(
-                ["squeue", "-h"], env=self.env, capture_output=True, text=True).stdout.strip():
+        while (
+            time.monotonic() < deadline
+            and subprocess.run(
+                ["squeue", "-h"], env=self.env, capture_output=True, text=True
+            ).stdout.strip()
+        ):
             time.sleep(0.5)
 
     def stop(self) -> None:

@@ -1,4 +1,5 @@
 """The config system: schema defaults <- YAML <- key=value, and its one-line errors."""
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -19,11 +20,15 @@ def test_yaml_and_overrides_apply_in_order(tmp_path):
 
 
 def test_unknown_key_names_the_closest_valid_key(tmp_path):
-    with pytest.raises(UserError, match=r"unknown config key 'optim.base_lrr'.*did you mean 'optim.base_lr'"):
+    with pytest.raises(
+        UserError, match=r"unknown config key 'optim.base_lrr'.*did you mean 'optim.base_lr'"
+    ):
         load_config(PretrainConfig, None, ["optim.base_lrr=0.1"])
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  backbon: resnet18\n")
-    with pytest.raises(UserError, match=rf"unknown config key 'model.backbon' in {path}.*'model.backbone'"):
+    with pytest.raises(
+        UserError, match=rf"unknown config key 'model.backbon' in {path}.*'model.backbone'"
+    ):
         load_config(PretrainConfig, path)
 
 
@@ -57,6 +62,7 @@ def test_malformed_inputs(tmp_path):
 
 def test_every_shipped_config_loads():
     from pathlib import Path
+
     for path in sorted(Path("configs/pretrain").glob("*.yaml")):
         config = load_config(PretrainConfig, path)
         assert OmegaConf.to_container(config)

@@ -1,7 +1,9 @@
-"""The pretraining / linear-evaluation crop (pretrain.augment.InceptionCrop, official_crop_box) against an
-independent NumPy implementation of the official code's sampler, BYOL's `_decode_and_random_crop`
-(deepmind-research byol/utils/dataset.py:206-233, which SSL-HSIC's official code imports): the two are compared as
+"""The pretraining / linear-evaluation crop (pretrain.augment.InceptionCrop, official_crop_box)
+against an independent NumPy implementation of the official code's sampler, BYOL's
+`_decode_and_random_crop` (deepmind-research byol/utils/dataset.py:206-233, which SSL-HSIC's
+official code imports): the two are compared as
 distributions (area, placement), since they draw from different generators."""
+
 import numpy as np
 import pytest
 import torch
@@ -13,12 +15,14 @@ from torchvision.transforms.v2 import functional as F
 from pretrain.augment import InceptionCrop, byol_crop_transform, official_crop_box
 from pretrain.schema import AugmentConfig
 
-N = 12_000  # draws of the module under test per image shape (~1 s each); the NumPy reference draws 10x as many
+# draws of the module under test per image shape (~1 s each); the NumPy reference draws 10x as many
+N = 12_000
 SHAPES = [(300, 400), (400, 300), (300, 300)]  # (H, W): 4:3 landscape, 3:4 portrait, square
 
 
 def reference_boxes(height, width, n, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """n boxes (top, left, h, w) as arrays, written from the TensorFlow ops of byol/utils/dataset.py:209-229:
+    """n boxes (top, left, h, w) as arrays, written from the TensorFlow ops of
+    byol/utils/dataset.py:209-229:
     area = float32(H*W); target_area = uniform[s0, s1) * area; aspect = exp(uniform[log r0, log r1));
     w = round(sqrt(target_area * aspect)), h = round(sqrt(target_area / aspect)) (tf.round: half to even, as
     np.round); w = min(w, W), h = min(h, H); offset_w ~ uniform int [0, W - w], offset_h ~ uniform int [0, H - h]."""
@@ -29,14 +33,17 @@ def reference_boxes(height, width, n, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
     aspect = np.exp(lo + (hi - lo) * rng.random(n, dtype=f32))
     w = np.minimum(np.round(np.sqrt(target_area * aspect)).astype(np.int64), width)
     h = np.minimum(np.round(np.sqrt(target_area / aspect)).astype(np.int64), height)
-    left = rng.integers(0, width - w + 1)  # numpy's high is exclusive, like tf.random.uniform's maxval
+    # numpy's high is exclusive, like tf.random.uniform's maxval
+    left = rng.integers(0, width - w + 1)
     top = rng.integers(0, height - h + 1)
     return top, left, h, w
 
 
 def module_boxes(height, width, n, seed, **kwargs):
     generator = torch.Generator().manual_seed(seed)
-    return np.array([official_crop_box(height, width, generator=generator, **kwargs) for _ in range(n)]).T
+    return np.array(
+        [official_crop_box(height, width, generator=generator, **kwargs) for _ in range(n)]
+    ).T
 
 
 def torchvision_boxes(height, width, n, seed):
@@ -50,8 +57,10 @@ def torchvision_boxes(height, width, n, seed):
 def draws():
     """{shape: (module's boxes, reference boxes)}"""
     rng = np.random.default_rng(0)
-    return {shape: (module_boxes(*shape, N, seed=i), reference_boxes(*shape, 10 * N, rng))
-            for i, shape in enumerate(SHAPES)}
+    return {
+        shape: (module_boxes(*shape, N, seed=i), reference_boxes(*shape, 10 * N, rng))
+        for i, shape in enumerate(SHAPES)
+    }
 
 
 def area(boxes, shape):
@@ -61,7 +70,7 @@ def area(boxes, shape):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_area_distribution_matches_the_reference(draws, shape):
     ours, reference = (area(b, shape) for b in draws[shape])
-    se = ours.std() / N ** 0.5
+    se = ours.std() / N**0.5
     assert abs(ours.mean() - reference.mean()) < 5 * se
     p_ours, p_ref = (ours > 0.5).mean(), (reference > 0.5).mean()
     assert abs(p_ours - p_ref) < 5 * (p_ref * (1 - p_ref) / N) ** 0.5
@@ -71,13 +80,15 @@ def test_area_distribution_matches_the_reference(draws, shape):
 
 
 def test_mean_area_on_4_3_images_is_the_official_one_not_torchvisions(draws):
-    """0.519 and P(area > 0.5) = 0.543 by the reference at 400,000 draws; torchvision's RandomResizedCrop gives 0.43
+    """0.519 and P(area > 0.5) = 0.543 by the reference at 400,000 draws; torchvision's
+    RandomResizedCrop gives 0.43
     and 0.39 (its boxes that overflow are redrawn, not clipped)."""
     ours = area(draws[(300, 400)][0], (300, 400))
     assert abs(ours.mean() - 0.519) < 0.01 and abs((ours > 0.5).mean() - 0.543) < 0.02
     theirs = area(torchvision_boxes(300, 400, N // 2, seed=0), (300, 400))
     assert theirs.mean() < 0.45 and (theirs > 0.5).mean() < 0.42
-    assert stats.ks_2samp(ours, theirs).pvalue < 1e-6  # the KS test above can tell the two samplers apart
+    # the KS test above can tell the two samplers apart
+    assert stats.ks_2samp(ours, theirs).pvalue < 1e-6
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -86,10 +97,12 @@ def test_offsets_are_uniform_over_the_allowed_range(draws, shape):
     ours, reference = draws[shape]
     for offset, side, size in [(0, 2, height), (1, 3, width)]:
         room = size - ours[side] + 1  # number of allowed offsets
-        # offset + U(0, 1) over the number of allowed offsets is U(0, 1) exactly when the offset is uniform
+        # offset + U(0, 1) over the number of allowed offsets is U(0, 1) exactly when the offset is
+        # uniform
         u = (ours[offset] + np.random.default_rng(offset).random(N)) / room
         assert abs(u.mean() - 0.5) < 5 * (1 / 12 / N) ** 0.5
-        assert abs(u.var() - 1 / 12) < 5 * (1 / 180 / N) ** 0.5  # Var of (U - 1/2)^2 is 1/80 - 1/144 = 1/180
+        # Var of (U - 1/2)^2 is 1/80 - 1/144 = 1/180
+        assert abs(u.var() - 1 / 12) < 5 * (1 / 180 / N) ** 0.5
         assert stats.kstest(u, "uniform").pvalue > 1e-4
         movable = room > 1  # offsets normalised by their range, against the reference's
         normalised = ours[offset][movable] / (room[movable] - 1)
@@ -101,7 +114,11 @@ def test_offsets_are_uniform_over_the_allowed_range(draws, shape):
 @pytest.mark.parametrize("shape", SHAPES + [(1, 1), (2, 3), (7, 1000), (1000, 7), (64, 64)])
 def test_every_box_lies_inside_the_image(shape):
     height, width = shape
-    for scale, ratio in [((0.08, 1.0), (3 / 4, 4 / 3)), ((0.0, 1.0), (0.1, 10.0)), ((1.0, 1.0), (1.0, 1.0))]:
+    for scale, ratio in [
+        ((0.08, 1.0), (3 / 4, 4 / 3)),
+        ((0.0, 1.0), (0.1, 10.0)),
+        ((1.0, 1.0), (1.0, 1.0)),
+    ]:
         top, left, h, w = module_boxes(height, width, 500, seed=1, scale=scale, ratio=ratio)
         assert (h >= 1).all() and (w >= 1).all() and (h <= height).all() and (w <= width).all()
         assert (top >= 0).all() and (left >= 0).all()
@@ -109,11 +126,15 @@ def test_every_box_lies_inside_the_image(shape):
 
 
 def test_full_scale_square_ratio_on_a_square_image_is_the_whole_image():
-    assert set(map(tuple, module_boxes(50, 50, 50, seed=0, scale=(1.0, 1.0), ratio=(1.0, 1.0)).T)) == {(0, 0, 50, 50)}
+    assert set(
+        map(tuple, module_boxes(50, 50, 50, seed=0, scale=(1.0, 1.0), ratio=(1.0, 1.0)).T)
+    ) == {(0, 0, 50, 50)}
 
 
 def test_the_transform_crops_its_box_and_is_deterministic_under_torch_manual_seed():
-    image = torch.randint(0, 256, (3, 40, 60), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    image = torch.randint(
+        0, 256, (3, 40, 60), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     crop = InceptionCrop(16)
     outputs = []
     for _ in range(2):
@@ -123,8 +144,9 @@ def test_the_transform_crops_its_box_and_is_deterministic_under_torch_manual_see
     assert torch.equal(outputs[0], outputs[1])
     torch.manual_seed(123)
     top, left, h, w = official_crop_box(40, 60)  # the global generator, drawn the same way
-    expected = F.resized_crop(image, top, left, h, w, [16, 16], interpolation=InterpolationMode.BICUBIC,
-                              antialias=True)
+    expected = F.resized_crop(
+        image, top, left, h, w, [16, 16], interpolation=InterpolationMode.BICUBIC, antialias=True
+    )
     assert torch.equal(outputs[0], expected)
     torch.manual_seed(124)
     assert not torch.equal(crop(image), outputs[0])
@@ -150,4 +172,8 @@ def test_pil_images_and_the_pretraining_crop_transform():
     for _ in range(2):
         torch.manual_seed(3)
         runs.append(transform(pil))
-    assert runs[0].dtype == torch.uint8 and runs[0].shape == (3, 24, 24) and torch.equal(runs[0], runs[1])
+    assert (
+        runs[0].dtype == torch.uint8
+        and runs[0].shape == (3, 24, 24)
+        and torch.equal(runs[0], runs[1])
+    )

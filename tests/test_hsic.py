@@ -1,4 +1,5 @@
 """The SSL-HSIC loss against independent computations (numpy loops, mpmath, explicit matrices)."""
+
 import math
 
 import mpmath
@@ -7,9 +8,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.hsic import (SSLHSICLoss, bandwidth_objective, gaussian_kernel, hsic_xx_exact, hsic_xx_rff,
-                           hsic_xy_exact, hsic_xy_rff, imq_kernel, label_kernel_weights, log_bessel_k_times_power,
-                           random_fourier_features, sample_frequencies)
+from pretrain.hsic import (
+    SSLHSICLoss,
+    bandwidth_objective,
+    gaussian_kernel,
+    hsic_xx_exact,
+    hsic_xx_rff,
+    hsic_xy_exact,
+    hsic_xy_rff,
+    imq_kernel,
+    label_kernel_weights,
+    log_bessel_k_times_power,
+    random_fourier_features,
+    sample_frequencies,
+)
 
 
 def views(m=4, b=6, d=5, seed=0, dtype=torch.float64):
@@ -22,20 +34,27 @@ def numpy_kernel(x, y, c, kernel):
     return c / math.sqrt(d2 + c * c) if kernel == "imq" else math.exp(-d2 / (2 * c * c))
 
 
-# ------------------------------------------------------------------------------------------- kernels
+# -------------------------------------------------------------------------------------------
+# kernels
+
 
 def test_kernels_match_their_formulas():
     x, y = views(2, 4, 3)
     for i in range(4):
         for j in range(4):
             xi, yj = x[i].numpy(), y[j].numpy()
-            assert imq_kernel(x, y, 0.7)[i, j].item() == pytest.approx(numpy_kernel(xi, yj, 0.7, "imq"), rel=1e-12)
+            assert imq_kernel(x, y, 0.7)[i, j].item() == pytest.approx(
+                numpy_kernel(xi, yj, 0.7, "imq"), rel=1e-12
+            )
             assert gaussian_kernel(x, y, 0.7)[i, j].item() == pytest.approx(
-                numpy_kernel(xi, yj, 0.7, "gaussian"), rel=1e-12)
+                numpy_kernel(xi, yj, 0.7, "gaussian"), rel=1e-12
+            )
     assert torch.allclose(torch.diagonal(imq_kernel(x, x, 2.0)), torch.ones(4, dtype=torch.float64))
 
 
-# ------------------------------------------------------------------------------------ exact estimators
+# ------------------------------------------------------------------------------------ exact
+# estimators
+
 
 @pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("kernel", ["imq", "gaussian"])
@@ -43,13 +62,18 @@ def test_exact_estimators_against_loops(m, kernel):
     hiddens, c = views(m, 5, 3, seed=m), 0.8
     z = [h.numpy() for h in hiddens]
     b = z[0].shape[0]
-    same = sum(numpy_kernel(z[p][i], z[q][i], c, kernel) for i in range(b) for p in range(m) for q in range(m))
+    same = sum(
+        numpy_kernel(z[p][i], z[q][i], c, kernel)
+        for i in range(b)
+        for p in range(m)
+        for q in range(m)
+    )
     flat = [z[p][i] for p in range(m) for i in range(b)]
     n = len(flat)
     gram = np.array([[numpy_kernel(u, v, c, kernel) for v in flat] for u in flat])
-    expected_xy = same / (b * m * (m - 1)) - gram.sum() / n ** 2
+    expected_xy = same / (b * m * (m - 1)) - gram.sum() / n**2
     h = np.eye(n) - np.ones((n, n)) / n
-    expected_xx = np.trace(gram @ h @ gram @ h) / n ** 2
+    expected_xx = np.trace(gram @ h @ gram @ h) / n**2
     assert hsic_xy_exact(hiddens, c, kernel).item() == pytest.approx(expected_xy, rel=1e-10)
     assert hsic_xx_exact(hiddens, c, kernel).item() == pytest.approx(expected_xx, rel=1e-10)
 
@@ -70,20 +94,29 @@ def test_hsic_xx_of_identical_features_is_zero():
     assert hsic_xx_rff(same, 1.0, num_features=64).item() == pytest.approx(0, abs=1e-14)
 
 
-# ----------------------------------------------------------------------------- random Fourier features
+# ----------------------------------------------------------------------------- random Fourier
+# features
+
 
 @pytest.mark.parametrize("nu", [0, 0.5, 3.5, 63.5, 127.5])
 def test_log_bessel_table_matches_mpmath(nu):
     r = torch.tensor([1e-12, 1e-4, 0.3, 2.0, 17.0, 99.99], dtype=torch.float64)
     mpmath.mp.dps = 40
-    expected = [float(mpmath.log(mpmath.besselk(nu, mpmath.mpf(x))) + nu * mpmath.log(mpmath.mpf(x)))
-                for x in r.tolist()]
-    assert torch.allclose(log_bessel_k_times_power(nu, r), torch.tensor(expected, dtype=torch.float64),
-                          rtol=1e-12, atol=1e-10)
+    expected = [
+        float(mpmath.log(mpmath.besselk(nu, mpmath.mpf(x))) + nu * mpmath.log(mpmath.mpf(x)))
+        for x in r.tolist()
+    ]
+    assert torch.allclose(
+        log_bessel_k_times_power(nu, r),
+        torch.tensor(expected, dtype=torch.float64),
+        rtol=1e-12,
+        atol=1e-10,
+    )
 
 
 def kernel_error(d, c, num_features, draws, seed=0):
-    """Mean |phi(x).phi(y) - k(x, y)| over points on the unit sphere (a line for d = 1) and several draws."""
+    """Mean |phi(x).phi(y) - k(x, y)| over points on the unit sphere (a line for d = 1) and
+    several draws."""
     g = torch.Generator().manual_seed(seed)
     errors = []
     for _ in range(draws):
@@ -115,14 +148,26 @@ def test_gaussian_rff_approximates_the_gaussian_kernel():
 @pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("kernel", ["imq", "gaussian"])
 def test_rff_estimators_are_unbiased(m, kernel):
-    """Averaged over draws, the RFF estimators agree with the exact ones within 4 standard errors."""
+    """Averaged over draws, the RFF estimators agree with the exact ones within 4 standard
+    errors."""
     hiddens, c, draws = views(m, 12, 16, seed=3, dtype=torch.float32), 0.7, 400
     g = torch.Generator().manual_seed(0)
-    xy = torch.tensor([hsic_xy_rff(hiddens, c, kernel, 128, g).item() for _ in range(draws)], dtype=torch.float64)
-    xx = torch.tensor([hsic_xx_rff(hiddens, c, kernel, 128, g).item() for _ in range(draws)], dtype=torch.float64)
-    for samples, exact in ((xy, hsic_xy_exact(hiddens, c, kernel)), (xx, hsic_xx_exact(hiddens, c, kernel))):
+    xy = torch.tensor(
+        [hsic_xy_rff(hiddens, c, kernel, 128, g).item() for _ in range(draws)], dtype=torch.float64
+    )
+    xx = torch.tensor(
+        [hsic_xx_rff(hiddens, c, kernel, 128, g).item() for _ in range(draws)], dtype=torch.float64
+    )
+    for samples, exact in (
+        (xy, hsic_xy_exact(hiddens, c, kernel)),
+        (xx, hsic_xx_exact(hiddens, c, kernel)),
+    ):
         standard_error = samples.std().item() / math.sqrt(draws)
-        assert abs(samples.mean().item() - exact.item()) < 4 * standard_error, (samples.mean(), exact, standard_error)
+        assert abs(samples.mean().item() - exact.item()) < 4 * standard_error, (
+            samples.mean(),
+            exact,
+            standard_error,
+        )
 
 
 def test_seeded_draws_are_reproducible():
@@ -131,7 +176,9 @@ def test_seeded_draws_are_reproducible():
     assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
-# ---------------------------------------------------------------------------------------------- loss
+# ----------------------------------------------------------------------------------------------
+# loss
+
 
 @pytest.mark.parametrize("estimator", ["rff", "exact"])
 @pytest.mark.parametrize("m", [2, 4])
@@ -139,7 +186,9 @@ def test_loss_combines_the_terms_and_reaches_every_view(estimator, m):
     loss_fn = SSLHSICLoss(num_features=256, estimator=estimator)
     hiddens = [h.float().requires_grad_(True) for h in views(m, 16, 8, seed=1)]
     loss, stats = loss_fn(hiddens, [torch.Generator().manual_seed(0)])
-    assert loss.item() == pytest.approx(3.0 * math.sqrt(stats["hsic_xx"]) - stats["hsic_xy"], rel=1e-5)
+    assert loss.item() == pytest.approx(
+        3.0 * math.sqrt(stats["hsic_xx"]) - stats["hsic_xy"], rel=1e-5
+    )
     assert stats["scale"] == 1.0
     loss.backward()
     assert all(h.grad is not None and h.grad.abs().sum() > 0 for h in hiddens)
@@ -178,13 +227,18 @@ def test_bad_inputs_are_refused():
         SSLHSICLoss(estimator="nystrom")
 
 
-# ----------------------------------------------------------------------------------------- bandwidth
+# -----------------------------------------------------------------------------------------
+# bandwidth
+
 
 def stationary_scale(dist2: np.ndarray) -> float:
-    """Root of d/dc mean_j [2 log c - 3 log(d_j^2 + c^2)] = 2/c - mean_j 6c / (d_j^2 + c^2) (IMQ), by bisection."""
+    """Root of d/dc mean_j [2 log c - 3 log(d_j^2 + c^2)] = 2/c - mean_j 6c / (d_j^2 + c^2)
+    (IMQ), by bisection."""
     lo, hi = 1e-4, 1e2
+
     def f(c):
         return 2 / c - np.mean(6 * c / (dist2 + c * c))
+
     for _ in range(200):
         mid = math.sqrt(lo * hi)
         lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
@@ -211,9 +265,12 @@ def test_bandwidth_loss_drives_the_scale_to_its_stationary_point():
         optimizer.zero_grad()
         loss_fn.bandwidth_loss(hiddens, [torch.Generator().manual_seed(0)]).backward()
         optimizer.step()
-    # Rebuild the sampled pairs independently: bandwidth_pairs / M rows of each view per side, same seed.
+    # Rebuild the sampled pairs independently: bandwidth_pairs / M rows of each view per side, same
+    # seed.
     g, rows = torch.Generator().manual_seed(0), 256 // 4
-    sides = [torch.cat([h[torch.randint(64, (rows,), generator=g)] for h in hiddens]) for _ in range(2)]
+    sides = [
+        torch.cat([h[torch.randint(64, (rows,), generator=g)] for h in hiddens]) for _ in range(2)
+    ]
     dist2 = torch.cdist(sides[0].double(), sides[1].double()).square().numpy()
     assert loss_fn.scale.item() == pytest.approx(stationary_scale(dist2), rel=1e-3)
 
@@ -228,11 +285,15 @@ def test_bandwidth_loss_trains_only_the_scale():
 
 @pytest.mark.parametrize("kernel", ["imq", "gaussian"])
 def test_closed_form_bandwidth_objective_equals_the_autograd_derivative(kernel):
-    """The slope is dk / d(dist^2) at fixed distances, as the official code takes it with autograd."""
+    """The slope is dk / d(dist^2) at fixed distances, as the official code takes it with
+    autograd."""
     from pretrain.hsic import KERNEL_OF_DISTANCE
+
     dist2 = torch.rand(50, dtype=torch.float64) * 3
     scale = torch.tensor(0.8, dtype=torch.float64)
     d = dist2.clone().requires_grad_(True)
     (slope,) = torch.autograd.grad(KERNEL_OF_DISTANCE[kernel](d, scale).sum(), d)
     expected = -0.5 * torch.log(slope.square().clamp_min(1e-14)).mean()
-    assert bandwidth_objective(dist2, scale, kernel).item() == pytest.approx(expected.item(), rel=1e-12)
+    assert bandwidth_objective(dist2, scale, kernel).item() == pytest.approx(
+        expected.item(), rel=1e-12
+    )

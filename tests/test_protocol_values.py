@@ -1,5 +1,7 @@
-"""Every shipped config loads against its schema, and every full-size value that a published protocol fixes is the
+"""Every shipped config loads against its schema, and every full-size value that a published
+protocol fixes is the
 one docs/protocol_values.yaml gives with its source."""
+
 from functools import lru_cache
 from pathlib import Path
 
@@ -14,19 +16,24 @@ CONFIGS = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "configs").rglo
 
 
 def schema_of(path: str) -> type:
-    """The schema a config file is loaded with: its folder's, and for a transfer config its task's (the file name
+    """The schema a config file is loaded with: its folder's, and for a transfer config its task's
+    (the file name
     starts with the task)."""
     kind, name = Path(path).parts[1], Path(path).stem
     if kind == "pretrain":
         from pretrain.schema import PretrainConfig
+
         return PretrainConfig
     if kind == "slurm":
         from slurm.executor import ExecutorConfig
+
         return ExecutorConfig
     if kind == "pipeline":
         from slurm.pipeline import PipelineConfig
+
         return PipelineConfig
     from transfer.tasks import TASKS
+
     task = name.split("_")[0]
     assert task in TASKS, f"{path}: its name does not start with a task ({', '.join(TASKS)})"
     return TASKS[task].load().Config
@@ -35,6 +42,7 @@ def schema_of(path: str) -> type:
 @lru_cache(maxsize=None)
 def loaded(path: str):
     from common.config import load_config
+
     return load_config(schema_of(path), ROOT / path, [])
 
 
@@ -45,8 +53,16 @@ def test_every_config_loads_against_its_schema(path):
 
 def same(value, expected) -> bool:
     if isinstance(expected, list):
-        return isinstance(value, list) and len(value) == len(expected) and all(map(same, value, expected))
-    if isinstance(expected, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (
+            isinstance(value, list)
+            and len(value) == len(expected)
+            and all(map(same, value, expected))
+        )
+    if (
+        isinstance(expected, float)
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+    ):
         return value == pytest.approx(expected, rel=1e-6)
     return value == expected and type(value) is type(expected)
 
@@ -58,24 +74,47 @@ def test_each_published_value_is_the_configs(row):
     value = OmegaConf.select(loaded(row["config"]), row["key"], default=KeyError)
     assert value is not KeyError, f"{row['config']} has no key {row['key']}"
     plain = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-    assert same(plain, row["value"]), f"{row['config']} {row['key']} = {plain!r}, published {row['value']!r} " \
-                                      f"({row['source']})"
+    assert same(plain, row["value"]), (
+        f"{row['config']} {row['key']} = {plain!r}, published {row['value']!r} ({row['source']})"
+    )
 
 
 def test_the_table_names_each_value_once_and_every_full_size_config():
     keys = [(row["config"], row["key"]) for row in TABLE]
     assert len(keys) == len(set(keys))
-    full_size = {"configs/pretrain/imagenet_resnet50.yaml", "configs/transfer/linear_imagenet.yaml",
-                 "configs/transfer/linear_imagenet_byol.yaml", "configs/transfer/finetune_imagenet.yaml",
-                 "configs/transfer/classify_kornblith.yaml", "configs/transfer/segmentation_voc_fcn.yaml",
-                 "configs/transfer/depth_nyu.yaml", "configs/transfer/detection_voc_r50_c4.yaml"}
+    full_size = {
+        "configs/pretrain/imagenet_resnet50.yaml",
+        "configs/transfer/linear_imagenet.yaml",
+        "configs/transfer/linear_imagenet_byol.yaml",
+        "configs/transfer/finetune_imagenet.yaml",
+        "configs/transfer/classify_kornblith.yaml",
+        "configs/transfer/segmentation_voc_fcn.yaml",
+        "configs/transfer/depth_nyu.yaml",
+        "configs/transfer/detection_voc_r50_c4.yaml",
+    }
     assert full_size <= {config for config, _ in keys}
 
 
 def test_the_kornblith_defaults_in_code_are_the_published_grid():
-    """The classify task's own defaults (a config that names no grid) are the published protocol too."""
+    """The classify task's own defaults (a config that names no grid) are the published protocol
+    too."""
     from transfer.tasks.classify import Config
+
     finetune = Config().finetune
-    rows = {row["key"]: row["value"] for row in TABLE if row["config"].endswith("classify_kornblith.yaml")}
-    for key in ("batch_size", "steps", "lr_grid", "weight_decay_grid", "weight_decay_over_lr", "bn_momentum_from_epoch"):
-        assert same(list(v) if isinstance(v := getattr(finetune, key), tuple) else v, rows[f"finetune.{key}"]), key
+    rows = {
+        row["key"]: row["value"]
+        for row in TABLE
+        if row["config"].endswith("classify_kornblith.yaml")
+    }
+    for key in (
+        "batch_size",
+        "steps",
+        "lr_grid",
+        "weight_decay_grid",
+        "weight_decay_over_lr",
+        "bn_momentum_from_epoch",
+    ):
+        assert same(
+            list(v) if isinstance(v := getattr(finetune, key), tuple) else v,
+            rows[f"finetune.{key}"],
+        ), key

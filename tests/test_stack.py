@@ -1,4 +1,6 @@
-"""The heavy stack is real, not just importable: mmsegmentation, detectron2 and SLURM do actual work."""
+"""The heavy stack is real, not just importable: mmsegmentation, detectron2 and SLURM do actual
+work."""
+
 import math
 import subprocess
 import time
@@ -13,18 +15,46 @@ def test_mmseg_fcn_on_a_torchvision_style_resnet_computes_its_loss():
     from mmseg.structures import SegDataSample
     from mmseg.utils import register_all_modules
     from mmengine.structures import PixelData
+
     register_all_modules()
     torch.manual_seed(0)
-    model = MODELS.build(dict(
-        type="EncoderDecoder",
-        data_preprocessor=dict(type="SegDataPreProcessor", mean=[123.675, 116.28, 103.53],
-                               std=[58.395, 57.12, 57.375], bgr_to_rgb=True, size=(64, 64)),
-        backbone=dict(type="ResNet", depth=18, num_stages=4, out_indices=(3,), dilations=(1, 1, 1, 2),
-                      strides=(1, 2, 2, 1), norm_cfg=dict(type="BN", requires_grad=True), style="pytorch"),
-        decode_head=dict(type="FCNHead", in_channels=512, in_index=0, channels=64, num_convs=2, dilation=6,
-                         num_classes=5, dropout_ratio=0.0, norm_cfg=dict(type="BN", requires_grad=True),
-                         align_corners=False, loss_decode=dict(type="CrossEntropyLoss", loss_weight=1.0, avg_non_ignore=True)),
-        train_cfg=dict(), test_cfg=dict(mode="whole")))
+    model = MODELS.build(
+        dict(
+            type="EncoderDecoder",
+            data_preprocessor=dict(
+                type="SegDataPreProcessor",
+                mean=[123.675, 116.28, 103.53],
+                std=[58.395, 57.12, 57.375],
+                bgr_to_rgb=True,
+                size=(64, 64),
+            ),
+            backbone=dict(
+                type="ResNet",
+                depth=18,
+                num_stages=4,
+                out_indices=(3,),
+                dilations=(1, 1, 1, 2),
+                strides=(1, 2, 2, 1),
+                norm_cfg=dict(type="BN", requires_grad=True),
+                style="pytorch",
+            ),
+            decode_head=dict(
+                type="FCNHead",
+                in_channels=512,
+                in_index=0,
+                channels=64,
+                num_convs=2,
+                dilation=6,
+                num_classes=5,
+                dropout_ratio=0.0,
+                norm_cfg=dict(type="BN", requires_grad=True),
+                align_corners=False,
+                loss_decode=dict(type="CrossEntropyLoss", loss_weight=1.0, avg_non_ignore=True),
+            ),
+            train_cfg=dict(),
+            test_cfg=dict(mode="whole"),
+        )
+    )
     assert model.backbone.conv1.kernel_size == (7, 7)  # torchvision-style stem, not the deep stem
     model.eval()
     images = torch.rand(2, 3, 64, 64) * 255
@@ -45,6 +75,7 @@ def test_mmseg_fcn_on_a_torchvision_style_resnet_computes_its_loss():
 
 def test_detectron2_mask_rcnn_computes_its_losses():
     from transfer.detectron2_glue import import_detectron2
+
     import_detectron2()
     from detectron2 import model_zoo
     from detectron2.config import get_cfg
@@ -53,23 +84,33 @@ def test_detectron2_mask_rcnn_computes_its_losses():
     from detectron2.utils.events import EventStorage
 
     cfg = get_cfg()
-    cfg.merge_from_file(model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"))
+    cfg.merge_from_file(
+        model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml")
+    )
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     cfg.INPUT.FORMAT = "RGB"
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train()
-    # Zeroed classifier layers give logits of 0, so each cross-entropy must equal ln(number of classes).
-    for layer in (model.roi_heads.box_predictor.cls_score, model.proposal_generator.rpn_head.objectness_logits,
-                  model.roi_heads.mask_head.predictor):
+    # Zeroed classifier layers give logits of 0, so each cross-entropy must equal ln(number of
+    # classes).
+    for layer in (
+        model.roi_heads.box_predictor.cls_score,
+        model.proposal_generator.rpn_head.objectness_logits,
+        model.roi_heads.mask_head.predictor,
+    ):
         torch.nn.init.zeros_(layer.weight)
         torch.nn.init.zeros_(layer.bias)
     masks = torch.zeros(2, 128, 160, dtype=torch.bool)
     masks[0, 10:60, 20:90] = True
     masks[1, 70:120, 100:150] = True
-    instances = Instances((128, 160), gt_boxes=Boxes(torch.tensor([[20., 10., 90., 60.], [100., 70., 150., 120.]])),
-                          gt_classes=torch.tensor([3, 17]), gt_masks=BitMasks(masks))
+    instances = Instances(
+        (128, 160),
+        gt_boxes=Boxes(torch.tensor([[20.0, 10.0, 90.0, 60.0], [100.0, 70.0, 150.0, 120.0]])),
+        gt_classes=torch.tensor([3, 17]),
+        gt_masks=BitMasks(masks),
+    )
     with EventStorage():
         losses = model([{"image": torch.rand(3, 128, 160) * 255, "instances": instances}])
     assert set(losses) == {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc"}
@@ -85,22 +126,42 @@ def test_detectron2_shims_only_where_needed():
     import numpy as np
     from PIL import Image
     from transfer.detectron2_glue import apply_shims, has_compiled_ops
+
     applied = apply_shims()
     assert Image.LINEAR == Image.BILINEAR and np.int is int  # v0.6 imports and runs its numpy paths
-    assert set(applied) <= {"detectron2._C", "PIL.Image.LINEAR", "numpy.int", "numpy.float", "numpy.bool",
-                            "numpy.str"}
+    assert set(applied) <= {
+        "detectron2._C",
+        "PIL.Image.LINEAR",
+        "numpy.int",
+        "numpy.float",
+        "numpy.bool",
+        "numpy.str",
+    }
     assert not has_compiled_ops()  # this install exercises the path without detectron2._C
 
 
 def test_sbatch_job_runs_on_the_local_cluster(slurm_cluster, tmp_path):
     out = tmp_path / "job.out"
-    job = subprocess.run(["sbatch", "--parsable", "-o", str(out), "--wrap", "echo sum=$((20 + 22)) on $(hostname -s)"],
-                         env=slurm_cluster.env, capture_output=True, text=True, check=True).stdout.strip()
+    job = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "-o",
+            str(out),
+            "--wrap",
+            "echo sum=$((20 + 22)) on $(hostname -s)",
+        ],
+        env=slurm_cluster.env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert job.isdigit()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        state = subprocess.run(["scontrol", "show", "job", job], env=slurm_cluster.env, capture_output=True,
-                               text=True).stdout
+        state = subprocess.run(
+            ["scontrol", "show", "job", job], env=slurm_cluster.env, capture_output=True, text=True
+        ).stdout
         if "JobState=COMPLETED" in state:
             break
         time.sleep(0.5)

@@ -19,6 +19,6 @@ A method is a class built from the config, `Method(config, run_dir)`, with:
     export(run_dir)             what a completed run leaves beside its checkpoint
     metrics(stats, skipped, step)   write_metrics's task, dataset, backbone, protocol, metrics and extra
 
-The engine owns the rest: the run dir, its lock and config.yaml, the loop, when checkpoints are written (atomically,
-the previous kept), resuming, SIGTERM / request_stop, logs, TensorBoard, history.jsonl and metrics.json.
-"""
+The engine owns the rest: the run dir, its lock and config.yaml, the loop, when checkpoints are
+written (atomically, the previous kept), resuming, SIGTERM / request_stop, logs, TensorBoard,
+history.jsonl and metrics.json."""

@@ -1,17 +1,19 @@
-"""The positive control as a method on pretrain.engine.Engine: the pretraining network trained on the labels.
+"""The positive control as a method on pretrain.engine.Engine: the pretraining network trained on
+the labels.
 
 Backbone f + a linear classifier W on the labels y, for the pretraining's budget:
 
     loss = cross_entropy(W f(x), y),   Adam (lr 1e-3, weight decay 1e-4),   lr_t = 1e-3 (1 + cos(pi t / T)) / 2
 
-with T the pretraining's step count int(epochs * N // B), random resized crops (area 0.35-1) and flips. An epoch
-shuffles with derive_seed(seed, "supervised.order", epoch); the crops of step t are drawn under
+with T the pretraining's step count int(epochs * N // B), random resized crops (area 0.35-1) and
+flips. An epoch shuffles with derive_seed(seed, "supervised.order", epoch); the crops of step t are
+drawn under
 derive_seed(seed, "supervised.views", t). The checkpoint (checkpoints/progress.pt) is {"epoch": epochs done,
-"model", "optimizer", "schedule"}; one written mid-epoch (a stop signal) adds "step" and "window" (the epoch's
-running loss sum, correct and seen), so that the resumed epoch reports what an uninterrupted one would.
-A completed run leaves backbone.pth (the torchvision state dict without the classifier) and metrics.json (the
-last epoch's training loss and top-1).
-"""
+"model", "optimizer", "schedule"}; one written mid-epoch (a stop signal) adds "step" and "window"
+(the epoch's running loss sum, correct and seen), so that the resumed epoch reports what an
+uninterrupted one would. A completed run leaves backbone.pth (the torchvision state dict without the
+classifier) and metrics.json (the last epoch's training loss and top-1)."""
+
 from __future__ import annotations
 
 import logging
@@ -45,34 +47,54 @@ class Supervised:
     def __init__(self, config: DictConfig, run_dir: Path):
         self.config, self.cross_entropy = config, F.cross_entropy
         d, c = config.data, config.optim
-        self.dataset = build_dataset(d.dataset, d.root, d.split if d.dataset == "imagefolder" else "train", d.limit)
+        self.dataset = build_dataset(
+            d.dataset, d.root, d.split if d.dataset == "imagefolder" else "train", d.limit
+        )
         self.steps_per_epoch = len(self.dataset) // c.batch_size
         if self.steps_per_epoch == 0:
-            raise UserError(f"the dataset has {len(self.dataset)} images, fewer than one batch of {c.batch_size}")
+            raise UserError(
+                f"the dataset has {len(self.dataset)} images, fewer than one batch of "
+                f"{c.batch_size}"
+            )
         self.dist = DistributedEnv()  # one process
         self.device = pick_device(config.device)
         torch.manual_seed(derive_seed(config.seed, "pretrain.init"))
         self.backbone = build_resnet(config.model.backbone)
-        self.model = nn.Sequential(self.backbone, nn.Linear(feature_width(config.model.backbone),
-                                                            len(self.dataset.classes))).to(self.device)
+        self.model = nn.Sequential(
+            self.backbone,
+            nn.Linear(feature_width(config.model.backbone), len(self.dataset.classes)),
+        ).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, weight_decay=1e-4)
         self.total_steps = int(c.epochs * len(self.dataset) // c.batch_size)
         self.schedule = cosine_schedule(self.optimizer, self.total_steps)
         self.epochs = math.ceil(c.epochs)
-        self.stop_step = min(self.total_steps, self.epochs * self.steps_per_epoch)  # whole epochs of the budget
-        self.transform = v2.Compose([
-            v2.RandomResizedCrop(d.image_size, scale=(0.35, 1.0), interpolation=InterpolationMode.BICUBIC,
-                                 antialias=True),
-            v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(config.augment.mean), list(config.augment.std))])
+        # whole epochs of the budget
+        self.stop_step = min(self.total_steps, self.epochs * self.steps_per_epoch)
+        self.transform = v2.Compose(
+            [
+                v2.RandomResizedCrop(
+                    d.image_size,
+                    scale=(0.35, 1.0),
+                    interpolation=InterpolationMode.BICUBIC,
+                    antialias=True,
+                ),
+                v2.RandomHorizontalFlip(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(list(config.augment.mean), list(config.augment.std)),
+            ]
+        )
         self.window = [0.0, 0, 0]  # this epoch's loss sum, correct, seen
 
     # -------------------------------------------------------------------------------- checkpoints
 
     def state_dict(self, step: int, elapsed_s: float) -> dict:
         epoch, within = divmod(step, self.steps_per_epoch)
-        state = {"epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "schedule": self.schedule.state_dict()}
+        state = {
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+        }
         if within and step < self.stop_step:  # mid-epoch (a stop signal)
             state.update(step=step, window=torch.tensor(self.window, dtype=torch.float64))
         return state
@@ -92,17 +114,23 @@ class Supervised:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise UserError(f"checkpoint {path} cannot be read ({type(error).__name__}); remove it to start over") \
-                from None
+            raise UserError(
+                f"checkpoint {path} cannot be read ({type(error).__name__}); remove it to start "
+                f"over"
+            ) from None
 
     # -------------------------------------------------------------------------------------- steps
 
     def loader(self, epoch: int, start_batch: int):
         """Batches of dataset indices: epoch e's permutation, in whole batches."""
         batch = self.config.optim.batch_size
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(
-            derive_seed(self.config.seed, "supervised.order", epoch)))
-        return order[:self.steps_per_epoch * batch].view(-1, batch)[start_batch:]
+        order = torch.randperm(
+            len(self.dataset),
+            generator=torch.Generator().manual_seed(
+                derive_seed(self.config.seed, "supervised.order", epoch)
+            ),
+        )
+        return order[: self.steps_per_epoch * batch].view(-1, batch)[start_batch:]
 
     def images(self, batch: torch.Tensor) -> int:
         return len(batch)
@@ -140,7 +168,11 @@ class Supervised:
     def log_stats(self, stats: dict[str, float], step: int) -> dict[str, float]:
         """The epoch's mean training loss and top-1 (%)."""
         loss_sum, correct, seen = self.window
-        return {"loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1), **stats}
+        return {
+            "loss": loss_sum / max(seen, 1),
+            "train_top1": 100.0 * correct / max(seen, 1),
+            **stats,
+        }
 
     def export(self, run_dir: Path) -> None:
         state = {k: v.detach().cpu() for k, v in self.backbone.state_dict().items()}
@@ -149,7 +181,14 @@ class Supervised:
 
     def metrics(self, stats: dict[str, float], skipped: int, step: int) -> dict:
         c = self.config
-        return dict(task="supervised", dataset=c.data.dataset,
-                    backbone={"path": str((Path(c.run_dir) / "backbone.pth").resolve()), "arch": c.model.backbone},
-                    protocol=f"cross-entropy on the labels, Adam, {c.optim.epochs} epochs (the pretraining budget)",
-                    metrics={k: stats[k] for k in ("loss", "train_top1") if k in stats}, extra={})
+        return dict(
+            task="supervised",
+            dataset=c.data.dataset,
+            backbone={
+                "path": str((Path(c.run_dir) / "backbone.pth").resolve()),
+                "arch": c.model.backbone,
+            },
+            protocol=f"cross-entropy on the labels, Adam, {c.optim.epochs} epochs (the pretraining budget)",
+            metrics={k: stats[k] for k in ("loss", "train_top1") if k in stats},
+            extra={},
+        )

@@ -152,11 +152,10 @@ class SSLHSIC:
         self.device = pick_device(config.device)
         torch.manual_seed(derive_seed(config.seed, "pretrain.init"))
         if config.train.deterministic:
-            # cuBLAS is deterministic only with a fixed workspace, set before its use;
             if self.device.type == "cuda":
-                # a few ops (the probe's NLLLoss) have
+                # cuBLAS is deterministic only with a fixed workspace, set before its use; a few ops
+                # (the probe's NLLLoss) have no deterministic CUDA kernel: warned
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-                # no deterministic CUDA kernel: warned
                 torch.use_deterministic_algorithms(True, warn_only=True)
             else:
                 torch.use_deterministic_algorithms(True)

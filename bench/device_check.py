@@ -298,7 +298,7 @@ def row_step(s: Settings, row: str, results: dict[str, Result]) -> Result:
 
 
 def row_compile(s: Settings, row: str, results: dict[str, Result]) -> Result:
-    """bf16 + channels_last + torch.compile (TwoViews compiled, as train.compile) in a child process killed after
+    """bf16 + channels_last + torch.compile (OnlineOnBothViews compiled, as train.compile) in a child process killed after
     s.compile_cap_s, at the batch the eager bf16 step ran at."""
     if not s.cuda:
         raise NotRun("torch.compile is checked on CUDA only (on a CPU its C++ build of the step takes minutes)")

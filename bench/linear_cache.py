@@ -20,8 +20,9 @@ def main() -> None:
     from pretrain.augment import eval_transform
     from pretrain.data import FashionMNIST
     from transfer.backbone import resolve_backbone
-    from transfer.tasks.classification import FeatureCache, Transformed, cached_features, extract, train_linear
-    from transfer.tasks.classification import LinearProtocol
+    from transfer.features import FeatureCache, Transformed, cached_features, extract
+    from transfer.tasks.linear_knn import train_linear
+    from transfer.tasks.linear_knn import LinearProtocol
     torch.set_num_threads(2)
     backbone = resolve_backbone("random:resnet18")
     model = backbone.model()

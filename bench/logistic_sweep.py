@@ -30,7 +30,7 @@ def features(kind: str, n_train: int):
     from pretrain.augment import eval_transform
     from pretrain.data import FashionMNIST
     from transfer.backbone import resolve_backbone
-    from transfer.tasks.classification import Transformed, extract
+    from transfer.features import Transformed, extract
     model = resolve_backbone("random:resnet18").model()
     transform = eval_transform(32, (0.5,) * 3, (0.25,) * 3, 1.0)
     root = "/usr/share/datasets/fashion-mnist"

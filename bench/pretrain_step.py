@@ -9,7 +9,7 @@ update) or, with --byol plain, the same step in plain torch (this project's head
 what bench/device_check.py runs on a GPU, where lightly is not installed.
 
 The step builders return a `Step`: `run()` trains one step (both views through the online network in one module
-call, as the trainer's TwoViews; the target network without gradient; the loss; SGD; the target's EMA), and
+call, as the trainer's OnlineOnBothViews; the target network without gradient; the loss; SGD; the target's EMA), and
 `loss_part()` repeats the loss's own forward and backward (SSL-HSIC: with the bandwidth objective) on the last
 step's features, so that its share of a step can be timed apart.
 """
@@ -40,16 +40,16 @@ def inputs(batch: int, size: int, device: str, memory_format: torch.memory_forma
 
 def _networks(arch: str, heads: tuple[int, int, int], device: str, bf16: bool, compile: bool):
     """The online network (backbone, projector, predictor), its target encoder (EMA, no gradient), the module that
-    runs both views through the online network (TwoViews, compiled when asked, as train.compile does) and the
+    runs both views through the online network (OnlineOnBothViews, compiled when asked, as train.compile does) and the
     memory format of the inputs."""
     from pretrain.networks import OnlineNetwork
-    from pretrain.trainer import TwoViews
+    from pretrain.trainer import OnlineOnBothViews
     projector_hidden, embedding, predictor_hidden = heads
     memory_format = torch.channels_last if bf16 else torch.contiguous_format
     online = OnlineNetwork(arch, projector_hidden, embedding, predictor_hidden, use_predictor=True)
     online = online.to(device, memory_format=memory_format)
     target = copy.deepcopy(online.encoder).requires_grad_(False)
-    views = TwoViews(online)
+    views = OnlineOnBothViews(online)
     return online, target, torch.compile(views) if compile else views, memory_format
 
 

@@ -30,7 +30,7 @@ from slurm.executor import for_step, load_executor_config
 from slurm.graph import Node
 from slurm.steps import Job
 from transfer.names import NAME
-from transfer.tasks import TASKS, task_of
+from transfer.tasks import TASKS, default_task_files, scene_overrides, task_of
 
 
 @dataclass
@@ -41,18 +41,7 @@ class PipelineConfig:
     pretrain_config: str = checked("configs/pretrain/fashion_mnist_resnet18.yaml", existing_file())
     pretrain_overrides: list = field(default_factory=list)
     scenes: dict = checked({"train": 200, "test": 50, "size": 128, "seed": 0}, SCENE_SIZES)
-    tasks: dict = checked(
-        {
-            "linear": "configs/transfer/linear_fashion_mnist.yaml",
-            "knn": "configs/transfer/linear_fashion_mnist.yaml",
-            "segmentation": "configs/transfer/segmentation_scenes.yaml",
-            "detection": "configs/transfer/detection_scenes.yaml",
-            "depth": "configs/transfer/depth_scenes.yaml",
-            "finetune": "configs/transfer/finetune_fashion_mnist.yaml",
-            "classify/digits": "configs/transfer/classify_digits.yaml",
-        },
-        TASK_FILES,
-    )
+    tasks: dict = checked(default_task_files(), TASK_FILES)  # task (or TASK/LABEL) -> config file
     task_overrides: dict = checked({}, TASK_OVERRIDES)  # task -> [key=value, ...]
     seeds: list = checked([0], SEEDS)
     # which network the tasks evaluate
@@ -81,21 +70,6 @@ def _is_name(value) -> bool:
 
 def _is_named(value) -> bool:
     return isinstance(value, str) and "=" in value and _is_name(value.split("=", 1)[0])
-
-
-def scene_overrides(task: str, scenes: Path) -> list[str]:
-    """Point a scenes-based task config at the pipeline's own generated scenes."""
-    coco = scenes / "coco"
-    return {
-        "segmentation": [f"data.root={scenes / 'voc' / 'VOC2012'}"],
-        "detection": [
-            f"data.train_json={coco / 'annotations' / 'instances_train.json'}",
-            f"data.train_images={coco / 'train'}",
-            f"data.test_json={coco / 'annotations' / 'instances_val.json'}",
-            f"data.test_images={coco / 'val'}",
-        ],
-        "depth": [f"data.root={scenes / 'nyu'}"],
-    }.get(task_of(task), [])
 
 
 class Pipeline:

@@ -18,7 +18,7 @@ SMALL = ["images.size=16", "finetune.batch_size=100", "finetune.lr_grid=[0.05,0.
 
 
 def cached(cache_dir, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from transfer.tasks.classification import FeatureCache
+    from transfer.features import FeatureCache
     for description in (cache_dir).glob("*/description.json"):
         if json.loads(description.read_text())["split"] == split:
             return FeatureCache(cache_dir).get(description.parent.name)[:2]

@@ -71,7 +71,7 @@ def test_held_out_images_lie_outside_every_labelled_subset_and_subsets_are_class
     from common.config import load_config
     from transfer.tasks import finetune
     config = load_config(finetune.Config, CONFIG, [*SMALL, "data.fractions=[0.05,0.1]", "seed=3"])
-    train_set, _, subsets, heldout = finetune.prepare("finetune", config)
+    train_set, _, subsets, heldout = finetune.prepare(config)
     labels = train_set.labels[:600]
     for fraction, indices in subsets.items():
         counts = torch.bincount(labels[indices], minlength=10)
@@ -82,7 +82,7 @@ def test_held_out_images_lie_outside_every_labelled_subset_and_subsets_are_class
 
 
 def test_multilabel_loss_leaves_difficult_entries_out_and_single_label_is_cross_entropy():
-    from transfer.finetune import classification_loss
+    from transfer.finetuner import classification_loss
     logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 1.0, -2.0]])
     targets = torch.tensor([[1, -1, 0], [0, 1, -1]])
     z = torch.tensor([2.0, -1.0, 1.0, -2.0])
@@ -166,7 +166,7 @@ def test_kornblith_candidates_train_a_number_of_steps_with_decay_over_lr_and_bn_
     cosine spans the 7 steps; weight decay / lr; BatchNorm momentum min(10 / s, 0.1)."""
     from pretrain.data import FashionMNIST
     from transfer.backbone import resolve_backbone
-    from transfer.finetune import (Candidate, FinetuneProtocol, Finetuner, Images, bn_momentum, grid)
+    from transfer.finetuner import (Candidate, FinetuneProtocol, Finetuner, Images, bn_momentum, grid)
     from transfer.logistic import top1
     protocol = FinetuneProtocol(batch_size=20, steps=7, lr_grid=(0.01,), weight_decay_grid=(0.0, 1e-4),
                                 weight_decay_over_lr=True, bn_momentum_from_epoch=True)

@@ -126,11 +126,11 @@ def _distributed_worker(rank, world, port, inputs, result_dir):
 
 def _loss_and_grads(view1, view2, distributed):
     from pretrain.hsic import SSLHSICLoss
-    from pretrain.trainer import TwoViews, gather
+    from pretrain.trainer import OnlineOnBothViews, gather
 
     torch.manual_seed(0)
     online = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
-    model = TwoViews(online)
+    model = OnlineOnBothViews(online)
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(model)
     z1, z2, _ = model(view1, view2)  # no probe: no logits

@@ -109,7 +109,7 @@ def test_detectron2_reads_the_coco_json(written):
 
 
 def test_nyu_folder_reader_gives_metres(written, scenes):
-    from transfer.datasets import NyuFolder
+    from transfer.nyu import NyuFolder
     data = NyuFolder(written / "nyu", "train")
     rgb, depth = data[0]
     assert len(data) == 6 and rgb.shape == (3, 64, 64) and rgb.dtype == torch.uint8
@@ -119,7 +119,7 @@ def test_nyu_folder_reader_gives_metres(written, scenes):
 def test_nyu_official_mat_reader(tmp_path):
     import h5py
     import scipy.io
-    from transfer.datasets import NyuLabeledMat
+    from transfer.nyu import NyuLabeledMat
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5, 480, 640, 3), dtype=np.uint8)
     depths = rng.uniform(0.5, 10, (5, 480, 640)).astype(np.float32)
@@ -136,7 +136,8 @@ def test_nyu_official_mat_reader(tmp_path):
 
 
 def test_the_real_photo_smoke_set_loads(tmp_path):
-    from transfer.datasets import NyuFolder, write_smoke_set
+    from transfer.nyu import NyuFolder
+    from transfer.scenes import write_smoke_set
     paths = write_smoke_set(tmp_path)
     rgb, depth = NyuFolder(paths["nyu"], "test")[0]
     import imgviz
@@ -201,14 +202,14 @@ def test_detectron2_reads_the_voc2007_xml_with_boxes_and_difficult_flags(written
 
 
 def test_nyu_labeled_mat_and_raw_frames_read_back_as_written(written, written_train_scenes):
-    from transfer.datasets import NyuLabeledMat
+    from transfer.nyu import NyuLabeledMat
     mat = NyuLabeledMat(written / "nyu_mat" / "nyu_depth_v2_labeled.mat", written / "nyu_mat" / "splits.mat", "train")
     assert len(mat) == 6 and len(NyuLabeledMat(written / "nyu_mat" / "nyu_depth_v2_labeled.mat",
                                                written / "nyu_mat" / "splits.mat", "test")) == 3
     rgb, depth = mat[4]
     assert torch.equal(rgb, torch.from_numpy(written_train_scenes[4].image).permute(2, 0, 1))
     assert torch.equal(depth, torch.from_numpy(written_train_scenes[4].depth))
-    from transfer.datasets import NyuRawFrames
+    from transfer.nyu import NyuRawFrames
     raw = NyuRawFrames(written / "nyu_raw")
     assert len(raw) == 6 and len({rgb.parent for rgb, _ in raw.items}) == 2  # 4 frames to a recording
     _, depth = raw[5]  # scene_0001/sync_depth_00001.png

@@ -102,16 +102,33 @@ def test_importing_the_core_and_the_registry_stays_light():
 
 
 def test_every_registered_task_is_complete_and_reachable_from_every_entry_point():
-    from slurm.steps import steps
+    """Each registry line names a module with the contract (a Config on the shared base, EXAMPLES, prepare and
+    its run function), an existing default config that loads, scene keys its schema has, and metrics the
+    report sees improve downwards; every entry point and the pipeline's defaults reach every task."""
+    from omegaconf import OmegaConf
+
+    from common.config import load_config
     from slurm.pipeline import PipelineConfig
+    from slurm.steps import steps
     from transfer.__main__ import commands
-    from transfer.tasks import TASKS, task_of
+    from transfer.report import metric_info
+    from transfer.tasks import TASKS, default_task_files, task_of
+    from transfer.tasks.contract import TaskConfig
 
     for name, task in TASKS.items():
         module = task.load()
-        for attribute in ("Config", "EXAMPLES", "prepare", "run"):
+        for attribute in ("Config", "EXAMPLES", "prepare"):
             assert hasattr(module, attribute), f"task module {task.module} has no {attribute}"
+        assert callable(task.runner()), f"task {name}: {task.module} has no {task.entry}"
+        assert issubclass(module.Config, TaskConfig), f"task {name}: its Config does not extend TaskConfig"
+        prefix = Path(task.config_file).name.split("_")[0]  # <task>_...: the task whose schema reads it
+        assert prefix in TASKS and TASKS[prefix].module == task.module, task.config_file
+        config = load_config(module.Config, ROOT / task.config_file)
+        for key in task.scenes:
+            assert OmegaConf.select(config, key) is not None, f"task {name}: no config key {key} for the scenes"
+        assert all(metric_info(metric).lower_is_better for metric in task.lower_is_better)
     assert set(TASKS) <= set(commands()) and set(TASKS) <= set(steps())
+    assert PipelineConfig().tasks == default_task_files()
     assert {task_of(key) for key in PipelineConfig().tasks} == set(TASKS)
 
 

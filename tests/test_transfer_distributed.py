@@ -192,7 +192,7 @@ def test_depth_killed_mid_run_resumes_and_ends_where_an_uninterrupted_run_ends(t
 
 @pytest.mark.parametrize("length, batch, world", [(100, 64, 2), (320, 64, 2), (321, 64, 3), (10, 64, 4), (1000, 7, 8)])
 def test_batch_shards_are_whole_batches_that_concatenate_to_the_whole_set(length, batch, world):
-    from transfer.tasks.classification import batch_shard
+    from transfer.features import batch_shard
     shards = [batch_shard(length, batch, rank, world) for rank in range(world)]
     assert [i for shard in shards for i in shard] == list(range(length))
     assert all(shard.start % batch == 0 for shard in shards if len(shard))

@@ -14,7 +14,7 @@ from tests.helpers import run_cli
 # ------------------------------------------------------------------------------------ classification
 
 def test_topk_accuracy_by_hand():
-    from transfer.tasks.classification import topk_accuracy
+    from transfer.features import topk_accuracy
     scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.15, 0.05], [0.2, 0.3, 0.5], [0.5, 0.4, 0.1]])
     labels = torch.tensor([1, 2, 2, 1])
     result = topk_accuracy(scores, labels, ks=(1, 2))
@@ -23,7 +23,7 @@ def test_topk_accuracy_by_hand():
 
 
 def test_knn_votes_by_hand():
-    from transfer.tasks.classification import knn_scores
+    from transfer.tasks.linear_knn import knn_scores
     train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]])
     labels = torch.tensor([0, 1, 1])
     test = torch.tensor([[1.0, 0.05]])
@@ -96,7 +96,8 @@ def test_warmup_then_cosine_schedule_by_formula():
 
 def test_the_classifier_ema_is_what_is_scored(tmp_path):
     from types import SimpleNamespace
-    from transfer.tasks.classification import topk_accuracy, train_linear
+    from transfer.features import topk_accuracy
+    from transfer.tasks.linear_knn import train_linear
     generator = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 8, generator=generator) * 2
     labels = torch.arange(96) % 3

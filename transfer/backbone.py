@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pretrain import checkpoint
 from common.errors import UserError
+from pretrain import checkpoint
 from pretrain.networks import ARCHITECTURES, build_resnet
 
 PREFIXES = ("", "module.", "encoder.", "backbone.", "model.", "module.encoder.", "module.backbone.",
@@ -427,6 +427,7 @@ def fingerprint(state_dict: dict[str, Tensor]) -> str:
 def resolve_backbone(spec: str, seed: int = 0, weights: str = "ema") -> Backbone:
     """`[NAME=]PATH`, or `[NAME=]random:ARCH` for the same network at random init (seeded): the baseline."""
     import dataclasses
+
     from transfer.names import split_named
     name, spec = split_named(spec)
     if spec.startswith("random:"):

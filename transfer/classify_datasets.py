@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pretrain.data import IMAGE_SUFFIXES
 from common.errors import UserError
+from pretrain.data import IMAGE_SUFFIXES
 from transfer.subsets import per_class_sample, stratified_holdout
 
 log = logging.getLogger("transfer")
@@ -410,6 +410,7 @@ def held_out(labels: list[int], test_labels: list[int], holdout: str, seed: int)
     """(keep, held) indices of a training split by a hold-out rule of the table: "P%" of each class, "N/class"
     images of each class, or "test/class" (each class as many as the test split holds of it); drawn from `seed`."""
     from collections import Counter
+
     from transfer.subsets import per_class_holdout
     if holdout.endswith("%"):
         return stratified_holdout(labels, float(holdout[:-1]) / 100, seed)

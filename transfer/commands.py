@@ -56,6 +56,7 @@ def run_verify(args: argparse.Namespace) -> None:
     print(f"ok: every weight used, worst stage difference {report.worst():.2e} <= {args.tolerance:g}")
     if args.record:
         import json
+
         from common.files import atomic_write_bytes
         record = {"checkpoint": str(args.checkpoint), "weights": args.weights, "arch": backbone.arch,
                   "worst_difference": report.worst(), "tolerance": args.tolerance}
@@ -83,7 +84,7 @@ def run_scenes(args: argparse.Namespace) -> None:
     if args.train < 1 or args.test < 1 or args.size < 32:
         raise UserError(f"need --train >= 1, --test >= 1 and --size >= 32, got {args.train}, {args.test}, {args.size}")
     if args.smoke:
-        from transfer.datasets import write_smoke_set
+        from transfer.scenes import write_smoke_set
         paths = write_smoke_set(args.out)
     else:
         from transfer.scenes import write_all

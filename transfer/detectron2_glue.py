@@ -167,8 +167,7 @@ def register_table_backbones() -> None:
     if "build_resnet_table_backbone" in BACKBONE_REGISTRY:
         return
     from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
-    from detectron2.modeling.backbone.resnet import (BasicBlock, BasicStem, BottleneckBlock, DeformBottleneckBlock,
-                                                     ResNet)
+    from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, DeformBottleneckBlock, ResNet
 
     @BACKBONE_REGISTRY.register()
     def build_resnet_table_backbone(cfg, input_shape):
@@ -461,13 +460,12 @@ def resnet_stages(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Te
     return {"stem": model.stem(x), **model(x)}
 
 
-def train_and_evaluate(config, backbone, weights: Path) -> dict[str, float]:
-    """Train from the .pkl `weights` (or resume from the run's own checkpoint) and evaluate with COCOEvaluator or
-    PascalVOCDetectionEvaluator; return bbox AP / AP50 / AP75 (COCO: also APs/m/l, and segm AP... for Mask
-    R-CNN), in percent."""
+def train_and_evaluate(config, backbone, weights: Path, num_classes: int) -> dict[str, float]:
+    """Train from the .pkl `weights` (or resume from the run's own checkpoint) on the datasets `register_datasets`
+    registered (`num_classes` classes) and evaluate with COCOEvaluator or PascalVOCDetectionEvaluator; return bbox
+    AP / AP50 / AP75 (COCO: also APs/m/l, and segm AP... for Mask R-CNN), in percent."""
     import math
     distributed = init_distributed_for_detectron2()
-    num_classes = register_datasets(config)
     cfg = detectron2_cfg(config, backbone, weights, num_classes, distributed)
     Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
     from detectron2.utils.logger import setup_logger

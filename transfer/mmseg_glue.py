@@ -107,11 +107,13 @@ def register_modules() -> None:
     from mmseg.evaluation import IoUMetric
     from mmseg.registry import DATASETS, HOOKS, METRICS
     from mmseg.utils import register_all_modules
+
     from transfer.scenes import CLASSES, voc_palette
     register_all_modules()
     register_resnet_table()
     palette = voc_palette()
     from mmengine.registry import MODELS as ENGINE_MODELS
+
     from pretrain.sync_batchnorm import GlobalBatchNorm
     ENGINE_MODELS.register_module("GlobalBN", module=GlobalBatchNorm, force=True)  # SyncBN for CPU processes
 

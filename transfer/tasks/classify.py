@@ -3,11 +3,11 @@
 One dataset per run (data.dataset; readers and standard splits in transfer.classify_datasets), one or both
 protocols:
 * linear: frozen features (the short side resized to 224, a 224 centre crop), cached
-  (transfer.tasks.classification.cached_features), not standardised (linear.standardize: optional);
+  (transfer.features.cached_features), not standardised (linear.standardize: optional);
   multinomial logistic regression by L-BFGS over 45 log-spaced l2 penalties in [1e-6, 1e5], chosen on the
   validation split, refitted on train + validation, scored on test (transfer.logistic.select_and_fit); for the
   multi-label VOC2007, one binary classifier per class (select_and_fit_multilabel);
-* finetune: the whole network and a new head (transfer.finetune): 20,000 steps at batch 256, SGD Nesterov 0.9,
+* finetune: the whole network and a new head (transfer.finetuner): 20,000 steps at batch 256, SGD Nesterov 0.9,
   lr from 7 log-spaced values in [1e-4, 1e-1] x weight decay from {0} and 7 log-spaced values in [1e-6, 1e-3]
   divided by the lr, BatchNorm momentum max(1 - 10/s, 0.9) (TensorFlow's convention; s steps per epoch), chosen on
   the validation split; the chosen candidate retrained on train + validation and scored on test.
@@ -19,17 +19,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 from torch.utils.data import ConcatDataset
 
-import numpy as np
-
-from common.checks import (DEVICE, NON_NEGATIVE, POSITIVE_INT, Rule, at_least, between, checked, each, one_of,
-                             optional)
+from common.checks import POSITIVE_INT, Rule, at_least, between, checked, each, one_of, optional
 from common.errors import UserError
 from transfer.backbone import Backbone
 from transfer.classify_datasets import DATASETS
-from transfer.finetune import FinetuneProtocol, Images
+from transfer.finetuner import FinetuneProtocol, Images
 from transfer.runner import TaskResult
+from transfer.tasks.contract import TaskConfig
 
 PROTOCOLS = ("linear", "finetune")
 
@@ -56,10 +55,8 @@ class LinearTransfer:
 
 
 @dataclass
-class Config:
+class Config(TaskConfig):
     run_dir: str = "runs/classify"
-    protocol_id: str = ""
-    seed: int = checked(0, NON_NEGATIVE)
     data: ClassifyData = field(default_factory=ClassifyData)
     images: Images = field(default_factory=Images)
     linear: LinearTransfer = field(default_factory=LinearTransfer)
@@ -70,7 +67,6 @@ class Config:
         bn_momentum_from_epoch=True, checkpoint_steps=1000))  # Kornblith et al. 2019 / SimCLR App. B.8
     extract_batch_size: int = checked(256, POSITIVE_INT)
     cache_dir: str = "~/.cache/ssl-hsic/features"
-    device: Optional[str] = checked(None, DEVICE)
 
 
 EXAMPLES = """\
@@ -87,14 +83,14 @@ def metric_function(name: str):
             "voc07_map": logistic.voc07_map}[name]
 
 
-def prepare(task: str, config: Config):
+def prepare(config: Config):
     from transfer.classify_datasets import load_splits
     if not config.protocols:
         raise UserError("protocols is empty; choose linear, finetune or both")
     return load_splits(config.data.dataset, config.data.root, config.seed, config.data.val_fraction)
 
 
-def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskResult:
+def run(config: Config, backbone: Backbone, task_run, data) -> TaskResult:
     from common.distributed import init_distributed
     from common.rundir import pick_device
     processes = init_distributed()
@@ -110,7 +106,7 @@ def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskRe
                            "standardize": result["standardize"], "feature_cache_hit": result["cache_hit"]}
     if "finetune" in config.protocols:
         from pretrain.networks import feature_width
-        from transfer.finetune import Finetuner, select_and_finetune
+        from transfer.finetuner import Finetuner, select_and_finetune
         finetuner = Finetuner(backbone.model, feature_width(backbone.arch), len(data.classes), config.finetune,
                               config.images, metric_function(data.metric), config.seed, device,
                               task_run.run_dir / "finetune", processes.rank == 0)
@@ -124,9 +120,9 @@ def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskRe
 
 def linear(config: Config, backbone: Backbone, data, device) -> dict:
     """Cached frozen features of the three splits, then the penalty sweep."""
-    from transfer import logistic
     from pretrain.augment import eval_transform
-    from transfer.tasks.classification import FeatureCache, Transformed, cached_features
+    from transfer import logistic
+    from transfer.features import FeatureCache, Transformed, cached_features
     images = config.images  # the short side resized to size x linear.resize_ratio, then the centre crop
     transform = eval_transform(images.size, images.mean, images.std, config.linear.resize_ratio)
     model, cache = backbone.model(), FeatureCache(config.cache_dir)

@@ -16,16 +16,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.checks import DEVICE, NON_NEGATIVE, POSITIVE_INT, checked, each, greater_than, one_of
+from common.checks import NON_NEGATIVE, POSITIVE_INT, checked, each, greater_than, one_of
 from common.errors import UserError
+from common.seeds import derive_seed
 from pretrain.networks import feature_width
 from transfer.runner import TaskResult
+from transfer.tasks.contract import TaskConfig
 
 log = logging.getLogger("transfer")
 
@@ -184,7 +185,7 @@ class DepthPairs(torch.utils.data.Dataset):
         rgb, depth = rgb[:, top:top + ch, left:left + cw].float() / 255, depth[top:top + ch, left:left + cw]
         if self.train:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed * 1_000_003 + self.epoch * 100_003 + index)
+                torch.manual_seed(derive_seed(self.seed, "task.views", self.epoch, index))
                 if torch.rand(()) < 0.5:
                     rgb, depth = rgb.flip(-1), depth.flip(-1)
                 rgb = colour(rgb, draw_colour())
@@ -208,10 +209,8 @@ class DepthData:
 
 
 @dataclass
-class Config:
+class Config(TaskConfig):
     run_dir: str = "runs/depth"
-    protocol_id: str = ""                   # the published protocol followed (transfer/references.yaml)
-    seed: int = checked(0, NON_NEGATIVE)
     data: DepthData = field(default_factory=DepthData)
     steps: int = checked(300, POSITIVE_INT)
     batch_size: int = checked(8, POSITIVE_INT)              # the global batch, split over the processes
@@ -220,12 +219,11 @@ class Config:
     checkpoint_every: int = checked(100, POSITIVE_INT)
     log_every: int = checked(50, POSITIVE_INT)
     bf16: bool = True                       # bfloat16 autocast on GPUs (the loss and metrics stay in float32)
-    device: Optional[str] = checked(None, DEVICE)
 
 
 def global_batches(length: int, batch_size: int, seed: int, epoch: int) -> Tensor:
     """[batches, batch_size] sample indices of one epoch: a seeded permutation, the last partial batch dropped."""
-    order = torch.randperm(length, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    order = torch.randperm(length, generator=torch.Generator().manual_seed(derive_seed(seed, "task.order", epoch)))
     return order[:length // batch_size * batch_size].view(-1, batch_size)
 
 
@@ -237,12 +235,14 @@ def train_and_evaluate(config: Config, backbone, run_dir: Path, device, save: bo
     take, split in W slices; BatchNorm runs over the global batch (SyncBatchNorm / GlobalBatchNorm) and DDP
     averages the gradients, so the run follows the one-process run up to float noise."""
     import sys
+
     from tqdm import tqdm
+
     from common.distributed import detect
     from common.files import remove_partial_writes
     from common.rundir import Progress
     from common.schedule import cosine_schedule
-    from transfer.datasets import build_depth_dataset
+    from transfer.nyu import build_depth_dataset
     d = config.data
     processes = detect()
     world, rank = processes.world_size, processes.rank
@@ -256,7 +256,7 @@ def train_and_evaluate(config: Config, backbone, run_dir: Path, device, save: bo
     if steps_per_epoch == 0:
         raise UserError(f"the depth training split has {len(train_set)} images, fewer than one batch of "
                         f"{config.batch_size}; lower batch_size")
-    torch.manual_seed(config.seed)
+    torch.manual_seed(derive_seed(config.seed, "task.init"))
     model = FCRN(backbone.model(), feature_width(backbone.arch)).to(device)
     if processes.is_distributed:
         from pretrain.sync_batchnorm import convert_sync_batchnorm
@@ -301,7 +301,7 @@ def train_and_evaluate(config: Config, backbone, run_dir: Path, device, save: bo
 
 
 def training_frames(d: DepthData):
-    from transfer.datasets import NyuRawFrames, build_depth_dataset
+    from transfer.nyu import NyuRawFrames, build_depth_dataset
     return NyuRawFrames(d.raw_root) if d.raw_root else build_depth_dataset(d.kind, d.root, d.train_split, d.splits_file)
 
 
@@ -319,7 +319,9 @@ def evaluate(model: nn.Module, dataset, device, autocast=None) -> dict[str, floa
     """The metrics pooled over all valid pixels of the test set; under W processes rank r scores images r,
     r + W, ... and the sums are added over ranks."""
     import contextlib
+
     import torch.distributed as dist
+
     from common.distributed import detect
     processes = detect()
     model.eval()
@@ -344,9 +346,9 @@ examples:
 Keys and defaults: transfer/tasks/depth.py (Config)."""
 
 
-def prepare(task: str, config: Config) -> None:
+def prepare(config: Config) -> None:
     from common.distributed import check_global_batch, detect
-    from transfer.datasets import NyuRawFrames, build_depth_dataset
+    from transfer.nyu import NyuRawFrames, build_depth_dataset
     check_global_batch("batch_size", config.batch_size, detect().world_size)
     d = config.data
     for split in (d.train_split, d.test_split):
@@ -355,7 +357,7 @@ def prepare(task: str, config: Config) -> None:
         NyuRawFrames(d.raw_root)
 
 
-def run(task: str, config: Config, backbone, task_run, data) -> TaskResult:
+def run(config: Config, backbone, task_run, data) -> TaskResult:
     from common.distributed import init_distributed
     from common.rundir import pick_device
     d = config.data

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
-from common.checks import (DEVICE, NON_NEGATIVE, POSITIVE_INT, at_least, between, checked, each, greater_than,
-                             one_of)
+from common.checks import NON_NEGATIVE, POSITIVE_INT, at_least, between, checked, each, greater_than, one_of
 from transfer.backbone import Backbone
 from transfer.runner import TaskResult
+from transfer.tasks.contract import TaskConfig
 
 
 @dataclass
@@ -40,10 +39,8 @@ class DetectionData:
 
 
 @dataclass
-class Config:
+class Config(TaskConfig):
     run_dir: str = "runs/detection"
-    protocol_id: str = ""                   # the published protocol followed (transfer/references.yaml)
-    seed: int = checked(0, NON_NEGATIVE)
     base: str = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"  # a detectron2 model-zoo config
     data: DetectionData = field(default_factory=DetectionData)
     iterations: int = checked(300, at_least(2))
@@ -59,7 +56,6 @@ class Config:
     precise_bn: bool = False                # detectron2's PreciseBN hook: BN statistics re-estimated before testing
     precise_bn_iters: int = checked(200, POSITIVE_INT)
     opts: list = field(default_factory=list)  # any further detectron2 KEY VALUE pairs
-    device: Optional[str] = checked(None, DEVICE)
 
 
 EXAMPLES = """\
@@ -70,16 +66,17 @@ examples:
 Keys and defaults: transfer/tasks/detection.py (Config). detectron2's logs and checkpoints: RUN_DIR/detectron2."""
 
 
-def prepare(task: str, config: Config) -> None:
+def prepare(config: Config) -> int:
+    """Register the train and test sets with detectron2 (refusing missing files); the class count."""
     from transfer.detectron2_glue import register_datasets
-    register_datasets(config)
+    return register_datasets(config)
 
 
-def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskResult:
+def run(config: Config, backbone: Backbone, task_run, data) -> TaskResult:
     from transfer import export
     from transfer.detectron2_glue import train_and_evaluate
     weights = export.write(backbone, "detectron2", task_run.run_dir / "backbone.pkl")
-    metrics = train_and_evaluate(config, backbone, weights)
+    metrics = train_and_evaluate(config, backbone, weights, num_classes=data)
     d = config.data
     if d.format == "voc":
         dataset, scoring = f"voc:{'+'.join(d.voc_train)}->{d.voc_test}", "PascalVOCDetectionEvaluator"

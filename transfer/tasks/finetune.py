@@ -8,7 +8,7 @@ For each label fraction f, the labelled images are
   smaller fractions nested in the larger (transfer.subsets.balanced_subset).
 The run dir records each fraction's images in split_<f>%.txt. `data.heldout` training images outside every
 labelled subset (BYOL: 10,009) choose the learning rate x epochs (x weight decay) of the grid
-(transfer.finetune.select_and_finetune); the chosen values and every candidate's held-out top-1 go into
+(transfer.finetuner.select_and_finetune); the chosen values and every candidate's held-out top-1 go into
 metrics.json, and the chosen network's top-1 and top-5 on the test split are the result: metrics top1@<f>% and top5@<f>%. A
 candidate that diverges is recorded as failed (with its loss) and the selection goes on.
 """
@@ -16,15 +16,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from torch.utils.data import Subset
 
-from common.checks import DEVICE, NON_NEGATIVE, POSITIVE_INT, between, checked, each, one_of
+from common.checks import NON_NEGATIVE, POSITIVE_INT, between, checked, each, one_of
 from common.errors import UserError
+from common.seeds import derive_seed
 from transfer.backbone import Backbone
-from transfer.finetune import FinetuneProtocol, Images
+from transfer.finetuner import FinetuneProtocol, Images
 from transfer.runner import TaskResult
+from transfer.tasks.contract import TaskConfig
 
 
 @dataclass
@@ -41,21 +42,18 @@ class FinetuneData:
 
 
 @dataclass
-class Config:
+class Config(TaskConfig):
     run_dir: str = "runs/finetune"
-    protocol_id: str = ""
-    seed: int = checked(0, NON_NEGATIVE)
     data: FinetuneData = field(default_factory=FinetuneData)
     images: Images = field(default_factory=Images)
     finetune: FinetuneProtocol = field(default_factory=FinetuneProtocol)
-    device: Optional[str] = checked(None, DEVICE)
 
 
 EXAMPLES = """\
 examples:
   python -m transfer finetune --backbone runs/fm/checkpoints/last.pt --config configs/transfer/finetune_fashion_mnist.yaml
   python -m transfer finetune --backbone r50.pth --config configs/transfer/finetune_imagenet.yaml data.root=/data/imagenet
-Keys and defaults: transfer/tasks/finetune.py (Config), transfer/finetune.py (FinetuneProtocol, Images)."""
+Keys and defaults: transfer/tasks/finetune.py (Config), transfer/finetuner.py (FinetuneProtocol, Images)."""
 
 
 def percent(fraction: float) -> str:
@@ -87,9 +85,10 @@ def labels_of(dataset) -> list[int]:
     return [label for _, label in dataset.samples] if hasattr(dataset, "samples") else dataset.labels.tolist()
 
 
-def prepare(task: str, config: Config):
+def prepare(config: Config):
     """The training and test sets, the labelled indices per fraction and the held-out indices."""
     import numpy as np
+
     from pretrain.data import build_dataset
     from transfer.subsets import balanced_subset
     d = config.data
@@ -110,7 +109,7 @@ def prepare(task: str, config: Config):
     if len(pool) < d.heldout:
         raise UserError(f"data.heldout={d.heldout} needs that many training images outside the labelled subsets; "
                         f"only {len(pool)} are; lower data.heldout or the fractions")
-    rng = np.random.Generator(np.random.PCG64(config.seed + 7_777))
+    rng = np.random.Generator(np.random.PCG64(derive_seed(config.seed, "task.split")))
     heldout = sorted(rng.choice(pool, size=d.heldout, replace=False).tolist())
     for fraction, indices in subsets.items():
         if len(indices) < config.finetune.batch_size:
@@ -119,14 +118,14 @@ def prepare(task: str, config: Config):
     return train_set, test_set, subsets, heldout
 
 
-def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskResult:
+def run(config: Config, backbone: Backbone, task_run, data) -> TaskResult:
     from common.distributed import init_distributed
-    from pretrain.networks import feature_width
     from common.rundir import pick_device
-    from transfer.finetune import Finetuner, select_and_finetune
+    from pretrain.networks import feature_width
+    from transfer.finetuner import Finetuner, select_and_finetune
     from transfer.logistic import top1
-    from transfer.tasks.classification import topk_accuracy
     from transfer.subsets import write_split
+    from transfer.features import topk_accuracy
     processes = init_distributed()
     train_set, test_set, subsets, heldout = data
     is_main = processes.rank == 0

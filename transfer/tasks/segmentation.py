@@ -16,15 +16,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from common.checks import DEVICE, NON_NEGATIVE, POSITIVE_INT, between, checked, each, greater_than, one_of
+from common.checks import NON_NEGATIVE, POSITIVE_INT, between, checked, each, greater_than, one_of
 from common.errors import UserError
+from common.seeds import derive_seed
 from pretrain.networks import feature_width
 from transfer.backbone import Backbone
 from transfer.runner import TaskResult
+from transfer.tasks.contract import TaskConfig
 
 log = logging.getLogger("transfer")
 
@@ -62,16 +63,13 @@ class SegmentationSchedule:
 
 
 @dataclass
-class Config:
+class Config(TaskConfig):
     run_dir: str = "runs/segmentation"
-    protocol_id: str = ""                   # the published protocol followed (transfer/references.yaml)
-    seed: int = checked(0, NON_NEGATIVE)
     data: SegmentationData = field(default_factory=SegmentationData)
     schedule: SegmentationSchedule = field(default_factory=SegmentationSchedule)
     head_channels: int = checked(256, POSITIVE_INT)
     dropout: float = checked(0.1, between(0, 1, open_high=True))
     sync_bn: bool = True                    # SyncBN when distributed
-    device: Optional[str] = checked(None, DEVICE)
 
 
 AUG_LAYOUT = ("JPEGImages/, SegmentationClass/ + ImageSets/Segmentation/train.txt and val.txt (VOC 2012), "
@@ -180,7 +178,7 @@ examples:
 Keys and defaults: transfer/tasks/segmentation.py (Config). mmseg's logs and checkpoints: RUN_DIR/mmseg."""
 
 
-def prepare(task: str, config: Config) -> None:
+def prepare(config: Config) -> None:
     from common.distributed import check_global_batch, detect
     check_global_batch("schedule.batch_size", config.schedule.batch_size, detect().world_size)
     _dataset(config.data, "train", []), _dataset(config.data, "val", [])
@@ -207,7 +205,7 @@ def heldout_lists(config: Config, folder: Path) -> dict[str, Path]:
     d = config.data
     images = training_images(d)
     order = list(range(len(images)))
-    random.Random(config.seed + 7_777).shuffle(order)
+    random.Random(derive_seed(config.seed, "task.split")).shuffle(order)
     held = set(order[:d.heldout])
     labels = folder / "heldout_labels"
     labels.mkdir(parents=True, exist_ok=True)
@@ -234,7 +232,9 @@ def choose_lr(config: Config, train_one) -> tuple[float, dict[str, float]]:
     `heldout` of them and score mIoU on those; return the best lr (the first among ties) and each lr's held-out
     mIoU. Each candidate runs in RUN_DIR/select/lr<lr>/ and resumes there."""
     import json
+
     from omegaconf import OmegaConf
+
     from common.distributed import barrier, detect
     folder = Path(config.run_dir) / "select"
     if detect().rank == 0:
@@ -260,10 +260,11 @@ def choose_lr(config: Config, train_one) -> tuple[float, dict[str, float]]:
     return max(config.schedule.lr_grid, key=lambda lr: scores[f"{lr:g}"]), scores
 
 
-def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskResult:
+def run(config: Config, backbone: Backbone, task_run, data) -> TaskResult:
     """Train and evaluate with mmseg; metrics are mmseg's (mIoU, mAcc, aAcc in percent, IoU.<class>). With
     schedule.lr_grid, the lr is chosen first on held-out training images (`choose_lr`)."""
     from omegaconf import OmegaConf
+
     from common.distributed import init_distributed
     from transfer import export, mmseg_glue
     from transfer.scenes import CLASSES

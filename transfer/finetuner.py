@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from common.checks import (NON_NEGATIVE, POSITIVE_INT, at_least, between, checked, each, greater_than)
+from common.checks import NON_NEGATIVE, POSITIVE_INT, at_least, between, checked, each, greater_than
 from common.errors import UserError
 from common.files import remove_partial_writes
 
@@ -137,6 +137,7 @@ def train_transform(images: Images, crop_scale: tuple):
     """The official random crop (pretrain.augment.InceptionCrop: BYOL's _decode_and_random_crop, TensorFlow's
     Inception-style crop of Kornblith et al.) + a flip, normalised."""
     from torchvision.transforms import v2
+
     from pretrain.augment import InceptionCrop
     return v2.Compose([v2.ToImage(), InceptionCrop(images.size, scale=tuple(crop_scale)),
                        v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
@@ -222,10 +223,10 @@ class Finetuner:
     def train(self, candidate: Candidate, train_set: Dataset, name: str) -> nn.Module:
         """The network after the candidate's epochs or steps on train_set, resuming from folder/name.pt. Raises
         Diverged when the loss turns non-finite (checked at the end of every epoch, on every rank together)."""
-        from pretrain.data import Augmented
         from common.distributed import check_global_batch, detect
         from common.rundir import Progress
         from common.schedule import cosine_schedule
+        from pretrain.data import Augmented
         p, processes = self.protocol, detect()
         check_global_batch("finetune.batch_size", p.batch_size, processes.world_size)
         per_epoch = len(train_set) // p.batch_size
@@ -288,7 +289,7 @@ class Finetuner:
     def predict(self, model: nn.Module, dataset: Dataset) -> tuple[Tensor, Tensor]:
         """(outputs, targets) on dataset (eval transform), the images sharded over the processes by whole batches."""
         from common.distributed import detect
-        from transfer.tasks.classification import Transformed, batch_shard
+        from transfer.features import Transformed, batch_shard
         p, processes = self.protocol, detect()
         view = Transformed(dataset, eval_transform(self.images))  # a corrupt image: a one-line error naming it
         shard = batch_shard(len(view), p.eval_batch_size, processes.rank, processes.world_size)

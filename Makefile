@@ -12,6 +12,7 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest tests
 
 # FP32=1: the same numbers on any x86-64 CPU with AVX2: fp32 pretraining and the AVX2 kernels of ATen, oneDNN,

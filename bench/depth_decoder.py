@@ -1,10 +1,12 @@
-"""The depth task's training step with the up-projection decoder as Laina et al. draw it (unpool, then 5x5 convs
-on the zero-filled map) against its fast form (transfer.tasks.depth.unpooled_conv: a transposed convolution
-of the map itself), interleaved in one run so that the ratio is robust to a noisy machine:
+"""The depth task's training step with the up-projection decoder as Laina et al. draw it (unpool,
+then 5x5 convs on the zero-filled map) against its fast form (transfer.tasks.depth.unpooled_conv: a
+transposed convolution of the map itself), interleaved in one run so that the ratio is robust to a
+noisy machine:
 
     .venv/bin/python bench/depth_decoder.py [--size 128] [--batch 8] [--arch resnet18] [--repeats 5]
 
 Prints the seconds per step of each form, their ratio and the largest difference of the outputs."""
+
 import argparse
 import time
 
@@ -54,12 +56,17 @@ def main() -> None:
                 times[name].append(seconds)
     depth.UpProjection.forward = fast_forward
     median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-    print(f"{args.arch}, batch {args.batch} at {args.size} px, {torch.get_num_threads()} threads, median of "
-          f"{args.repeats} training steps:")
+    print(
+        f"{args.arch}, batch {args.batch} at {args.size} px, {torch.get_num_threads()} threads, "
+        f"median of "
+        f"{args.repeats} training steps:"
+    )
     for name, seconds in median.items():
         print(f"  {name}: {seconds:.3f} s")
-    print(f"  ratio: {median['unpool + 5x5 conv'] / median['fast']:.2f}x; largest output difference "
-          f"{(outputs['fast'] - outputs['unpool + 5x5 conv']).abs().max().item():.2e}")
+    print(
+        f"  ratio: {median['unpool + 5x5 conv'] / median['fast']:.2f}x; largest output difference "
+        f"{(outputs['fast'] - outputs['unpool + 5x5 conv']).abs().max().item():.2e}"
+    )
 
 
 if __name__ == "__main__":

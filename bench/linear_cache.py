@@ -1,7 +1,9 @@
-"""Linear evaluation with cached features against recomputing the features every epoch (same epochs, same
-accuracy), on a Fashion-MNIST subset with a random-init ResNet-18 at 32x32.
-    .venv/bin/python bench/linear_cache.py [--train 10000 --test 2000 --epochs 30]   (the Fashion-MNIST protocol: 30 epochs)
+"""Linear evaluation with cached features against recomputing the features every epoch (same epochs,
+same accuracy), on a Fashion-MNIST subset with a random-init ResNet-18 at 32x32.
+    .venv/bin/python bench/linear_cache.py [--train 10000 --test 2000 --epochs 30]
+(the Fashion-MNIST protocol: 30 epochs)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,12 +19,13 @@ def main() -> None:
     args = parser.parse_args()
     import torch
     from omegaconf import OmegaConf
+
     from pretrain.augment import eval_transform
     from pretrain.data import FashionMNIST
     from transfer.backbone import resolve_backbone
     from transfer.features import FeatureCache, Transformed, cached_features, extract
-    from transfer.tasks.linear_knn import train_linear
-    from transfer.tasks.linear_knn import LinearProtocol
+    from transfer.tasks.linear_knn import LinearProtocol, train_linear
+
     torch.set_num_threads(2)
     backbone = resolve_backbone("random:resnet18")
     model = backbone.model()
@@ -34,18 +37,38 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache_dir:
         start = time.perf_counter()
         cache = FeatureCache(cache_dir)
-        train_x, train_y, _ = cached_features(backbone, model, train, {"split": "train"}, cache, 256, 0, "cpu")
-        test_x, test_y, _ = cached_features(backbone, model, test, {"split": "test"}, cache, 256, 0, "cpu")
+        train_x, train_y, _ = cached_features(
+            backbone, model, train, {"split": "train"}, cache, 256, 0, "cpu"
+        )
+        test_x, test_y, _ = cached_features(
+            backbone, model, test, {"split": "test"}, cache, 256, 0, "cpu"
+        )
         cached = train_linear(train_x, train_y, test_x, test_y, 10, protocol, 0, "cpu")
         cached_s = time.perf_counter() - start
     start = time.perf_counter()
     test_x, test_y = extract(model, test, 256, 0, "cpu")
-    recomputed = train_linear(train_x, train_y, test_x, test_y, 10, protocol, 0, "cpu",
-                              feature_fn=lambda epoch: extract(model, train, 256, 0, "cpu")[0])
+    recomputed = train_linear(
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        10,
+        protocol,
+        0,
+        "cpu",
+        feature_fn=lambda epoch: extract(model, train, 256, 0, "cpu")[0],
+    )
     recomputed_s = time.perf_counter() - start
-    print(f"| protocol | wall time (s) | top-1 (%) |\n|---|---|---|\n| cached features | {cached_s:.1f} | "
-          f"{cached['top1']:.2f} |\n| features recomputed every epoch | {recomputed_s:.1f} | {recomputed['top1']:.2f} |")
-    print(f"speed-up {recomputed_s / cached_s:.1f}x, same accuracy: {cached['top1'] == recomputed['top1']}")
+    print(
+        "| protocol | wall time (s) | top-1 (%) |\n|---|---|---|\n| cached features | "
+        f"{cached_s:.1f} | "
+        f"{cached['top1']:.2f} |\n| features recomputed every epoch | {recomputed_s:.1f} | "
+        f"{recomputed['top1']:.2f} |"
+    )
+    print(
+        f"speed-up {recomputed_s / cached_s:.1f}x, same accuracy: "
+        f"{cached['top1'] == recomputed['top1']}"
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,13 @@ from omegaconf import DictConfig
 
 from common.distributed import shutdown_distributed
 from pretrain.engine import Engine
-from pretrain.methods.ssl_hsic import SSLHSIC, TrainingDiverged, OnlineOnBothViews, draws_per_rank, gather  # noqa: F401
+from pretrain.methods.ssl_hsic import (  # noqa: F401
+    SSLHSIC,
+    OnlineOnBothViews,
+    TrainingDiverged,
+    draws_per_rank,
+    gather,
+)
 
 RESUMABLE_CHANGES = SSLHSIC.may_change
 

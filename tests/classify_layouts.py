@@ -1,11 +1,13 @@
-"""Tiny copies of the linear-transfer datasets in their real on-disk layouts, for tests/test_classify_datasets.py.
+"""Tiny copies of the linear-transfer datasets in their real on-disk layouts, for
+tests/test_classify_datasets.py.
 
-Each writer fills a root with a few small images per class in the layout that torchvision (or this project's
-reader) expects, and returns what `load_splits` should then find: the class names, the split sizes ('train' is
-the whole training split before a validation share is held out of it, unless 'val' is given) and the image size.
-Every image is a flat colour whose red channel is `shade(label)`, so a test can check each item's label against
-its pixels; the green channel counts the images, so no two images of a split are the same.
-"""
+Each writer fills a root with a few small images per class in the layout that torchvision (or this
+project's reader) expects, and returns what `load_splits` should then find: the class names, the
+split sizes ('train' is the whole training split before a validation share is held out of it, unless
+'val' is given) and the image size. Every image is a flat colour whose red channel is
+`shade(label)`, so a test can check each item's label against its pixels; the green channel counts
+the images, so no two images of a split are the same."""
+
 from __future__ import annotations
 
 import json
@@ -14,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from torchvision.datasets import Flowers102
+
+from transfer.classify_datasets import VOC_CLASSES
 
 WIDTH, HEIGHT = 7, 5
 _counter = iter(range(10**9))
@@ -24,12 +29,15 @@ def shade(label: int) -> int:
 
 
 def image(path: Path, label: int, gray: bool = False) -> str:
-    """A WIDTH x HEIGHT image at `path` (format from the suffix) whose red channel is shade(label)."""
+    """A WIDTH x HEIGHT image at `path` (format from the suffix) whose red channel is
+    shade(label)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if gray:
         Image.new("L", (WIDTH, HEIGHT), shade(label)).save(path)
     else:
-        Image.new("RGB", (WIDTH, HEIGHT), (shade(label), next(_counter) % 256, 90)).save(path, quality=95)
+        Image.new("RGB", (WIDTH, HEIGHT), (shade(label), next(_counter) % 256, 90)).save(
+            path, quality=95
+        )
     return str(path)
 
 
@@ -64,19 +72,47 @@ def _pickle(path: Path, entry: dict) -> None:
     path.write_bytes(pickle.dumps(entry, protocol=2))
 
 
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 
 
 def cifar10(root: Path) -> dict:
     folder = root / "cifar-10-batches-py"
     for batch in range(1, 6):  # 5 images of classes 0, 1, 2 spread over the five training batches
         labels = [0, 1, 2]
-        _pickle(folder / f"data_batch_{batch}", {"batch_label": f"training batch {batch} of 5", "labels": labels,
-                                                 "data": _cifar_rows(labels), "filenames": [f"{batch}_{i}.png" for i in labels]})
+        _pickle(
+            folder / f"data_batch_{batch}",
+            {
+                "batch_label": f"training batch {batch} of 5",
+                "labels": labels,
+                "data": _cifar_rows(labels),
+                "filenames": [f"{batch}_{i}.png" for i in labels],
+            },
+        )
     labels = [0, 0, 1, 1, 2, 2]
-    _pickle(folder / "test_batch", {"batch_label": "testing batch 1 of 1", "labels": labels, "data": _cifar_rows(labels),
-                                    "filenames": [f"t{i}.png" for i in range(6)]})
-    _pickle(folder / "batches.meta", {"label_names": CIFAR10_CLASSES, "num_cases_per_batch": 3, "num_vis": 3072})
+    _pickle(
+        folder / "test_batch",
+        {
+            "batch_label": "testing batch 1 of 1",
+            "labels": labels,
+            "data": _cifar_rows(labels),
+            "filenames": [f"t{i}.png" for i in range(6)],
+        },
+    )
+    _pickle(
+        folder / "batches.meta",
+        {"label_names": CIFAR10_CLASSES, "num_cases_per_batch": 3, "num_vis": 3072},
+    )
     return expected(CIFAR10_CLASSES, 15, 6, size=(32, 32))
 
 
@@ -86,23 +122,41 @@ CIFAR100_CLASSES = [f"fine_{i:02d}" for i in range(100)]
 def cifar100(root: Path) -> dict:
     folder = root / "cifar-100-python"
     for split, labels in (("train", [0, 1, 2] * 5), ("test", [0, 1, 2] * 2)):
-        _pickle(folder / split, {"batch_label": split, "fine_labels": labels, "coarse_labels": [0] * len(labels),
-                                 "data": _cifar_rows(labels), "filenames": [f"{i}.png" for i in range(len(labels))]})
-    _pickle(folder / "meta", {"fine_label_names": CIFAR100_CLASSES, "coarse_label_names": [f"coarse_{i}" for i in range(20)]})
+        _pickle(
+            folder / split,
+            {
+                "batch_label": split,
+                "fine_labels": labels,
+                "coarse_labels": [0] * len(labels),
+                "data": _cifar_rows(labels),
+                "filenames": [f"{i}.png" for i in range(len(labels))],
+            },
+        )
+    _pickle(
+        folder / "meta",
+        {
+            "fine_label_names": CIFAR100_CLASSES,
+            "coarse_label_names": [f"coarse_{i}" for i in range(20)],
+        },
+    )
     return expected(CIFAR100_CLASSES, 15, 6, size=(32, 32))
 
 
-BIRDS = [(1, "Acadian Flycatcher", "Empidonax virescens", "Acadian_Flycatcher"),
-         (2, "Acorn Woodpecker", "Melanerpes formicivorus", "Acorn_Woodpecker"),
-         (3, "Alder Flycatcher", "Empidonax alnorum", "Alder_Flycatcher")]
+BIRDS = [
+    (1, "Acadian Flycatcher", "Empidonax virescens", "Acadian_Flycatcher"),
+    (2, "Acorn Woodpecker", "Melanerpes formicivorus", "Acorn_Woodpecker"),
+    (3, "Alder Flycatcher", "Empidonax alnorum", "Alder_Flycatcher"),
+]
 
 
 def birdsnap(root: Path) -> dict:
-    """The official release after get_birdsnap.py: 7 images of each species, 2 of them test, plus one listed test
+    """The official release after get_birdsnap.py: 7 images of each species, 2 of them test, plus
+    one listed test
     image that was never fetched."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "species.txt").write_text("id\tcommon\tscientific\tdir\n" + "".join("\t".join(map(str, s)) + "\n"
-                                                                             for s in BIRDS))
+    (root / "species.txt").write_text(
+        "id\tcommon\tscientific\tdir\n" + "".join("\t".join(map(str, s)) + "\n" for s in BIRDS)
+    )
     paths, tests = [], []
     for label, (_, _, _, folder) in enumerate(BIRDS):
         for i in range(7):
@@ -113,8 +167,13 @@ def birdsnap(root: Path) -> dict:
                 tests.append(path)
     tests.append(f"{BIRDS[0][3]}/999.jpg")  # listed, not on disk
     (root / "test_images.txt").write_text("path\n" + "".join(f"{p}\n" for p in tests))
-    (root / "images.txt").write_text("url\tmd5\tpath\tspecies_id\tbb_x1\tbb_y1\tbb_x2\tbb_y2\n" + "".join(
-        f"http://example.invalid/{i}.jpg\t0\t{p}\t{s}\t0\t0\t6\t4\n" for i, (p, s) in enumerate(paths)))
+    (root / "images.txt").write_text(
+        "url\tmd5\tpath\tspecies_id\tbb_x1\tbb_y1\tbb_x2\tbb_y2\n"
+        + "".join(
+            f"http://example.invalid/{i}.jpg\t0\t{p}\t{s}\t0\t0\t6\t4\n"
+            for i, (p, s) in enumerate(paths)
+        )
+    )
     return expected([common for _, common, _, _ in BIRDS], 15, 6)
 
 
@@ -122,7 +181,8 @@ SUN_CLASSES = ["/a/abbey", "/b/bakery/shop", "/c/canyon"]
 
 
 def sun397(root: Path) -> dict:
-    """SUN397/ with 8 images per class, partition 1 listing 5 for training and 2 for test (one image unused, as in
+    """SUN397/ with 8 images per class, partition 1 listing 5 for training and 2 for test (one image
+    unused, as in
     the real partitions), the partition files in root/Partitions."""
     folder = root / "SUN397"
     folder.mkdir(parents=True, exist_ok=True)
@@ -144,7 +204,8 @@ CARS = ["AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Acura TL Sedan 201
 
 
 def _annotations(rows: list[tuple[int, str]]) -> dict:
-    """Stanford Cars' annotation struct array: bbox_x1, bbox_y1, bbox_x2, bbox_y2, class (1-based), fname."""
+    """Stanford Cars' annotation struct array: bbox_x1, bbox_y1, bbox_x2, bbox_y2, class
+    (1-based), fname."""
     fields = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname"]
     table = np.zeros((1, len(rows)), dtype=[(f, "O") for f in fields])
     for i, (label, fname) in enumerate(rows):
@@ -154,12 +215,17 @@ def _annotations(rows: list[tuple[int, str]]) -> dict:
 
 def cars(root: Path) -> dict:
     from scipy.io import savemat
+
     base = root / "stanford_cars"
     (base / "devkit").mkdir(parents=True)
     savemat(base / "devkit" / "cars_meta.mat", {"class_names": np.array([CARS], dtype=object)})
-    for split, per_class, mat in (("train", 5, base / "devkit" / "cars_train_annos.mat"),
-                                          ("test", 2, base / "cars_test_annos_withlabels.mat")):
-        rows = [(label, f"{label * 10 + i + 1:05d}.jpg") for label in range(3) for i in range(per_class)]
+    for split, per_class, mat in (
+        ("train", 5, base / "devkit" / "cars_train_annos.mat"),
+        ("test", 2, base / "cars_test_annos_withlabels.mat"),
+    ):
+        rows = [
+            (label, f"{label * 10 + i + 1:05d}.jpg") for label in range(3) for i in range(per_class)
+        ]
         for label, fname in rows:
             image(base / f"cars_{split}" / fname, label)
         savemat(mat, _annotations(rows))
@@ -185,17 +251,29 @@ def aircraft(root: Path) -> dict:
     return expected(AIRCRAFT, 9, 6, val=6)
 
 
-# VOC2007: image id -> objects (class, difficult); the labels load_splits must derive (1 / 0 / -1 per class).
+# VOC2007: image id -> objects (class, difficult); the labels load_splits must derive (1 / 0 / -1
+# per class).
 VOC_IMAGES = {
-    "train": {"000005": [("chair", 0), ("chair", 1)], "000007": [("car", 0)], "000009": [("horse", 0), ("person", 1)],
-              "000012": [("car", 1)]},
-    "val": {"000017": [("person", 0), ("horse", 0)], "000019": [("cat", 1), ("cat", 1)], "000021": [("dog", 0)]},
-    "test": {"000001": [("dog", 0), ("person", 0)], "000002": [("train", 0)], "000004": [("car", 1), ("car", 0)]},
+    "train": {
+        "000005": [("chair", 0), ("chair", 1)],
+        "000007": [("car", 0)],
+        "000009": [("horse", 0), ("person", 1)],
+        "000012": [("car", 1)],
+    },
+    "val": {
+        "000017": [("person", 0), ("horse", 0)],
+        "000019": [("cat", 1), ("cat", 1)],
+        "000021": [("dog", 0)],
+    },
+    "test": {
+        "000001": [("dog", 0), ("person", 0)],
+        "000002": [("train", 0)],
+        "000004": [("car", 1), ("car", 0)],
+    },
 }
 
 
 def voc_labels(split: str) -> np.ndarray:
-    from transfer.classify_datasets import VOC_CLASSES
     labels = np.full((len(VOC_IMAGES[split]), 20), -1, dtype=np.int8)
     for row, found in enumerate(VOC_IMAGES[split].values()):
         for name, difficult in found:
@@ -205,16 +283,21 @@ def voc_labels(split: str) -> np.ndarray:
 
 
 def voc_xml(name: str, objects: list[tuple[str, int]]) -> str:
-    boxes = "".join(f"<object><name>{c}</name><pose>Unspecified</pose><truncated>0</truncated><difficult>{d}"
-                    f"</difficult><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>{WIDTH}</xmax><ymax>{HEIGHT}</ymax></bndbox>"
-                    "</object>" for c, d in objects)
-    return (f"<annotation><folder>VOC2007</folder><filename>{name}.jpg</filename><source><database>The VOC2007 "
-            f"Database</database></source><size><width>{WIDTH}</width><height>{HEIGHT}</height><depth>3</depth></size>"
-            f"<segmented>0</segmented>{boxes}</annotation>\n")
+    boxes = "".join(
+        f"<object><name>{c}</name><pose>Unspecified</pose><truncated>0</truncated><difficult>{d}"
+        f"</difficult><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>{WIDTH}</xmax><ymax>{HEIGHT}</ymax></bndbox>"
+        "</object>"
+        for c, d in objects
+    )
+    return (
+        f"<annotation><folder>VOC2007</folder><filename>{name}.jpg</filename><source><database>The "
+        f"VOC2007 "
+        f"Database</database></source><size><width>{WIDTH}</width><height>{HEIGHT}</height><depth>3</depth></size>"
+        f"<segmented>0</segmented>{boxes}</annotation>\n"
+    )
 
 
 def voc2007(root: Path) -> dict:
-    from transfer.classify_datasets import VOC_CLASSES
     voc = root / "VOCdevkit" / "VOC2007"
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
         (voc / sub).mkdir(parents=True, exist_ok=True)
@@ -244,7 +327,8 @@ def dtd(root: Path) -> dict:
     return expected(DTD_CLASSES, 6, 6, val=6)
 
 
-PETS = [("Abyssinian", 1), ("american_bulldog", 2), ("american_pit_bull_terrier", 2)]  # breed, species (1 cat, 2 dog)
+# breed, species (1 cat, 2 dog)
+PETS = [("Abyssinian", 1), ("american_bulldog", 2), ("american_pit_bull_terrier", 2)]
 
 
 def pets(root: Path) -> dict:
@@ -254,26 +338,30 @@ def pets(root: Path) -> dict:
     for label, (breed, species) in enumerate(PETS):
         for i in range(1, 8):
             image(base / "images" / f"{breed}_{i}.jpg", label)
-            listings["trainval" if i <= 5 else "test"].append(f"{breed}_{i} {label + 1} {species} {label + 1}\n")
+            listings["trainval" if i <= 5 else "test"].append(
+                f"{breed}_{i} {label + 1} {species} {label + 1}\n"
+            )
     for split, lines in listings.items():
         (base / "annotations" / f"{split}.txt").write_text("".join(lines))
     return expected(["Abyssinian", "American Bulldog", "American Pit Bull Terrier"], 15, 6)
 
 
-CALTECH = {"BACKGROUND_Google": 33, "accordion": 32, "airplanes": 34, "anchor": 31}  # images per class (sorted)
+# images per class (sorted)
+CALTECH = {"BACKGROUND_Google": 33, "accordion": 32, "airplanes": 34, "anchor": 31}
 
 
 def caltech101(root: Path) -> dict:
     folder = root / "caltech101" / "101_ObjectCategories"
     for label, (name, count) in enumerate(CALTECH.items()):
         for i in range(1, count + 1):
-            image(folder / name / f"image_{i:04d}.jpg", label, gray=(label, i) == (1, 1))  # one grayscale image
+            # one grayscale image
+            image(folder / name / f"image_{i:04d}.jpg", label, gray=(label, i) == (1, 1))
     return expected(list(CALTECH), 30 * len(CALTECH), sum(CALTECH.values()) - 30 * len(CALTECH))
 
 
 def flowers102(root: Path) -> dict:
     from scipy.io import savemat
-    from torchvision.datasets import Flowers102
+
     base = root / "flowers-102"
     labels, ids = [], {"trnid": [], "valid": [], "tstid": []}
     for label in range(3):
@@ -283,17 +371,32 @@ def flowers102(root: Path) -> dict:
                 ids[key].append(len(labels))
                 image(base / "jpg" / f"image_{len(labels):05d}.jpg", label)
     savemat(base / "imagelabels.mat", {"labels": np.array([labels], dtype=np.uint8)})
-    savemat(base / "setid.mat", {key: np.array([value], dtype=np.uint16) for key, value in ids.items()})
+    savemat(
+        base / "setid.mat", {key: np.array([value], dtype=np.uint16) for key, value in ids.items()}
+    )
     return expected(Flowers102.classes, 6, 9, val=6)
 
 
 def digits(root: Path) -> dict:
     from sklearn.datasets import load_digits
+
     counts = np.bincount(load_digits().target)
     test = int(sum(min(n - 1, max(1, round(0.3 * n))) for n in counts))
     return expected([str(d) for d in range(10)], 1797 - test, test, size=(8, 8))
 
 
-WRITERS = {"food101": food101, "cifar10": cifar10, "cifar100": cifar100, "birdsnap": birdsnap, "sun397": sun397,
-           "cars": cars, "aircraft": aircraft, "voc2007": voc2007, "dtd": dtd, "pets": pets, "caltech101": caltech101,
-           "flowers102": flowers102, "digits": digits}
+WRITERS = {
+    "food101": food101,
+    "cifar10": cifar10,
+    "cifar100": cifar100,
+    "birdsnap": birdsnap,
+    "sun397": sun397,
+    "cars": cars,
+    "aircraft": aircraft,
+    "voc2007": voc2007,
+    "dtd": dtd,
+    "pets": pets,
+    "caltech101": caltech101,
+    "flowers102": flowers102,
+    "digits": digits,
+}

@@ -6,10 +6,13 @@ once per test session), the generated scenes, a busy core. Plain helpers live in
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
+
+from transfer.scenes import write_all
 
 # The suite runs on two pytest-xdist workers (pytest.ini: -n 2) on one thread each, and so does
 # every process a test starts (the variable is inherited): two workers on two threads each would be
@@ -51,7 +54,6 @@ def pytest_collection_modifyitems(config, items):
 def slurm_cluster(tmp_path_factory):
     """A one-node SLURM cluster (this host), up for the whole session; SLURM_CONF points clients
     at it."""
-    import signal
     from slurm.local_cluster import LocalSlurmCluster
 
     def interrupt(signum, frame):  # a terminated test run still stops its cluster (teardown runs)
@@ -73,7 +75,6 @@ def slurm_cluster(tmp_path_factory):
 @pytest.fixture(scope="session")
 def scenes(tmp_path_factory):
     """Generated scenes in every layout (16 train, 6 val, 96 px): what the dense-task tests read."""
-    from transfer.scenes import write_all
 
     out = tmp_path_factory.mktemp("scenes")
     write_all(out, 16, 6, 96, 3)

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 
+from common.config import load_config
+from pretrain.schema import PretrainConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -67,8 +70,6 @@ TINY = [
 
 
 def tiny_config(run_dir, *overrides):
-    from common.config import load_config
-    from pretrain.schema import PretrainConfig
 
     return load_config(
         PretrainConfig,
@@ -78,13 +79,11 @@ def tiny_config(run_dir, *overrides):
 
 
 def final_state(run_dir):
-    import torch
 
     return torch.load(Path(run_dir) / "checkpoints" / "last.pt", weights_only=True)
 
 
 def assert_same_weights(a, b):
-    import torch
 
     for part in ("online", "target", "ema", "loss"):
         if a[part] is None:

@@ -9,6 +9,7 @@ import torch
 from torchvision.transforms.v2 import functional as F
 
 from pretrain import batch_augment as B
+from pretrain.augment import OneImagePhotometric
 from pretrain.schema import AugmentConfig
 
 
@@ -202,7 +203,6 @@ def test_batched_views_follow_the_tensorflow_formulas_in_each_images_order():
 
 
 def test_the_per_image_path_computes_the_same_formulas():
-    from pretrain.augment import OneImagePhotometric
 
     image = torch.randint(
         0, 256, (3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(4)

@@ -1,5 +1,7 @@
 """The config system: schema defaults <- YAML <- key=value, and its one-line errors."""
 
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -61,7 +63,6 @@ def test_malformed_inputs(tmp_path):
 
 
 def test_every_shipped_config_loads():
-    from pathlib import Path
 
     for path in sorted(Path("configs/pretrain").glob("*.yaml")):
         config = load_config(PretrainConfig, path)

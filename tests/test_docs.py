@@ -11,6 +11,8 @@ import re
 import pytest
 
 from tests.helpers import ROOT
+from transfer.backbone import PREFIXES
+from transfer.tasks import TASKS
 
 DOCUMENTS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
 FILE = re.compile(
@@ -83,7 +85,6 @@ def diagram(text: str, heading: str) -> str:
 
 
 def test_both_data_flow_diagrams_show_every_registered_task():
-    from transfer.tasks import TASKS
 
     for document, heading in (
         (ROOT / "docs" / "design.md", "## Data flow"),
@@ -103,7 +104,6 @@ def test_the_docs_index_lists_every_page():
 
 
 def test_export_md_lists_the_prefixes_the_importer_tries_in_its_order():
-    from transfer.backbone import PREFIXES
 
     text = (ROOT / "docs" / "export.md").read_text()
     step = text.split("**Strip a prefix.**", 1)[1].split("After stripping", 1)[0]

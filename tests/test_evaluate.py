@@ -6,11 +6,11 @@ import json
 
 import torch
 
+from pretrain.networks import build_resnet
 from tests.helpers import run_cli
 
 
 def test_evaluate_runs_named_backbones_and_reports_them_side_by_side(tmp_path):
-    from pretrain.networks import build_resnet
 
     torch.manual_seed(5)
     torch.save(build_resnet("resnet18").state_dict(), tmp_path / "tv.pth")

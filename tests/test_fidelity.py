@@ -7,14 +7,25 @@ import json
 import math
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from omegaconf import OmegaConf
 
 from common.distributed import shutdown_distributed
-from tests.helpers import final_state, tiny_config
+from common.errors import UserError
+from common.schedule import warmup_cosine
+from pretrain.ema import debiased_ema_update_, debiased_weight
+from pretrain.hsic import SSLHSICLoss, draw_generators
+from pretrain.networks import build_resnet
+from pretrain.schema import ModelConfig
+from pretrain.sync_batchnorm import convert_sync_batchnorm
+from pretrain.trainer import Pretrainer, draws_per_rank, train
+from tests.helpers import ROOT, TINY, final_state, tiny_config
 
 
 def free_port() -> int:
@@ -48,7 +59,6 @@ def largest_relative_difference(a: dict, b: dict) -> tuple[float, str]:
 
 def _pretrain_worker(rank, world, port, run_dir, out_dir, *overrides):
     join_group(rank, world, port)
-    from pretrain.trainer import Pretrainer
 
     trainer = Pretrainer(tiny_config(run_dir, *overrides))
     trainer.run()
@@ -64,7 +74,6 @@ def test_two_processes_follow_one_process_with_two_draws(tmp_path):
     averaged, BatchNorm
     over both halves) end where 1 process (two draws) ends, to float tolerance; with one draw it
     ends far away."""
-    from pretrain.trainer import train
 
     (tmp_path / "ranks").mkdir()
     mp.spawn(
@@ -92,16 +101,11 @@ def test_two_processes_follow_one_process_with_two_draws(tmp_path):
     "total, world, per_rank", [(0, 4, 3), (128, 32, 4), (128, 128, 1), (2, 1, 2)]
 )
 def test_total_draws_are_shared_among_the_processes(total, world, per_rank):
-    from omegaconf import OmegaConf
-    from pretrain.trainer import draws_per_rank
 
     assert draws_per_rank(OmegaConf.create({"draws": 3, "total_draws": total}), world) == per_rank
 
 
 def test_total_draws_that_do_not_divide_among_the_processes_are_refused_on_one_line():
-    from omegaconf import OmegaConf
-    from common.errors import UserError
-    from pretrain.trainer import draws_per_rank
 
     with pytest.raises(
         UserError,
@@ -112,7 +116,6 @@ def test_total_draws_that_do_not_divide_among_the_processes_are_refused_on_one_l
 
 
 def test_the_loss_of_several_draws_is_the_mean_of_each_draws_loss():
-    from pretrain.hsic import SSLHSICLoss, draw_generators
 
     hiddens = [
         torch.nn.functional.normalize(
@@ -140,7 +143,6 @@ def _batchnorm_worker(rank, world, port, inputs, out_dir):
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
-    from pretrain.sync_batchnorm import convert_sync_batchnorm
 
     norm = convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), torch.device("cpu"))
     with torch.no_grad():
@@ -198,9 +200,6 @@ def test_a_world_size_that_does_not_divide_the_global_batch_is_refused_before_an
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
     }
-    import subprocess
-    import sys
-    from tests.helpers import ROOT, TINY
 
     result = subprocess.run(
         [
@@ -231,7 +230,6 @@ def test_a_world_size_that_does_not_divide_the_global_batch_is_refused_before_an
 
 @pytest.mark.parametrize("arch, last_norm", [("resnet18", "bn2"), ("resnet50", "bn3")])
 def test_zero_init_residual_makes_every_block_start_as_the_identity(arch, last_norm):
-    from pretrain.networks import build_resnet
 
     zero, default = build_resnet(arch, zero_init_residual=True), build_resnet(arch)
     for stage in ("layer1", "layer2", "layer3", "layer4"):
@@ -244,8 +242,6 @@ def test_zero_init_residual_makes_every_block_start_as_the_identity(arch, last_n
 
 
 def test_the_pretraining_network_follows_model_zero_init_residual(tmp_path):
-    from pretrain.trainer import Pretrainer
-    from pretrain.schema import ModelConfig
 
     assert ModelConfig().zero_init_residual  # the official network's init is the default
     on = Pretrainer(
@@ -263,7 +259,6 @@ def test_the_pretraining_network_follows_model_zero_init_residual(tmp_path):
 
 
 def test_learning_rate_is_zero_at_step_zero_then_linear_then_cosine():
-    from common.schedule import warmup_cosine
 
     assert warmup_cosine(0, 100, 10, 2.0) == 0.0
     assert warmup_cosine(5, 100, 10, 2.0) == pytest.approx(1.0)  # 2.0 * 5 / 10
@@ -279,7 +274,6 @@ def test_step_counts_are_epochs_times_images_floor_divided_by_the_batch(tmp_path
     """56 images, batch 16, 3 epochs: int(3 * 56 // 16) = 10 steps (not 3 * 3 = 9), warmup int(0.5 *
     56 // 16) = 1;
     the run goes one step into a fourth pass over the data."""
-    from pretrain.trainer import Pretrainer
 
     trainer = Pretrainer(
         tiny_config(
@@ -302,7 +296,6 @@ def test_step_counts_are_epochs_times_images_floor_divided_by_the_batch(tmp_path
 def test_the_debiased_ema_weights_equal_the_zero_debiased_average():
     """h_t = d h_{t-1} + (1 - d) x_t from h_0 = 0, average = h_t / (1 - d^t), against the lerp
     form."""
-    from pretrain.ema import debiased_ema_update_, debiased_weight
 
     decay, values = 0.9, [torch.tensor([float(v)]) for v in (4.0, -2.0, 7.0, 1.0, 3.0)]
     average, source = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
@@ -319,7 +312,6 @@ def test_the_debiased_ema_weights_equal_the_zero_debiased_average():
 
 
 def test_the_exported_ema_is_debiased_and_carries_the_online_batchnorm_statistics(tmp_path):
-    from pretrain.trainer import Pretrainer
 
     trainer = Pretrainer(tiny_config(tmp_path / "run", "optim.max_steps=1", "ema.eval_tau=0.9"))
     initial = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
@@ -340,7 +332,6 @@ def test_the_exported_ema_is_debiased_and_carries_the_online_batchnorm_statistic
 
 
 def test_the_online_probe_learns_alongside_and_never_changes_the_backbone(tmp_path):
-    from pretrain.trainer import train
 
     train(tiny_config(tmp_path / "probe"))
     train(tiny_config(tmp_path / "none", "model.online_probe=false"))
@@ -364,7 +355,6 @@ def test_the_online_probe_learns_alongside_and_never_changes_the_backbone(tmp_pa
 def test_the_probe_trains_with_the_backbones_optimizer_and_its_gradient_stays_out_of_the_backbone(
     tmp_path,
 ):
-    from pretrain.trainer import Pretrainer
 
     trainer = Pretrainer(tiny_config(tmp_path / "run"))
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.hsic import (
+    KERNEL_OF_DISTANCE,
     SSLHSICLoss,
     bandwidth_objective,
     gaussian_kernel,
@@ -287,7 +288,6 @@ def test_bandwidth_loss_trains_only_the_scale():
 def test_closed_form_bandwidth_objective_equals_the_autograd_derivative(kernel):
     """The slope is dk / d(dist^2) at fixed distances, as the official code takes it with
     autograd."""
-    from pretrain.hsic import KERNEL_OF_DISTANCE
 
     dist2 = torch.rand(50, dtype=torch.float64) * 3
     scale = torch.tensor(0.8, dtype=torch.float64)

@@ -15,7 +15,6 @@ from pretrain.networks import build_resnet
 from tests import released_checkpoints as released
 from transfer.backbone import load_backbone
 
-
 # ------------------------------------------------------------------------------- the JAX
 # checkpoints
 

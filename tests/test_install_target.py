@@ -14,6 +14,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "build_target.py"
@@ -237,7 +238,6 @@ def test_a_bad_override_is_refused_on_one_line(tmp_path):
 def test_the_installed_torch_gives_the_key_install_sh_always_used(tmp_path):
     """Without --torch-*: the installed torch's version (+ as _) and this python's tag, as
     install.sh computed them."""
-    import torch
 
     out = target(tmp_path, [])
     assert (

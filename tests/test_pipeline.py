@@ -5,8 +5,7 @@ import json
 import pytest
 import yaml
 
-from tests.helpers import run_cli
-from tests.helpers import TINY
+from tests.helpers import TINY, run_cli
 
 pytestmark = pytest.mark.slow
 

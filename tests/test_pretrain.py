@@ -3,15 +3,26 @@ input."""
 
 import math
 import os
+import re
+import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
+from PIL import Image
 
 from common.config import load_config
-from pretrain.schema import PretrainConfig
+from common.distributed import init_distributed, shutdown_distributed
+from pretrain.augment import TwoViews, eval_transform
+from pretrain.data import Augmented, FashionMNIST
+from pretrain.ema import target_tau
+from pretrain.hsic import SSLHSICLoss
+from pretrain.networks import OnlineNetwork
+from pretrain.optim import LARS, parameter_groups
+from pretrain.schema import AugmentConfig, PretrainConfig
+from pretrain.trainer import OnlineOnBothViews, Pretrainer, TrainingDiverged, gather, train
 from tests.helpers import TINY, assert_same_weights, final_state, run_cli, tiny_config
 
 # --------------------------------------------------------------------------------------- training
@@ -21,7 +32,6 @@ from tests.helpers import TINY, assert_same_weights, final_state, run_cli, tiny_
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, use_target, batched):
     """Either augmentation path; fp32 (train.cpu_amp's bf16 kernels are not bitwise
     reproducible)."""
-    from pretrain.trainer import train
 
     variant = [f"model.use_target={use_target}", f"augment.batched={batched}"]
     train(tiny_config(tmp_path / "straight", *variant))
@@ -43,7 +53,6 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, use_target, 
 
 
 def test_training_moves_the_loss_and_the_bandwidth(tmp_path):
-    from pretrain.trainer import Pretrainer
 
     trainer = Pretrainer(tiny_config(tmp_path / "run", "optim.max_steps=1", "train.rankme_every=1"))
     trainer.run()
@@ -71,7 +80,6 @@ def test_training_moves_the_loss_and_the_bandwidth(tmp_path):
 
 
 def test_cpu_amp_trains_in_bf16_and_channels_last_where_the_cpu_has_bf16(tmp_path):
-    from pretrain.trainer import Pretrainer
 
     trainer = Pretrainer(
         tiny_config(tmp_path / "run", "train.deterministic=false", "train.cpu_amp=true")
@@ -91,7 +99,6 @@ def test_cpu_amp_trains_in_bf16_and_channels_last_where_the_cpu_has_bf16(tmp_pat
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    from pretrain.trainer import Pretrainer, TrainingDiverged
 
     trainer = Pretrainer(tiny_config(tmp_path / "run", "optim.max_steps=2"))
     trainer.run()
@@ -114,7 +121,6 @@ def _distributed_worker(rank, world, port, inputs, result_dir):
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
-    from common.distributed import init_distributed, shutdown_distributed
 
     init_distributed("gloo")
     loss, grads = _loss_and_grads(
@@ -125,8 +131,6 @@ def _distributed_worker(rank, world, port, inputs, result_dir):
 
 
 def _loss_and_grads(view1, view2, distributed):
-    from pretrain.hsic import SSLHSICLoss
-    from pretrain.trainer import OnlineOnBothViews, gather
 
     torch.manual_seed(0)
     online = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
@@ -144,7 +148,6 @@ def _loss_and_grads(view1, view2, distributed):
 def test_two_processes_with_half_batches_match_one_process(tmp_path):
     inputs = (torch.randn(16, 12), torch.randn(16, 12))
     expected_loss, expected_grads = _loss_and_grads(*inputs, distributed=False)
-    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -161,7 +164,6 @@ def test_two_processes_with_half_batches_match_one_process(tmp_path):
 
 
 def test_lars_follows_its_update_rule():
-    from pretrain.optim import LARS
 
     weight = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
     weight.grad = torch.tensor([[0.6, 0.8]])
@@ -182,8 +184,6 @@ def test_lars_follows_its_update_rule():
 
 
 def test_biases_and_norm_parameters_get_neither_decay_nor_adaptation():
-    from pretrain.networks import OnlineNetwork
-    from pretrain.optim import LARS, parameter_groups
 
     model = OnlineNetwork("resnet18", 32, 16, 32, True)
     decayed, excluded = parameter_groups(model, 1e-4)
@@ -206,7 +206,6 @@ def test_biases_and_norm_parameters_get_neither_decay_nor_adaptation():
 
 
 def test_target_tau_schedule():
-    from pretrain.ema import target_tau
 
     assert target_tau(0, 1000, 0.99) == pytest.approx(0.99)
     assert target_tau(500, 1000, 0.99) == pytest.approx(0.995)
@@ -217,8 +216,6 @@ def test_target_tau_schedule():
 
 
 def test_two_views_differ_and_have_the_right_size_and_range():
-    from pretrain.augment import TwoViews, eval_transform
-    from pretrain.schema import AugmentConfig
 
     config = AugmentConfig()
     image = torch.randint(
@@ -239,9 +236,6 @@ def test_two_views_differ_and_have_the_right_size_and_range():
 
 
 def test_views_depend_only_on_seed_epoch_and_index():
-    from pretrain.augment import TwoViews
-    from pretrain.data import Augmented, FashionMNIST
-    from pretrain.schema import AugmentConfig
 
     data = Augmented(
         FashionMNIST("/usr/share/datasets/fashion-mnist", limit=4), TwoViews(AugmentConfig(), 16), 0
@@ -293,7 +287,6 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path, overrides,
     result = cli(tmp_path, *overrides)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
-    import re
 
     assert re.search(message, result.stderr), result.stderr
     assert not (tmp_path / "run").exists()
@@ -306,7 +299,6 @@ def test_empty_image_folder_is_refused(tmp_path):
 
 
 def test_run_dir_of_another_config_is_refused_untouched(tmp_path):
-    from pretrain.trainer import train
 
     train(tiny_config(tmp_path / "run", "optim.max_steps=1"))
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
@@ -317,8 +309,6 @@ def test_run_dir_of_another_config_is_refused_untouched(tmp_path):
 
 
 def test_corrupt_image_is_named_or_skipped(tmp_path):
-    from PIL import Image
-    from pretrain.trainer import train
 
     root = tmp_path / "images" / "train"
     for label in ("a", "b"):

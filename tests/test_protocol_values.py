@@ -9,7 +9,13 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from common.config import load_config
+from pretrain.schema import PretrainConfig
+from slurm.executor import ExecutorConfig
+from slurm.pipeline import PipelineConfig
 from tests.helpers import ROOT
+from transfer.tasks import TASKS
+from transfer.tasks.classify import Config
 
 TABLE = yaml.safe_load((ROOT / "docs" / "protocol_values.yaml").read_text())["values"]
 CONFIGS = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "configs").rglob("*.yaml"))
@@ -21,18 +27,11 @@ def schema_of(path: str) -> type:
     starts with the task)."""
     kind, name = Path(path).parts[1], Path(path).stem
     if kind == "pretrain":
-        from pretrain.schema import PretrainConfig
-
         return PretrainConfig
     if kind == "slurm":
-        from slurm.executor import ExecutorConfig
-
         return ExecutorConfig
     if kind == "pipeline":
-        from slurm.pipeline import PipelineConfig
-
         return PipelineConfig
-    from transfer.tasks import TASKS
 
     task = name.split("_")[0]
     assert task in TASKS, f"{path}: its name does not start with a task ({', '.join(TASKS)})"
@@ -41,7 +40,6 @@ def schema_of(path: str) -> type:
 
 @lru_cache(maxsize=None)
 def loaded(path: str):
-    from common.config import load_config
 
     return load_config(schema_of(path), ROOT / path, [])
 
@@ -98,7 +96,6 @@ def test_the_table_names_each_value_once_and_every_full_size_config():
 def test_the_kornblith_defaults_in_code_are_the_published_grid():
     """The classify task's own defaults (a config that names no grid) are the published protocol
     too."""
-    from transfer.tasks.classify import Config
 
     finetune = Config().finetune
     rows = {

@@ -19,6 +19,9 @@ import pytest
 import torch
 
 from common.cli import run_main
+from common.errors import UserError
+from common.rundir import RunDirLock
+from pretrain.trainer import train
 from tests.helpers import ROOT, TINY, assert_same_weights, final_state, run_cli, tiny_config
 
 PRETRAIN = "configs/pretrain/fashion_mnist_resnet18.yaml"
@@ -373,8 +376,6 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_is_tak
 
 
 def test_a_task_holds_its_run_dir_too(tmp_path):
-    from common.errors import UserError
-    from common.rundir import RunDirLock
 
     holder = subprocess.Popen(
         [
@@ -442,7 +443,6 @@ train(tiny_config(sys.argv[2], "train.checkpoint_every=2"))
 def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one_and_the_rerun_resumes_exactly(
     tmp_path,
 ):
-    from pretrain.trainer import train
 
     marker, run_dir = tmp_path / "writing", tmp_path / "killed"
     victim = subprocess.Popen(
@@ -478,8 +478,6 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one_and_the_rerun_r
 def test_a_failed_write_stops_the_run_on_one_line_and_keeps_the_last_good_checkpoint(
     tmp_path, monkeypatch
 ):
-    from common.errors import UserError
-    from pretrain.trainer import train
 
     real_fsync, writes = os.fsync, []
 
@@ -508,7 +506,6 @@ def test_a_failed_write_stops_the_run_on_one_line_and_keeps_the_last_good_checkp
 def test_a_truncated_last_checkpoint_resumes_from_the_previous_one_or_is_refused_on_one_line(
     tmp_path,
 ):
-    from pretrain.trainer import train
 
     run_dir = tmp_path / "run"
     train(tiny_config(run_dir, "train.checkpoint_every=2", "optim.max_steps=4"))

@@ -12,16 +12,19 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
 
-from tests.helpers import run_cli
-from tests.helpers import TINY, assert_same_weights, final_state
+from common.distributed import detect, first_host, init_distributed, shutdown_distributed
+from slurm.executor import ExecutorConfig, build_executor, local_slots
+from slurm.jobs import StepJob
+from slurm.steps import Job
+from tests.helpers import TINY, assert_same_weights, final_state, run_cli
 
 pytestmark = pytest.mark.slow
 
 
 def cluster_executor(tmp_path, **overrides):
-    from slurm.executor import ExecutorConfig
-    from omegaconf import OmegaConf
 
     return OmegaConf.structured(
         ExecutorConfig(cluster="slurm", folder=str(tmp_path / "jobs"), **overrides)
@@ -48,9 +51,6 @@ def test_timed_out_pretraining_requeues_and_ends_like_an_uninterrupted_run(
     uninterrupted twin runs at the same time as a second job (the node's other CPU): both jobs hold
     one CPU, so one torch thread each,
     and bitwise equality needs the same reduction order."""
-    from slurm.executor import build_executor
-    from slurm.jobs import StepJob
-    from slurm.steps import Job
 
     # About 300 steps: longer than the 1-minute limit, whose SIGUSR2 comes 40 s before it.
     overrides = [*TINY, "data.image_size=32", "optim.epochs=100", "train.checkpoint_every=1000"]
@@ -181,8 +181,6 @@ overrides: [[data.limit_train=300, data.limit_test=100, data.num_workers=0, cach
 
 
 def _distributed_probe():
-    import torch.distributed as dist
-    from common.distributed import detect, init_distributed, shutdown_distributed
 
     info = init_distributed("gloo")
     total = torch.tensor([float(info.rank + 1)])
@@ -200,7 +198,6 @@ def _distributed_probe():
 
 
 def test_distributed_init_reads_a_two_task_allocation(slurm_cluster, tmp_path):
-    from slurm.executor import build_executor
 
     executor = build_executor(cluster_executor(tmp_path, tasks_per_node=2, timeout_min=5))
     job = executor.submit(_distributed_probe)
@@ -213,7 +210,6 @@ def test_distributed_init_reads_a_two_task_allocation(slurm_cluster, tmp_path):
 
 
 def test_first_host_of_a_node_list():
-    from common.distributed import detect, first_host
 
     assert first_host("gpu[003-005,010],cpu1") == "gpu003"
     env = {
@@ -449,7 +445,6 @@ def test_every_command_a_dry_run_prints_runs(tmp_path, cluster):
 
 
 def test_local_slots_fill_the_cores_at_the_threads_each_job_takes():
-    from slurm.executor import ExecutorConfig, local_slots
 
     assert local_slots(ExecutorConfig(parallel_jobs=2, threads_per_job=1), cores=16) == 2  # as set
     assert local_slots(ExecutorConfig(parallel_jobs=0, threads_per_job=1), cores=16) == 16

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from common.cli import run_main
+from slurm import graph
+from slurm.__main__ import main
 from tests.helpers import TINY, run_cli
 
 pytestmark = pytest.mark.slow
@@ -64,7 +66,6 @@ def write_pipeline(tmp_path: Path, pretrain_extra: list[str]) -> Path:
 
 def wait_until_settled(root: Path, timeout_s: float = 900) -> dict:
     """Poll the graph until no job is pending or running (NEVER counts as settled)."""
-    from slurm import graph
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -422,8 +423,6 @@ def test_bad_slurm_input_is_refused_on_one_line_with_exit_2_and_nothing_written(
     before = sorted(tmp_path.rglob("*"))
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-        from slurm.__main__ import main
-
         status = run_main(main, argv)
     message = stderr.getvalue()
     assert status == 2, message

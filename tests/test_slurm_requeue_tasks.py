@@ -23,7 +23,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from pretrain.networks import build_resnet
+from slurm.executor import ExecutorConfig, build_executor
+from slurm.jobs import StepJob
+from slurm.steps import Job
 from tests.helpers import ROOT
 from tests.test_slurm import release_requeued
 
@@ -161,11 +166,6 @@ def preempted(slurm_cluster, scenes, tmp_path_factory):
     """Submit, for each task, the job to preempt and its uninterrupted twin; requeue each preempted
     job when its
     trigger file appears, release it from its BeginTime wait, and wait for all six."""
-    from omegaconf import OmegaConf
-    from pretrain.networks import build_resnet
-    from slurm.executor import ExecutorConfig, build_executor
-    from slurm.jobs import StepJob
-    from slurm.steps import Job
 
     root = tmp_path_factory.mktemp("requeue")
     backbone = root / "backbone.pth"  # one backbone file for every run (a torchvision state_dict)

@@ -5,16 +5,18 @@ import math
 import subprocess
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 
 def test_mmseg_fcn_on_a_torchvision_style_resnet_computes_its_loss():
+    from mmengine.structures import PixelData
     from mmseg.registry import MODELS
     from mmseg.structures import SegDataSample
     from mmseg.utils import register_all_modules
-    from mmengine.structures import PixelData
 
     register_all_modules()
     torch.manual_seed(0)
@@ -123,8 +125,6 @@ def test_detectron2_mask_rcnn_computes_its_losses():
 
 
 def test_detectron2_shims_only_where_needed():
-    import numpy as np
-    from PIL import Image
     from transfer.detectron2_glue import apply_shims, has_compiled_ops
 
     applied = apply_shims()

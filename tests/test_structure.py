@@ -13,7 +13,18 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from common.config import load_config
+from common.errors import UserError
+from pretrain.schema import PretrainConfig
+from slurm.executor import ExecutorConfig
+from slurm.pipeline import PipelineConfig
+from slurm.steps import steps
+from slurm.sweep import SweepConfig, plan
 from tests.helpers import ROOT
+from transfer.__main__ import commands
+from transfer.report import metric_info
+from transfer.tasks import TASKS, default_task_files, task_of
+from transfer.tasks.contract import TaskConfig
 
 PACKAGES = ("common", "pretrain", "transfer", "slurm")
 # package -> the project packages it must not import: slurm -> transfer -> pretrain -> common, none
@@ -102,30 +113,28 @@ def test_importing_the_core_and_the_registry_stays_light():
 
 
 def test_every_registered_task_is_complete_and_reachable_from_every_entry_point():
-    """Each registry line names a module with the contract (a Config on the shared base, EXAMPLES, prepare and
-    its run function), an existing default config that loads, scene keys its schema has, and metrics the
-    report sees improve downwards; every entry point and the pipeline's defaults reach every task."""
-    from omegaconf import OmegaConf
-
-    from common.config import load_config
-    from slurm.pipeline import PipelineConfig
-    from slurm.steps import steps
-    from transfer.__main__ import commands
-    from transfer.report import metric_info
-    from transfer.tasks import TASKS, default_task_files, task_of
-    from transfer.tasks.contract import TaskConfig
+    """Each registry line names a module with the contract (a Config on the shared base, EXAMPLES,
+    prepare and its run function), an existing default config that loads, scene keys its schema has,
+    and metrics the
+    report sees improve downwards; every entry point and the pipeline's defaults reach every task.
+    """
 
     for name, task in TASKS.items():
         module = task.load()
         for attribute in ("Config", "EXAMPLES", "prepare"):
             assert hasattr(module, attribute), f"task module {task.module} has no {attribute}"
         assert callable(task.runner()), f"task {name}: {task.module} has no {task.entry}"
-        assert issubclass(module.Config, TaskConfig), f"task {name}: its Config does not extend TaskConfig"
-        prefix = Path(task.config_file).name.split("_")[0]  # <task>_...: the task whose schema reads it
+        assert issubclass(module.Config, TaskConfig), (
+            f"task {name}: its Config does not extend TaskConfig"
+        )
+        # <task>_...: the task whose schema reads it
+        prefix = Path(task.config_file).name.split("_")[0]
         assert prefix in TASKS and TASKS[prefix].module == task.module, task.config_file
         config = load_config(module.Config, ROOT / task.config_file)
         for key in task.scenes:
-            assert OmegaConf.select(config, key) is not None, f"task {name}: no config key {key} for the scenes"
+            assert OmegaConf.select(config, key) is not None, (
+                f"task {name}: no config key {key} for the scenes"
+            )
         assert all(metric_info(metric).lower_is_better for metric in task.lower_is_better)
     assert set(TASKS) <= set(commands()) and set(TASKS) <= set(steps())
     assert PipelineConfig().tasks == default_task_files()
@@ -133,8 +142,6 @@ def test_every_registered_task_is_complete_and_reachable_from_every_entry_point(
 
 
 def test_an_unknown_task_is_refused_by_the_sweep_and_the_pipeline(tmp_path):
-    from common.errors import UserError
-    from slurm.sweep import SweepConfig, plan
 
     with pytest.raises(
         UserError, match="unknown sweep tasks \\['segmentaion'\\]; choose from linear, knn"
@@ -145,10 +152,6 @@ def test_an_unknown_task_is_refused_by_the_sweep_and_the_pipeline(tmp_path):
 def schema_of(path: Path):
     """The schema a shipped YAML is written against, from its folder (and, for transfer, its task
     prefix)."""
-    from pretrain.schema import PretrainConfig
-    from slurm.executor import ExecutorConfig
-    from slurm.pipeline import PipelineConfig
-    from transfer.tasks import TASKS
 
     kind = path.parent.name
     if kind == "transfer":
@@ -167,14 +170,11 @@ SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
     "path", SHIPPED, ids=[str(p.relative_to(ROOT / "configs")) for p in SHIPPED]
 )
 def test_every_shipped_config_loads_against_its_schema(path):
-    from common.config import load_config
 
     config = load_config(schema_of(path), path)
     assert OmegaConf.to_container(config)
     # the files it names load against theirs, with the pipeline's overrides
     if path.parent.name == "pipeline":
-        from transfer.tasks import TASKS, task_of
-
         for key, task_config in config.tasks.items():
             load_config(
                 TASKS[task_of(key)].load().Config,

@@ -1,10 +1,12 @@
-"""Backbone names: `NAME=PATH` on any command that takes a backbone, or a name derived from the path.
+"""Backbone names: `NAME=PATH` on any command that takes a backbone, or a name derived from the
+path.
 
     random:resnet18                 -> random-resnet18   (random init: the baseline)
     runs/fm/checkpoints/last.pt     -> fm                (a pretraining run: its run dir)
     /ckpt/moco_v2_800ep.pth.tar     -> moco_v2_800ep     (any other file: its name up to the first dot)
     byol=/ckpt/pretrain_res50x1.pkl -> byol
 """
+
 from __future__ import annotations
 
 import re

@@ -1,9 +1,11 @@
-"""What every transfer task shares: its run dir (config.yaml, log.txt, metrics.json), the backbone record, the
-command line, and rerun behaviour: a finished run with the same config and backbone is reported, not repeated.
+"""What every transfer task shares: its run dir (config.yaml, log.txt, metrics.json), the backbone
+record, the command line, and rerun behaviour: a finished run with the same config and backbone is
+reported, not repeated.
 
-Under several processes (SLURM tasks, torchrun) every rank runs the task; rank 0 alone holds the run dir's
-lock and writes config.yaml, log.txt and metrics.json. The other ranks log to stderr only (SLURM keeps a
-log per task)."""
+Under several processes (SLURM tasks, torchrun) every rank runs the task; rank 0 alone holds the run
+dir's lock and writes config.yaml, log.txt and metrics.json. The other ranks log to stderr only
+(SLURM keeps a log per task)."""
+
 from __future__ import annotations
 
 import json
@@ -15,12 +17,21 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from common.config import load_config
+from common.distributed import detect, match_threads_to_allocation, shutdown_distributed
 from common.errors import UserError
 from common.files import atomic_write_bytes
 from common.records import metrics_record, sha256_of
-from common.rundir import RunDirLock, attach_log, detach_log, refuse_other_config, start_run_dir
-from transfer import WEIGHTS
-from transfer.backbone import Backbone, fingerprint
+from common.rundir import (
+    RunDirLock,
+    attach_log,
+    detach_log,
+    pick_device,
+    refuse_other_config,
+    start_run_dir,
+)
+from transfer import WEIGHTS, tasks
+from transfer.backbone import Backbone, fingerprint, resolve_backbone
 
 log = logging.getLogger("transfer")
 RERUN_SAFE = {"run_dir", "data.num_workers", "device"}  # keys a rerun may change
@@ -32,19 +43,28 @@ class TaskResult:
     dataset: str
     protocol: str
     extra: dict[str, Any] = field(default_factory=dict)
-    # metric -> False where, given the backbone's weights and the data, the metric cannot change with config.seed
-    # (no seeded init, order, augmentation or split reaches it); a metric not named may vary. metrics.json records it
-    # for every metric as `varies_with_seed`; the report shows a fixed checkpoint's column of a False one as one value.
+    # metric -> False where, given the backbone's weights and the data, the metric cannot change
+    # with config.seed (no seeded init, order, augmentation or split reaches it); a metric not named
+    # may vary. metrics.json records it for every metric as `varies_with_seed`; the report shows a
+    # fixed checkpoint's column of a False one as one value.
     varies_with_seed: dict[str, bool] = field(default_factory=dict)
 
 
 def backbone_record(backbone: Backbone) -> dict[str, str]:
-    """name, path, sha256 (of the file; of the weights for random init), the weights' fingerprint, which network,
+    """name, path, sha256 (of the file; of the weights for random init), the weights' fingerprint,
+    which network,
     the file layout it was read from (and which of its parts), architecture."""
     weights = fingerprint(backbone.state_dict)
     digest = sha256_of(backbone.source) if Path(backbone.source).is_file() else weights
-    record = {"name": backbone.name, "path": backbone.source, "sha256": digest, "fingerprint": weights,
-              "weights": backbone.weights, "layout": backbone.layout, "arch": backbone.arch}
+    record = {
+        "name": backbone.name,
+        "path": backbone.source,
+        "sha256": digest,
+        "fingerprint": weights,
+        "weights": backbone.weights,
+        "layout": backbone.layout,
+        "arch": backbone.arch,
+    }
     return {**record, "padding": "same"} if backbone.padding == "same" else record
 
 
@@ -61,8 +81,11 @@ class TaskRun:
         if metrics.exists():
             previous = json.loads(metrics.read_text())
             if previous.get("backbone", {}).get("sha256") != self.record["sha256"]:
-                raise UserError(f"run dir {self.run_dir} holds results of another backbone "
-                                f"({previous.get('backbone', {}).get('path')}); choose another run_dir")
+                raise UserError(
+                    f"run dir {self.run_dir} holds results of another backbone "
+                    f"({previous.get('backbone', {}).get('path')}); choose another "
+                    f"run_dir"
+                )
 
     def finished(self) -> dict[str, Any] | None:
         """The metrics of a completed earlier run of this config and backbone, if any."""
@@ -70,9 +93,10 @@ class TaskRun:
         return json.loads(path.read_text()) if path.exists() else None
 
     def start(self) -> None:
-        """Take the run dir (rank 0 holds its lock and writes config.yaml and log.txt); every rank may write
-        files of its own task into it (the backbone in a framework's format, rank 0's checkpoints)."""
-        from common.distributed import detect
+        """Take the run dir (rank 0 holds its lock and writes config.yaml and log.txt); every rank
+        may write
+        files of its own task into it (the backbone in a framework's format, rank 0's checkpoints).
+        """
         self.is_main = detect().rank == 0
         self.lock = RunDirLock(self.run_dir).acquire() if self.is_main else None
         if self.is_main:
@@ -82,17 +106,35 @@ class TaskRun:
         self._handler = attach_log(log, self.run_dir if self.is_main else None)
         if self.lock is not None:
             self.lock.log_takeover(log)
-        log.info("%s: backbone %s (%s, %s)", self.task, self.backbone.source, self.backbone.arch, self.backbone.layout)
+        log.info(
+            "%s: backbone %s (%s, %s)",
+            self.task,
+            self.backbone.source,
+            self.backbone.arch,
+            self.backbone.layout,
+        )
 
     def finish(self, result: TaskResult) -> dict:
         """metrics.json's content; rank 0 writes it."""
-        protocol_id = {"protocol_id": self.config.protocol_id} if self.config.get("protocol_id") else {}
-        varies = {"varies_with_seed": {k: bool(result.varies_with_seed.get(k, True)) for k in result.metrics}}
-        record = metrics_record(task=self.task, dataset=result.dataset, backbone=self.record,
-                                protocol=result.protocol, metrics=result.metrics, seed=self.config.seed,
-                                config=OmegaConf.to_container(self.config, resolve=True),
-                                wall_time_s=time.time() - self.started,
-                                extra={**protocol_id, **varies, **(result.extra or {})})
+        protocol_id = (
+            {"protocol_id": self.config.protocol_id} if self.config.get("protocol_id") else {}
+        )
+        varies = {
+            "varies_with_seed": {
+                k: bool(result.varies_with_seed.get(k, True)) for k in result.metrics
+            }
+        }
+        record = metrics_record(
+            task=self.task,
+            dataset=result.dataset,
+            backbone=self.record,
+            protocol=result.protocol,
+            metrics=result.metrics,
+            seed=self.config.seed,
+            config=OmegaConf.to_container(self.config, resolve=True),
+            wall_time_s=time.time() - self.started,
+            extra={**protocol_id, **varies, **(result.extra or {})},
+        )
         if self.is_main:
             atomic_write_bytes(self.run_dir / "metrics.json", json.dumps(record, indent=2).encode())
         log.info("%s: %s", self.task, ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
@@ -109,30 +151,39 @@ class TaskRun:
 
 
 def add_task_arguments(parser, epilog: str = "") -> None:
-    """`--backbone PATH|random:ARCH [--weights W] --config FILE [key=value ...]`, shared by the transfer tasks."""
-    parser.epilog = epilog + ("\n--backbone takes any checkpoint `transfer export` accepts, or random:ARCH for the "
-                              "same network at random init (the baseline).")
+    """`--backbone PATH|random:ARCH [--weights W] --config FILE [key=value ...]`, shared by the
+    transfer tasks."""
+    parser.epilog = epilog + (
+        "\n--backbone takes any checkpoint `transfer export` accepts, or random:ARCH for the "
+        "same network at random init (the baseline)."
+    )
     parser.add_argument("--backbone", required=True, help="checkpoint path, or random:ARCH")
-    parser.add_argument("--weights", default="ema", choices=WEIGHTS,
-                        help="which network of a pretraining checkpoint (default: ema)")
+    parser.add_argument(
+        "--weights",
+        default="ema",
+        choices=WEIGHTS,
+        help="which network of a pretraining checkpoint (default: ema)",
+    )
     parser.add_argument("--config", metavar="FILE", help="YAML config")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
 
 
-def run_task(name: str, backbone_spec: str, weights: str = "ema", config_path: str | None = None,
-             overrides: list[str] = ()) -> dict:
-    """Load the config and backbone, report a finished run, else prepare the data, start the run dir, run the
+def run_task(
+    name: str,
+    backbone_spec: str,
+    weights: str = "ema",
+    config_path: str | None = None,
+    overrides: list[str] = (),
+) -> dict:
+    """Load the config and backbone, report a finished run, else prepare the data, start the run
+    dir, run the
     task and write metrics.json; return its content."""
-    from common.config import load_config
-    from common.distributed import match_threads_to_allocation, shutdown_distributed
-    from transfer import tasks
-    from transfer.backbone import resolve_backbone
     task = tasks.get(name)
     module = task.load()
     config = load_config(module.Config, config_path, overrides)
     if getattr(config, "device", None) is not None:
-        from common.rundir import pick_device
-        pick_device(config.device)  # device=cuda without a GPU is refused before anything is written
+        # device=cuda without a GPU is refused before anything is written
+        pick_device(config.device)
     backbone = resolve_backbone(backbone_spec, config.seed, weights)
     run = TaskRun(name, config, backbone)
     if (done := run.finished()) is not None:
@@ -142,7 +193,8 @@ def run_task(name: str, backbone_spec: str, weights: str = "ema", config_path: s
     match_threads_to_allocation()
     try:
         run.start()
-        if (done := run.finished()) is not None:  # another writer finished it while this one prepared
+        # another writer finished it while this one prepared
+        if (done := run.finished()) is not None:
             return done
         result = run.finish(task.runner()(config, backbone, run, data))
         shutdown_distributed()

@@ -1,30 +1,39 @@
 """Semantic segmentation transfer through mmsegmentation's own Runner, datasets and IoUMetric.
 
-The protocol (BYOL appendix D.4): an FCN on the backbone with conv5 dilated (stride 1, dilation 2); the head
-is 2 x [3x3 conv 256, dilation 6, BN, ReLU] + a 1x1 classifier; random scale 0.5-2, crop, flip; SGD with
-momentum 0.9, weight decay 1e-4, lr x0.1 at 70% and 90% of the iterations; mIoU on the validation split. With
-data.scale empty, training rescales the original image by a ratio drawn from ratio_range and testing reads it at
-its original size (BYOL D.4); with data.scale (w, h), the image is first fitted into it (mmseg's RandomResize).
-mmsegmentation's `ResNet` is used with its torchvision-style stem (conv1 7x7), not the deep-stem ResNetV1c.
+The protocol (BYOL appendix D.4): an FCN on the backbone with conv5 dilated (stride 1, dilation 2);
+the head is 2 x [3x3 conv 256, dilation 6, BN, ReLU] + a 1x1 classifier; random scale 0.5-2, crop,
+flip; SGD with momentum 0.9, weight decay 1e-4, lr x0.1 at 70% and 90% of the iterations; mIoU on
+the validation split. With data.scale empty, training rescales the original image by a ratio drawn
+from ratio_range and testing reads it at its original size (BYOL D.4); with data.scale (w, h), the
+image is first fitted into it (mmseg's RandomResize). mmsegmentation's `ResNet` is used with its
+torchvision-style stem (conv1 7x7), not the deep-stem ResNetV1c.
 
-The backbone comes from the canonical weights through the mmseg export (transfer.export) and init_cfg=
-Pretrained. mmengine loads non-strictly and only logs mismatches, so a hook (transfer.mmseg_glue) compares every
-backbone tensor of the built model with the file before the first iteration and stops the run on any difference.
-"""
+The backbone comes from the canonical weights through the mmseg export (transfer.export) and
+init_cfg= Pretrained. mmengine loads non-strictly and only logs mismatches, so a hook
+(transfer.mmseg_glue) compares every backbone tensor of the built model with the file before the
+first iteration and stops the run on any difference."""
+
 from __future__ import annotations
 
+import json
 import logging
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from common.checks import NON_NEGATIVE, POSITIVE_INT, between, checked, each, greater_than, one_of
+from common.distributed import barrier, check_global_batch, detect, init_distributed
 from common.errors import UserError
+from common.files import atomic_write_bytes
 from common.seeds import derive_seed
 from pretrain.networks import feature_width
+from transfer import export
 from transfer.backbone import Backbone
 from transfer.runner import TaskResult
+from transfer.scenes import CLASSES
 from transfer.tasks.contract import TaskConfig
 
 log = logging.getLogger("transfer")
@@ -32,18 +41,24 @@ log = logging.getLogger("transfer")
 
 @dataclass
 class SegmentationData:
-    dataset: str = checked("scenes", one_of("scenes", "voc"))  # transfer scenes' VOC folder | PASCAL VOC 2012 + aug
-    root: str = "runs/scenes/voc/VOC2012"   # the folder holding JPEGImages/
+    # transfer scenes' VOC folder | PASCAL VOC 2012 + aug
+    dataset: str = checked("scenes", one_of("scenes", "voc"))
+    root: str = "runs/scenes/voc/VOC2012"  # the folder holding JPEGImages/
     train_list: str = "ImageSets/Segmentation/train.txt"
     val_list: str = "ImageSets/Segmentation/val.txt"
     train_labels: str = "SegmentationClass"
-    aug_list: str = ""                      # VOC: ImageSets/Segmentation/aug.txt, as mmseg's voc_aug converter writes it
-    aug_labels: str = "SegmentationClassAug"  # its labels; trained on with train_list's images (empty aug_list: none)
+    # VOC: ImageSets/Segmentation/aug.txt, as mmseg's voc_aug converter writes it
+    aug_list: str = ""
+    # its labels; trained on with train_list's images (empty aug_list: none)
+    aug_labels: str = "SegmentationClassAug"
     val_labels: str = "SegmentationClass"
-    heldout: int = checked(0, NON_NEGATIVE)  # schedule.lr_grid: training images (train + aug lists) held out to
+    # schedule.lr_grid: training images (train + aug lists) held out to
+    heldout: int = checked(0, NON_NEGATIVE)
     #                                          choose the lr on
-    scale: tuple = checked((128, 128), each(POSITIVE_INT, 2, empty=True))  # (w, h) each image is fitted into
-    #                                         before the random rescale and for testing; []: the original image
+    # (w, h) each image is fitted into
+    scale: tuple = checked((128, 128), each(POSITIVE_INT, 2, empty=True))
+    #                                         before the random rescale and for testing; []: the
+    # original image
     crop: tuple[int, int] = checked((96, 96), each(POSITIVE_INT, 2))
     ratio_range: tuple[float, float] = checked((0.5, 2.0), each(greater_than(0), 2, ordered=True))
     num_workers: int = checked(2, NON_NEGATIVE)
@@ -57,7 +72,8 @@ class SegmentationSchedule:
     momentum: float = checked(0.9, between(0, 1, open_high=True))
     weight_decay: float = checked(1e-4, NON_NEGATIVE)
     milestones: tuple[float, float] = checked((0.7, 0.9), each(between(0, 1), 2, ordered=True))
-    lr_grid: tuple = checked((), each(greater_than(0), empty=True))  # choose lr among these (BYOL D.4: five)
+    # choose lr among these (BYOL D.4: five)
+    lr_grid: tuple = checked((), each(greater_than(0), empty=True))
     log_interval: int = checked(50, POSITIVE_INT)
     checkpoint_interval: int = checked(100, POSITIVE_INT)
 
@@ -69,99 +85,206 @@ class Config(TaskConfig):
     schedule: SegmentationSchedule = field(default_factory=SegmentationSchedule)
     head_channels: int = checked(256, POSITIVE_INT)
     dropout: float = checked(0.1, between(0, 1, open_high=True))
-    sync_bn: bool = True                    # SyncBN when distributed
+    sync_bn: bool = True  # SyncBN when distributed
 
 
-AUG_LAYOUT = ("JPEGImages/, SegmentationClass/ + ImageSets/Segmentation/train.txt and val.txt (VOC 2012), "
-              "SegmentationClassAug/ + ImageSets/Segmentation/aug.txt (mmsegmentation's "
-              "tools/dataset_converters/voc_aug.py on the SBD release)")
+AUG_LAYOUT = (
+    "JPEGImages/, SegmentationClass/ + ImageSets/Segmentation/train.txt and val.txt (VOC 2012), "
+    "SegmentationClassAug/ + ImageSets/Segmentation/aug.txt (mmsegmentation's "
+    "tools/dataset_converters/voc_aug.py on the SBD release)"
+)
 
 
 def _dataset(c: SegmentationData, split: str, pipeline: list) -> dict:
-    """mmseg's dataset config for a split: the training split concatenates train_list (+ train_labels) and, when
+    """mmseg's dataset config for a split: the training split concatenates train_list (+
+    train_labels) and, when
     set, aug_list (+ aug_labels), as mmsegmentation's own pascal_voc12_aug config does."""
     kind = {"scenes": "GeneratedScenesDataset", "voc": "PascalVOCDataset"}.get(c.dataset)
     if kind is None:
-        raise UserError(f"unknown segmentation dataset '{c.dataset}'; choose scenes or voc (data.dataset)")
-    parts = ([(c.train_list, c.train_labels)] + ([(c.aug_list, c.aug_labels)] if c.aug_list else [])
-             if split == "train" else [(c.val_list, c.val_labels)])
+        raise UserError(
+            f"unknown segmentation dataset '{c.dataset}'; choose scenes or voc (data.dataset)"
+        )
+    parts = (
+        [(c.train_list, c.train_labels)] + ([(c.aug_list, c.aug_labels)] if c.aug_list else [])
+        if split == "train"
+        else [(c.val_list, c.val_labels)]
+    )
     root = Path(c.root)
     for listing, labels in parts:
-        missing = [str(p) for p in (root / "JPEGImages", root / listing, root / labels) if not p.exists()]
+        missing = [
+            str(p) for p in (root / "JPEGImages", root / listing, root / labels) if not p.exists()
+        ]
         if missing:
-            raise UserError(f"segmentation data incomplete under data.root={c.root}: {', '.join(missing)} missing; "
-                            f"expected {AUG_LAYOUT if c.aug_list else 'JPEGImages/, the list files and label folders'}"
-                            "; generated scenes: `python -m transfer scenes --out DIR`")
-    datasets = [dict(type=kind, data_root=str(root), ann_file=listing,
-                     data_prefix=dict(img_path="JPEGImages", seg_map_path=labels), pipeline=pipeline)
-                for listing, labels in parts]
+            raise UserError(
+                f"segmentation data incomplete under data.root={c.root}: {', '.join(missing)} "
+                f"missing; "
+                "expected "
+                f"{AUG_LAYOUT if c.aug_list else 'JPEGImages/, the list files and label folders'}"
+                "; generated scenes: `python -m transfer scenes --out DIR`"
+            )
+    datasets = [
+        dict(
+            type=kind,
+            data_root=str(root),
+            ann_file=listing,
+            data_prefix=dict(img_path="JPEGImages", seg_map_path=labels),
+            pipeline=pipeline,
+        )
+        for listing, labels in parts
+    ]
     return datasets[0] if len(datasets) == 1 else dict(type="ConcatDataset", datasets=datasets)
 
 
-def mmseg_config(config: Config, backbone: Backbone, weights_file: Path, num_classes: int,
-                 distributed: bool, world_size: int = 1) -> dict:
-    """The complete mmengine config of this protocol, as a plain dict. schedule.batch_size is the global batch:
+def mmseg_config(
+    config: Config,
+    backbone: Backbone,
+    weights_file: Path,
+    num_classes: int,
+    distributed: bool,
+    world_size: int = 1,
+) -> dict:
+    """The complete mmengine config of this protocol, as a plain dict. schedule.batch_size is the
+    global batch:
     each of the `world_size` processes loads batch_size / world_size images per iteration."""
     d, s = config.data, config.schedule
     on_gpu = torch.cuda.is_available() and config.device != "cpu"
     synced = "SyncBN" if on_gpu else "GlobalBN"  # torch's SyncBatchNorm refuses CPU tensors
     norm = dict(type=synced if distributed and config.sync_bn else "BN", requires_grad=True)
     from transfer.mmseg_glue import resnet_backbone
-    width = feature_width(backbone.arch)  # the FCN head's input: the last stage's channels (2048 w; basic: 512 w)
-    rescale = (dict(type="RandomResize", scale=tuple(d.scale), ratio_range=tuple(d.ratio_range), keep_ratio=True)
-               if d.scale else dict(type="RandomRescale", ratio_range=tuple(d.ratio_range)))
+
+    # the FCN head's input: the last stage's channels (2048 w; basic: 512 w)
+    width = feature_width(backbone.arch)
+    rescale = (
+        dict(
+            type="RandomResize",
+            scale=tuple(d.scale),
+            ratio_range=tuple(d.ratio_range),
+            keep_ratio=True,
+        )
+        if d.scale
+        else dict(type="RandomRescale", ratio_range=tuple(d.ratio_range))
+    )
     train_pipeline = [
-        dict(type="LoadImageFromFile"), dict(type="LoadAnnotations"), rescale,
+        dict(type="LoadImageFromFile"),
+        dict(type="LoadAnnotations"),
+        rescale,
         dict(type="RandomCrop", crop_size=tuple(d.crop[::-1]), cat_max_ratio=0.75),
-        dict(type="RandomFlip", prob=0.5), dict(type="PackSegInputs")]
+        dict(type="RandomFlip", prob=0.5),
+        dict(type="PackSegInputs"),
+    ]
     test_resize = [dict(type="Resize", scale=tuple(d.scale), keep_ratio=True)] if d.scale else []
-    test_pipeline = [dict(type="LoadImageFromFile"), *test_resize, dict(type="LoadAnnotations"),
-                     dict(type="PackSegInputs")]
+    test_pipeline = [
+        dict(type="LoadImageFromFile"),
+        *test_resize,
+        dict(type="LoadAnnotations"),
+        dict(type="PackSegInputs"),
+    ]
     return dict(
         default_scope="mmseg",
         work_dir=str(Path(config.run_dir) / "mmseg"),
         randomness=dict(seed=config.seed),
-        env_cfg=dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
-                     dist_cfg=dict(backend="nccl" if torch.cuda.is_available() else "gloo")),
+        env_cfg=dict(
+            cudnn_benchmark=False,
+            mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
+            dist_cfg=dict(backend="nccl" if torch.cuda.is_available() else "gloo"),
+        ),
         model=dict(
             type="EncoderDecoder",
-            data_preprocessor=dict(type="SegDataPreProcessor", mean=[123.675, 116.28, 103.53],
-                                   std=[58.395, 57.12, 57.375], bgr_to_rgb=True, pad_val=0, seg_pad_val=255,
-                                   size=tuple(d.crop[::-1])),
-            # depth, stem_channels and base_channels of the architecture table; ResNetTable for ResNet-200
-            backbone=resnet_backbone(backbone.arch, num_stages=4, out_indices=(3,),
-                                     strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2), norm_cfg=norm, norm_eval=False,
-                                     style="pytorch", contract_dilation=False,
-                                     init_cfg=dict(type="Pretrained", checkpoint=str(weights_file), prefix="backbone.")),
-            decode_head=dict(type="FCNHead", in_channels=width, in_index=0, channels=config.head_channels,
-                             num_convs=2, kernel_size=3, dilation=6, concat_input=False,
-                             dropout_ratio=config.dropout, num_classes=num_classes, norm_cfg=norm,
-                             align_corners=False,
-                             loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0,
-                                              avg_non_ignore=True)),
-            train_cfg=dict(), test_cfg=dict(mode="whole")),
-        train_dataloader=dict(batch_size=s.batch_size // world_size, num_workers=d.num_workers,
-                              persistent_workers=d.num_workers > 0, sampler=dict(type="InfiniteSampler", shuffle=True),
-                              dataset=_dataset(d, "train", train_pipeline)),
-        val_dataloader=dict(batch_size=1, num_workers=d.num_workers, persistent_workers=False,
-                            sampler=dict(type="DefaultSampler", shuffle=False),
-                            dataset=_dataset(d, "val", test_pipeline)),
+            data_preprocessor=dict(
+                type="SegDataPreProcessor",
+                mean=[123.675, 116.28, 103.53],
+                std=[58.395, 57.12, 57.375],
+                bgr_to_rgb=True,
+                pad_val=0,
+                seg_pad_val=255,
+                size=tuple(d.crop[::-1]),
+            ),
+            # depth, stem_channels and base_channels of the architecture table; ResNetTable for
+            # ResNet-200
+            backbone=resnet_backbone(
+                backbone.arch,
+                num_stages=4,
+                out_indices=(3,),
+                strides=(1, 2, 2, 1),
+                dilations=(1, 1, 1, 2),
+                norm_cfg=norm,
+                norm_eval=False,
+                style="pytorch",
+                contract_dilation=False,
+                init_cfg=dict(type="Pretrained", checkpoint=str(weights_file), prefix="backbone."),
+            ),
+            decode_head=dict(
+                type="FCNHead",
+                in_channels=width,
+                in_index=0,
+                channels=config.head_channels,
+                num_convs=2,
+                kernel_size=3,
+                dilation=6,
+                concat_input=False,
+                dropout_ratio=config.dropout,
+                num_classes=num_classes,
+                norm_cfg=norm,
+                align_corners=False,
+                loss_decode=dict(
+                    type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0, avg_non_ignore=True
+                ),
+            ),
+            train_cfg=dict(),
+            test_cfg=dict(mode="whole"),
+        ),
+        train_dataloader=dict(
+            batch_size=s.batch_size // world_size,
+            num_workers=d.num_workers,
+            persistent_workers=d.num_workers > 0,
+            sampler=dict(type="InfiniteSampler", shuffle=True),
+            dataset=_dataset(d, "train", train_pipeline),
+        ),
+        val_dataloader=dict(
+            batch_size=1,
+            num_workers=d.num_workers,
+            persistent_workers=False,
+            sampler=dict(type="DefaultSampler", shuffle=False),
+            dataset=_dataset(d, "val", test_pipeline),
+        ),
         val_evaluator=dict(type="PerClassIoUMetric", iou_metrics=["mIoU"]),
-        optim_wrapper=dict(type="OptimWrapper", optimizer=dict(type="SGD", lr=s.lr, momentum=s.momentum,
-                                                               weight_decay=s.weight_decay)),
-        param_scheduler=[dict(type="MultiStepLR", by_epoch=False, begin=0, end=s.iterations, gamma=0.1,
-                              milestones=[round(m * s.iterations) for m in s.milestones])],
-        train_cfg=dict(type="IterBasedTrainLoop", max_iters=s.iterations, val_interval=s.iterations + 1),
+        optim_wrapper=dict(
+            type="OptimWrapper",
+            optimizer=dict(type="SGD", lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay),
+        ),
+        param_scheduler=[
+            dict(
+                type="MultiStepLR",
+                by_epoch=False,
+                begin=0,
+                end=s.iterations,
+                gamma=0.1,
+                milestones=[round(m * s.iterations) for m in s.milestones],
+            )
+        ],
+        train_cfg=dict(
+            type="IterBasedTrainLoop", max_iters=s.iterations, val_interval=s.iterations + 1
+        ),
         val_cfg=dict(type="ValLoop"),
-        default_hooks=dict(timer=dict(type="IterTimerHook"),
-                           logger=dict(type="LoggerHook", interval=s.log_interval, log_metric_by_epoch=False),
-                           param_scheduler=dict(type="ParamSchedulerHook"),
-                           # written atomically, so that a job killed at any moment resumes (mmseg_glue)
-                           checkpoint=dict(type="AtomicCheckpointHook", by_epoch=False,
-                                           interval=s.checkpoint_interval, max_keep_ckpts=1),
-                           sampler_seed=dict(type="DistSamplerSeedHook")),
-        custom_hooks=[dict(type="BackboneLoadCheckHook", weights_file=str(weights_file)),
-                      dict(type="TorchRngStateHook")],  # dropout's generator, resumed with the checkpoint
+        default_hooks=dict(
+            timer=dict(type="IterTimerHook"),
+            logger=dict(type="LoggerHook", interval=s.log_interval, log_metric_by_epoch=False),
+            param_scheduler=dict(type="ParamSchedulerHook"),
+            # written atomically, so that a job killed at any moment resumes
+            # (mmseg_glue)
+            checkpoint=dict(
+                type="AtomicCheckpointHook",
+                by_epoch=False,
+                interval=s.checkpoint_interval,
+                max_keep_ckpts=1,
+            ),
+            sampler_seed=dict(type="DistSamplerSeedHook"),
+        ),
+        custom_hooks=[
+            dict(type="BackboneLoadCheckHook", weights_file=str(weights_file)),
+            # dropout's generator, resumed with the checkpoint
+            dict(type="TorchRngStateHook"),
+        ],
         log_processor=dict(by_epoch=False),
         log_level="INFO",
         launcher="none",
@@ -173,45 +296,56 @@ def mmseg_config(config: Config, backbone: Backbone, weights_file: Path, num_cla
 EXAMPLES = """\
 examples:
   python -m transfer scenes --out runs/scenes
-  python -m transfer segmentation --backbone runs/fm/checkpoints/last.pt --config configs/transfer/segmentation_scenes.yaml
+  python -m transfer segmentation --backbone runs/fm/checkpoints/last.pt \\
+      --config configs/transfer/segmentation_scenes.yaml
   python -m transfer segmentation --backbone r50.pth --config configs/transfer/segmentation_voc_fcn.yaml
 Keys and defaults: transfer/tasks/segmentation.py (Config). mmseg's logs and checkpoints: RUN_DIR/mmseg."""
 
 
 def prepare(config: Config) -> None:
-    from common.distributed import check_global_batch, detect
     check_global_batch("schedule.batch_size", config.schedule.batch_size, detect().world_size)
     _dataset(config.data, "train", []), _dataset(config.data, "val", [])
     if config.schedule.lr_grid:
         total = len(training_images(config.data))
         if not 0 < config.data.heldout < total:
-            raise UserError(f"schedule.lr_grid needs data.heldout between 1 and {total - 1} (training images to choose "
-                            f"the lr on), got {config.data.heldout}")
+            raise UserError(
+                f"schedule.lr_grid needs data.heldout between 1 and {total - 1} (training images "
+                f"to choose "
+                f"the lr on), got {config.data.heldout}"
+            )
 
 
 def training_images(d: SegmentationData) -> list[tuple[str, str]]:
     """(image id, label folder) of every training image: train_list's, then aug_list's."""
     parts = [(d.train_list, d.train_labels)] + ([(d.aug_list, d.aug_labels)] if d.aug_list else [])
-    return [(line.strip(), labels) for listing, labels in parts
-            for line in (Path(d.root) / listing).read_text().splitlines() if line.strip()]
+    return [
+        (line.strip(), labels)
+        for listing, labels in parts
+        for line in (Path(d.root) / listing).read_text().splitlines()
+        if line.strip()
+    ]
 
 
 def heldout_lists(config: Config, folder: Path) -> dict[str, Path]:
-    """Split the training images (train_list + aug_list) by a seeded permutation: `heldout` of them to choose the
-    lr on, the rest to fit on. Written in `folder` (the same split on every rank and every rerun): fit_train.txt
-    and fit_aug.txt (each list's images that stay, trained with that list's labels), heldout.txt, and
+    """Split the training images (train_list + aug_list) by a seeded permutation: `heldout` of them
+    to choose the lr on, the rest to fit on. Written in `folder` (the same split on every rank and
+    every rerun): fit_train.txt and fit_aug.txt (each list's images that stay, trained with that
+    list's labels), heldout.txt, and
     heldout_labels/ (a link to each held-out image's label, from whichever folder holds it)."""
-    import random
     d = config.data
     images = training_images(d)
     order = list(range(len(images)))
     random.Random(derive_seed(config.seed, "task.split")).shuffle(order)
-    held = set(order[:d.heldout])
+    held = set(order[: d.heldout])
     labels = folder / "heldout_labels"
     labels.mkdir(parents=True, exist_ok=True)
-    lists = {"fit_train": [i for i, (_, f) in enumerate(images) if i not in held and f == d.train_labels],
-             "fit_aug": [i for i, (_, f) in enumerate(images) if i not in held and f != d.train_labels],
-             "heldout": sorted(held)}
+    lists = {
+        "fit_train": [
+            i for i, (_, f) in enumerate(images) if i not in held and f == d.train_labels
+        ],
+        "fit_aug": [i for i, (_, f) in enumerate(images) if i not in held and f != d.train_labels],
+        "heldout": sorted(held),
+    }
     paths = {}
     for name, chosen in lists.items():
         paths[name] = folder / f"{name}.txt"
@@ -228,46 +362,53 @@ def heldout_lists(config: Config, folder: Path) -> dict[str, Path]:
 
 
 def choose_lr(config: Config, train_one) -> tuple[float, dict[str, float]]:
-    """BYOL D.4's selection: for each lr of schedule.lr_grid, train on the training images (train + aug lists) less
-    `heldout` of them and score mIoU on those; return the best lr (the first among ties) and each lr's held-out
+    """BYOL D.4's selection: for each lr of schedule.lr_grid, train on the training images (train +
+    aug lists) less `heldout` of them and score mIoU on those; return the best lr (the first among
+    ties) and each lr's held-out
     mIoU. Each candidate runs in RUN_DIR/select/lr<lr>/ and resumes there."""
-    import json
 
-    from omegaconf import OmegaConf
-
-    from common.distributed import barrier, detect
     folder = Path(config.run_dir) / "select"
     if detect().rank == 0:
         heldout_lists(config, folder)
     barrier()
-    lists = {name: str((folder / f"{name}.txt").resolve()) for name in ("fit_train", "fit_aug", "heldout")}
+    lists = {
+        name: str((folder / f"{name}.txt").resolve())
+        for name in ("fit_train", "fit_aug", "heldout")
+    }
     scores = {}
     for lr in config.schedule.lr_grid:
         result = folder / f"lr{lr:g}.json"
         if result.exists():
             scores[f"{lr:g}"] = json.loads(result.read_text())["mIoU"]
             continue
-        candidate = OmegaConf.merge(config, {"run_dir": str(folder / f"lr{lr:g}"), "schedule": {"lr": lr},
-                                             "data": {"train_list": lists["fit_train"],
-                                                      "aug_list": lists["fit_aug"] if config.data.aug_list else "",
-                                                      "val_list": lists["heldout"],
-                                                      "val_labels": str((folder / "heldout_labels").resolve())}})
+        candidate = OmegaConf.merge(
+            config,
+            {
+                "run_dir": str(folder / f"lr{lr:g}"),
+                "schedule": {"lr": lr},
+                "data": {
+                    "train_list": lists["fit_train"],
+                    "aug_list": lists["fit_aug"] if config.data.aug_list else "",
+                    "val_list": lists["heldout"],
+                    "val_labels": str((folder / "heldout_labels").resolve()),
+                },
+            },
+        )
         scores[f"{lr:g}"] = train_one(candidate)["mIoU"]
-        if detect().rank == 0:  # atomically: a rerun reads it back instead of training the candidate again
-            from common.files import atomic_write_bytes
+        # atomically: a rerun reads it back instead of training the candidate again
+        if detect().rank == 0:
             atomic_write_bytes(result, json.dumps({"lr": lr, "mIoU": scores[f"{lr:g}"]}).encode())
         log.info("segmentation: lr %g -> held-out mIoU %.2f", lr, scores[f"{lr:g}"])
     return max(config.schedule.lr_grid, key=lambda lr: scores[f"{lr:g}"]), scores
 
 
 def run(config: Config, backbone: Backbone, task_run, data) -> TaskResult:
-    """Train and evaluate with mmseg; metrics are mmseg's (mIoU, mAcc, aAcc in percent, IoU.<class>). With
+    """Train and evaluate with mmseg; metrics are mmseg's (mIoU, mAcc, aAcc in percent,
+    IoU.<class>). With
     schedule.lr_grid, the lr is chosen first on held-out training images (`choose_lr`)."""
-    from omegaconf import OmegaConf
 
-    from common.distributed import init_distributed
-    from transfer import export, mmseg_glue
-    from transfer.scenes import CLASSES
+    from transfer import mmseg_glue
+
     processes = init_distributed()  # here, not by mmengine: its launcher insists on a GPU
     distributed = processes.is_distributed
     weights_file = export.write(backbone, "mmseg", task_run.run_dir / "backbone.mmseg.pth")
@@ -275,13 +416,20 @@ def run(config: Config, backbone: Backbone, task_run, data) -> TaskResult:
     gloo = config.device == "cpu" or not torch.cuda.is_available()
 
     def train_one(run_config: Config) -> dict[str, float]:
-        cfg = mmseg_config(run_config, backbone, weights_file, num_classes, distributed, processes.world_size)
+        cfg = mmseg_config(
+            run_config, backbone, weights_file, num_classes, distributed, processes.world_size
+        )
         return mmseg_glue.train_and_evaluate(cfg, distributed, gloo)
+
     extra = {}
     if config.schedule.lr_grid:
         lr, held_out = choose_lr(config, train_one)
         config = OmegaConf.merge(config, {"schedule": {"lr": lr}})
         extra = {"chosen_lr": lr, "heldout_mIoU": held_out, "heldout": config.data.heldout}
     metrics = train_one(config)
-    return TaskResult(metrics, config.data.dataset, f"fcn dilated-c5, {config.schedule.iterations} iterations",
-                      extra)
+    return TaskResult(
+        metrics,
+        config.data.dataset,
+        f"fcn dilated-c5, {config.schedule.iterations} iterations",
+        extra,
+    )

@@ -169,15 +169,15 @@ def free_port() -> int:
 
 
 def tiny_overrides() -> list[str]:
-    """TINY of tests/conftest.py, the tiny pretraining run of the CPU test (read, not imported:
+    """TINY of tests/helpers.py, the tiny pretraining run of the CPU test (read, not imported:
     no pytest here)."""
-    tree = ast.parse((ROOT / "tests" / "conftest.py").read_text())
+    tree = ast.parse((ROOT / "tests" / "helpers.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
             getattr(t, "id", None) == "TINY" for t in node.targets
         ):
             return list(ast.literal_eval(node.value))
-    raise CheckFailed("tests/conftest.py no longer defines TINY")
+    raise CheckFailed("tests/helpers.py no longer defines TINY")
 
 
 # -------------------------------------------------------------------------------------------

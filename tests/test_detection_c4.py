@@ -99,7 +99,7 @@ def flatten(node, prefix=""):
 
 
 def test_the_voc_c4_config_is_mocos_detectron2_config(tmp_path):
-    from transfer.detectron2_glue import dataset_names, detectron2_cfg, import_detectron2
+    from transfer.detectron2_glue import dataset_names, import_detectron2, model_config
 
     import_detectron2()
     from detectron2.config import get_cfg
@@ -113,7 +113,7 @@ def test_the_voc_c4_config_is_mocos_detectron2_config(tmp_path):
         ROOT / "configs/transfer/detection_voc_r50_c4.yaml",
         [f"data.voc_root={tmp_path / 'VOCdevkit'}", f"run_dir={tmp_path / 'run'}"],
     )
-    ours = detectron2_cfg(
+    ours = model_config(
         config, resolve_backbone("random:resnet50"), tmp_path / "backbone.pkl", 20, distributed=True
     )
     a, b = flatten(ours), flatten(moco)
@@ -159,20 +159,20 @@ def test_the_voc_c4_config_is_mocos_detectron2_config(tmp_path):
     ) == (24000, [18000, 22000], 100, 16, 0.02)
     # one process: plain BN (naiveSyncBN would be BN there too: detectron2 only syncs when world
     # size > 1)
-    single = detectron2_cfg(
+    single = model_config(
         config, resolve_backbone("random:resnet50"), tmp_path / "backbone.pkl", 20, False
     )
     assert single.MODEL.RESNETS.NORM == "BN"
 
 
 def test_a_c4_config_refuses_a_basic_block_resnet(tmp_path):
-    from transfer.detectron2_glue import detectron2_cfg
+    from transfer.detectron2_glue import model_config
 
     config = load_config(
         Config, ROOT / "configs/transfer/detection_voc_r50_c4.yaml", [f"run_dir={tmp_path}"]
     )
     with pytest.raises(UserError, match="C4 model.*resnet18.*ResNet-50 or deeper"):
-        detectron2_cfg(
+        model_config(
             config, resolve_backbone("random:resnet18"), tmp_path / "backbone.pkl", 20, False
         )
 

@@ -484,13 +484,13 @@ def test_detection_with_the_same_seed_reruns_to_the_same_weights(scenes, tmp_pat
 
 
 def test_detection_refuses_a_pkl_of_another_architecture(tmp_path):
-    from transfer.detectron2_glue import detectron2_cfg, import_detectron2, load_backbone_strictly
+    from transfer.detectron2_glue import import_detectron2, load_backbone_strictly, model_config
 
     import_detectron2()
     from detectron2.modeling import build_model
 
     r50 = export.write(resolve_backbone("random:resnet50"), "detectron2", tmp_path / "r50.pkl")
-    cfg = detectron2_cfg(DetectionConfig(), resolve_backbone("random:resnet18"), r50, 10, False)
+    cfg = model_config(DetectionConfig(), resolve_backbone("random:resnet18"), r50, 10, False)
     cfg.MODEL.DEVICE = "cpu"
     with pytest.raises(
         UserError, match=r"does not fit the detectron2 model: [1-9]\d* unmatched keys \(res"
@@ -724,7 +724,7 @@ def test_the_voc_protocol_rescales_the_original_image_and_tests_at_its_original_
         "configs/transfer/segmentation_voc_fcn.yaml",
         [f"data.root={scenes / 'voc' / 'VOC2012'}"],
     )
-    cfg = segmentation.mmseg_config(
+    cfg = mmseg_glue.model_config(
         config, resolve_backbone("random:resnet50"), Path("w.pth"), 21, False
     )
     train = [step["type"] for step in cfg["train_dataloader"]["dataset"]["datasets"][0]["pipeline"]]

@@ -25,7 +25,6 @@ from transfer.backbone import Backbone, load_backbone
 from transfer.tasks.depth import FCRN
 from transfer.tasks.detection import Config
 from transfer.tasks.segmentation import Config as SegmentationConfig
-from transfer.tasks.segmentation import mmseg_config
 from transfer.verify import verify
 
 WIDE = ("resnet50x2", "resnet50x4", "resnet200x2")
@@ -174,13 +173,13 @@ def detection_config(tmp_path, name="detection_voc_r50_c4.yaml"):
 
 @pytest.mark.parametrize("arch", ["resnet50x2", "resnet200x2"])
 def test_the_detectron2_config_carries_the_widths_and_builds_the_c4_head_to_fit(arch, tmp_path):
-    from transfer.detectron2_glue import detectron2_cfg, import_detectron2
+    from transfer.detectron2_glue import import_detectron2, model_config
 
     import_detectron2()
     from detectron2.modeling.roi_heads import Res5ROIHeads
 
     spec = architecture(arch)
-    cfg = detectron2_cfg(
+    cfg = model_config(
         detection_config(tmp_path),
         Backbone({}, arch, "x", "x", "as-is"),
         tmp_path / "b.pkl",
@@ -209,9 +208,9 @@ def test_the_detectron2_config_carries_the_widths_and_builds_the_c4_head_to_fit(
 
 
 def test_the_detectron2_fpn_config_switches_to_the_table_builder_for_resnet200(tmp_path):
-    from transfer.detectron2_glue import detectron2_cfg
+    from transfer.detectron2_glue import model_config
 
-    cfg = detectron2_cfg(
+    cfg = model_config(
         detection_config(tmp_path, "detection_coco_mask_rcnn_r50_fpn_1x.yaml"),
         Backbone({}, "resnet200", "x", "x", "as-is"),
         tmp_path / "b.pkl",
@@ -292,8 +291,10 @@ def test_the_table_builder_builds_detectron2s_own_resnet50():
 
 @pytest.mark.parametrize("arch", ["resnet50x2", "resnet200x2"])
 def test_the_segmentation_config_carries_the_widths(arch, tmp_path):
+    from transfer.mmseg_glue import model_config
+
     spec = architecture(arch)
-    root = tmp_path / "VOC2012"  # the layout mmseg_config checks for
+    root = tmp_path / "VOC2012"  # the layout mmseg_glue.dataset_config checks for
     for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (root / folder).mkdir(parents=True)
     for listing in ("train", "val"):
@@ -303,7 +304,7 @@ def test_the_segmentation_config_carries_the_widths(arch, tmp_path):
         ROOT / "configs/transfer/segmentation_scenes.yaml",
         [f"run_dir={tmp_path / 'run'}", f"data.root={root}"],
     )
-    cfg = mmseg_config(
+    cfg = model_config(
         config, Backbone({}, arch, "x", "x", "as-is"), tmp_path / "b.mmseg.pth", 11, False
     )
     backbone = cfg["model"]["backbone"]

@@ -4,9 +4,12 @@
   compiled ops when built without them, Pillow's Image.LINEAR and numpy's removed aliases. Each shim
   is applied only when the installed detectron2 needs it, so an upstream build from source (the
   normal install on a cluster) runs untouched.
-* The model config of the detection protocol (`detectron2_cfg`), the dataset registration, the
-  trainer with COCOEvaluator, detectron2's per-machine process group, and MoCo's
-  Res5ROIHeadsExtraNorm head.
+* `model_config(config, backbone, weights, num_classes, distributed)`: the detection protocol's
+  complete detectron2 config (a CfgNode), built from the task's config; `register_datasets` its
+  datasets (refusing missing files: the task's prepare calls it).
+* `train_and_evaluate(config, backbone, weights, num_classes)`: detectron2's trainer on that config
+  with COCOEvaluator (or PascalVOCDetectionEvaluator), resuming from the run's own checkpoint, on
+  detectron2's per-machine process group; and MoCo's Res5ROIHeadsExtraNorm head.
 * Strict loading of an exported .pkl (`load_weights` is the one call of DetectionCheckpointer's
   private loader; `load_backbone_strictly` refuses anything that did not load) and detectron2's
   plain ResNet backbone (`pretrained_resnet`, for verification).
@@ -322,7 +325,10 @@ def register_extra_norm_head() -> None:
             )
 
 
-def detectron2_cfg(config, backbone, weights: Path, num_classes: int, distributed: bool):
+def model_config(config, backbone, weights: Path, num_classes: int, distributed: bool):
+    """The complete detectron2 config (a CfgNode) of the detection task's `config`
+    (transfer.tasks.detection) on `backbone`'s architecture, loading the detectron2 .pkl `weights`,
+    with `num_classes` classes (register_datasets counts them)."""
     import_detectron2()
     from detectron2 import model_zoo
     from detectron2.config import get_cfg
@@ -631,7 +637,7 @@ def train_and_evaluate(config, backbone, weights: Path, num_classes: int) -> dic
     import math
 
     distributed = init_distributed_for_detectron2()
-    cfg = detectron2_cfg(config, backbone, weights, num_classes, distributed)
+    cfg = model_config(config, backbone, weights, num_classes, distributed)
     Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
     from detectron2.utils.logger import setup_logger
 

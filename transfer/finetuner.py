@@ -61,6 +61,7 @@ from common.errors import UserError
 from common.files import atomic_write_bytes, remove_partial_writes
 from common.rundir import Progress
 from common.schedule import cosine_schedule
+from common.seeds import derive_seed
 from pretrain.augment import InceptionCrop
 from pretrain.augment import eval_transform as resize_crop_normalise
 from pretrain.data import Augmented, CorruptImage, EpochBatchSampler
@@ -272,7 +273,7 @@ class Finetuner:
     test_metrics: dict = field(default_factory=dict)
 
     def build(self) -> nn.Module:
-        torch.manual_seed(self.seed)
+        torch.manual_seed(derive_seed(self.seed, "task.init"))  # the new head's init
         return Classifier(self.make_backbone(), self.width, self.num_classes).to(self.device)
 
     def train(self, candidate: Candidate, train_set: Dataset, name: str) -> nn.Module:

@@ -13,9 +13,11 @@ functions.
   AtomicCheckpointHook (mmengine's CheckpointHook deletes the previous checkpoint before it writes
   the next, both it and last_checkpoint in place) and TorchRngStateHook (mmengine does not restore
   the torch generator, which the head's dropout draws).
-* `train_and_evaluate(cfg)`: mmengine's Runner on a complete config dict (the protocol is built by
-  the segmentation task), resuming from work_dir's last checkpoint (logged), then its validation
-  loop.
+* `model_config(config, backbone, weights, num_classes, distributed, world_size)`: the segmentation
+  protocol's complete mmengine config (a dict), built from the task's config; `dataset_config`
+  its datasets (refusing missing files: the task's prepare calls it).
+* `train_and_evaluate(config, backbone, weights, num_classes)`: mmengine's Runner on that config,
+  resuming from work_dir's last checkpoint (logged), then its validation loop.
 * `resnet_backbone(arch, **settings)`: the backbone config of an architecture of the table: depth,
   stem_channels (64 w) and base_channels (64 w; mmseg's stage i is base_channels * 2^i wide, times
   the block's expansion out), type ResNet, or ResNetTable for a depth mmseg's ResNet lacks.
@@ -39,8 +41,11 @@ from pathlib import Path
 
 import torch
 
+from common.distributed import init_distributed
 from common.errors import UserError
-from pretrain.networks import ARCHITECTURES, architecture
+from common.files import remove_partial_writes
+from pretrain.networks import ARCHITECTURES, architecture, feature_width
+from transfer.backbone import Backbone
 
 log = logging.getLogger("transfer")
 
@@ -322,14 +327,226 @@ def dataset_class(name: str):
     return DATASETS.get(name)
 
 
-def train_and_evaluate(cfg_dict: dict, distributed: bool, gloo: bool) -> dict[str, float]:
-    """Train with mmengine's Runner (resuming from work_dir's latest checkpoint) and return its
-    validation metrics."""
+# ---------------------------------------------------------------------------- the model config
+
+AUG_LAYOUT = (
+    "JPEGImages/, SegmentationClass/ + ImageSets/Segmentation/train.txt and val.txt (VOC 2012), "
+    "SegmentationClassAug/ + ImageSets/Segmentation/aug.txt (mmsegmentation's "
+    "tools/dataset_converters/voc_aug.py on the SBD release)"
+)
+
+
+def dataset_config(c, split: str, pipeline: list) -> dict:
+    """mmseg's dataset config for a split: the training split concatenates train_list (+
+    train_labels) and, when
+    set, aug_list (+ aug_labels), as mmsegmentation's own pascal_voc12_aug config does."""
+    kind = {"scenes": "GeneratedScenesDataset", "voc": "PascalVOCDataset"}.get(c.dataset)
+    if kind is None:
+        raise UserError(
+            f"unknown segmentation dataset '{c.dataset}'; choose scenes or voc (data.dataset)"
+        )
+    parts = (
+        [(c.train_list, c.train_labels)] + ([(c.aug_list, c.aug_labels)] if c.aug_list else [])
+        if split == "train"
+        else [(c.val_list, c.val_labels)]
+    )
+    root = Path(c.root)
+    for listing, labels in parts:
+        missing = [
+            str(p) for p in (root / "JPEGImages", root / listing, root / labels) if not p.exists()
+        ]
+        if missing:
+            raise UserError(
+                f"segmentation data incomplete under data.root={c.root}: {', '.join(missing)} "
+                f"missing; "
+                "expected "
+                f"{AUG_LAYOUT if c.aug_list else 'JPEGImages/, the list files and label folders'}"
+                "; generated scenes: `python -m transfer scenes --out DIR`"
+            )
+    datasets = [
+        dict(
+            type=kind,
+            data_root=str(root),
+            ann_file=listing,
+            data_prefix=dict(img_path="JPEGImages", seg_map_path=labels),
+            pipeline=pipeline,
+        )
+        for listing, labels in parts
+    ]
+    return datasets[0] if len(datasets) == 1 else dict(type="ConcatDataset", datasets=datasets)
+
+
+def model_config(
+    config,
+    backbone: Backbone,
+    weights: Path,
+    num_classes: int,
+    distributed: bool,
+    world_size: int = 1,
+) -> dict:
+    """The complete mmengine config of the segmentation task's `config` (transfer.tasks.segmentation)
+    on `backbone`'s architecture, loading the mmseg file `weights`, as a plain dict.
+    schedule.batch_size is the global batch: each of the `world_size` processes loads batch_size /
+    world_size images per iteration."""
+    d, s = config.data, config.schedule
+    on_gpu = torch.cuda.is_available() and config.device != "cpu"
+    synced = "SyncBN" if on_gpu else "GlobalBN"  # torch's SyncBatchNorm refuses CPU tensors
+    norm = dict(type=synced if distributed and config.sync_bn else "BN", requires_grad=True)
+    # the FCN head's input: the last stage's channels (2048 w; basic: 512 w)
+    width = feature_width(backbone.arch)
+    rescale = (
+        dict(
+            type="RandomResize",
+            scale=tuple(d.scale),
+            ratio_range=tuple(d.ratio_range),
+            keep_ratio=True,
+        )
+        if d.scale
+        else dict(type="RandomRescale", ratio_range=tuple(d.ratio_range))
+    )
+    train_pipeline = [
+        dict(type="LoadImageFromFile"),
+        dict(type="LoadAnnotations"),
+        rescale,
+        dict(type="RandomCrop", crop_size=tuple(d.crop[::-1]), cat_max_ratio=0.75),
+        dict(type="RandomFlip", prob=0.5),
+        dict(type="PackSegInputs"),
+    ]
+    test_resize = [dict(type="Resize", scale=tuple(d.scale), keep_ratio=True)] if d.scale else []
+    test_pipeline = [
+        dict(type="LoadImageFromFile"),
+        *test_resize,
+        dict(type="LoadAnnotations"),
+        dict(type="PackSegInputs"),
+    ]
+    return dict(
+        default_scope="mmseg",
+        work_dir=str(Path(config.run_dir) / "mmseg"),
+        randomness=dict(seed=config.seed),
+        env_cfg=dict(
+            cudnn_benchmark=False,
+            mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
+            dist_cfg=dict(backend="nccl" if torch.cuda.is_available() else "gloo"),
+        ),
+        model=dict(
+            type="EncoderDecoder",
+            data_preprocessor=dict(
+                type="SegDataPreProcessor",
+                mean=[123.675, 116.28, 103.53],
+                std=[58.395, 57.12, 57.375],
+                bgr_to_rgb=True,
+                pad_val=0,
+                seg_pad_val=255,
+                size=tuple(d.crop[::-1]),
+            ),
+            # depth, stem_channels and base_channels of the architecture table; ResNetTable for
+            # ResNet-200
+            backbone=resnet_backbone(
+                backbone.arch,
+                num_stages=4,
+                out_indices=(3,),
+                strides=(1, 2, 2, 1),
+                dilations=(1, 1, 1, 2),
+                norm_cfg=norm,
+                norm_eval=False,
+                style="pytorch",
+                contract_dilation=False,
+                init_cfg=dict(type="Pretrained", checkpoint=str(weights), prefix="backbone."),
+            ),
+            decode_head=dict(
+                type="FCNHead",
+                in_channels=width,
+                in_index=0,
+                channels=config.head_channels,
+                num_convs=2,
+                kernel_size=3,
+                dilation=6,
+                concat_input=False,
+                dropout_ratio=config.dropout,
+                num_classes=num_classes,
+                norm_cfg=norm,
+                align_corners=False,
+                loss_decode=dict(
+                    type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0, avg_non_ignore=True
+                ),
+            ),
+            train_cfg=dict(),
+            test_cfg=dict(mode="whole"),
+        ),
+        train_dataloader=dict(
+            batch_size=s.batch_size // world_size,
+            num_workers=d.num_workers,
+            persistent_workers=d.num_workers > 0,
+            sampler=dict(type="InfiniteSampler", shuffle=True),
+            dataset=dataset_config(d, "train", train_pipeline),
+        ),
+        val_dataloader=dict(
+            batch_size=1,
+            num_workers=d.num_workers,
+            persistent_workers=False,
+            sampler=dict(type="DefaultSampler", shuffle=False),
+            dataset=dataset_config(d, "val", test_pipeline),
+        ),
+        val_evaluator=dict(type="PerClassIoUMetric", iou_metrics=["mIoU"]),
+        optim_wrapper=dict(
+            type="OptimWrapper",
+            optimizer=dict(type="SGD", lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay),
+        ),
+        param_scheduler=[
+            dict(
+                type="MultiStepLR",
+                by_epoch=False,
+                begin=0,
+                end=s.iterations,
+                gamma=0.1,
+                milestones=[round(m * s.iterations) for m in s.milestones],
+            )
+        ],
+        train_cfg=dict(
+            type="IterBasedTrainLoop", max_iters=s.iterations, val_interval=s.iterations + 1
+        ),
+        val_cfg=dict(type="ValLoop"),
+        default_hooks=dict(
+            timer=dict(type="IterTimerHook"),
+            logger=dict(type="LoggerHook", interval=s.log_interval, log_metric_by_epoch=False),
+            param_scheduler=dict(type="ParamSchedulerHook"),
+            # written atomically, so that a job killed at any moment resumes
+            # (mmseg_glue)
+            checkpoint=dict(
+                type="AtomicCheckpointHook",
+                by_epoch=False,
+                interval=s.checkpoint_interval,
+                max_keep_ckpts=1,
+            ),
+            sampler_seed=dict(type="DistSamplerSeedHook"),
+        ),
+        custom_hooks=[
+            dict(type="BackboneLoadCheckHook", weights_file=str(weights)),
+            # dropout's generator, resumed with the checkpoint
+            dict(type="TorchRngStateHook"),
+        ],
+        log_processor=dict(by_epoch=False),
+        log_level="INFO",
+        launcher="none",
+    )
+
+
+def train_and_evaluate(
+    config, backbone: Backbone, weights: Path, num_classes: int
+) -> dict[str, float]:
+    """Train the segmentation task's `config` from the mmseg file `weights` with mmengine's Runner
+    (resuming from work_dir's latest checkpoint) and return its validation metrics (mIoU, mAcc, aAcc
+    in percent, IoU.<class>)."""
     from mmengine.config import Config
     from mmengine.runner import Runner
 
+    processes = init_distributed()  # here, not by mmengine: its launcher insists on a GPU
+    distributed = processes.is_distributed
+    gloo = config.device == "cpu" or not torch.cuda.is_available()
     register_modules()
-    cfg = Config(cfg_dict)
+    cfg = Config(
+        model_config(config, backbone, weights, num_classes, distributed, processes.world_size)
+    )
     # the process group exists already (common.distributed); mmengine then only wraps the model
     if distributed:
         cfg.launcher = "pytorch"
@@ -342,11 +559,7 @@ def train_and_evaluate(cfg_dict: dict, distributed: bool, gloo: bool) -> dict[st
             )
     cfg.resume = True  # picks up the latest checkpoint in work_dir, if any
     work_dir = Path(cfg.work_dir)
-    from common.distributed import detect
-
-    if detect().rank == 0:  # rank 0 alone writes checkpoints
-        from common.files import remove_partial_writes
-
+    if processes.rank == 0:  # rank 0 alone writes checkpoints
         remove_partial_writes(work_dir, log)
     last = work_dir / "last_checkpoint"
     if last.exists():

@@ -91,16 +91,16 @@ Keys and defaults: transfer/tasks/detection.py (Config). detectron2's logs and c
 def prepare(config: Config) -> int:
     """Register the train and test sets with detectron2 (refusing missing files); the class
     count."""
-    from transfer.detectron2_glue import register_datasets
+    from transfer import detectron2_glue
 
-    return register_datasets(config)
+    return detectron2_glue.register_datasets(config)
 
 
 def run(config: Config, backbone: Backbone, task_run, data) -> TaskResult:
-    from transfer.detectron2_glue import train_and_evaluate
+    from transfer import detectron2_glue
 
     weights = export.write(backbone, "detectron2", task_run.run_dir / "backbone.pkl")
-    metrics = train_and_evaluate(config, backbone, weights, num_classes=data)
+    metrics = detectron2_glue.train_and_evaluate(config, backbone, weights, num_classes=data)
     d = config.data
     if d.format == "voc":
         dataset, scoring = (

@@ -21,7 +21,6 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from common.checks import NON_NEGATIVE, POSITIVE_INT, between, checked, each, greater_than, one_of
@@ -29,7 +28,6 @@ from common.distributed import barrier, check_global_batch, detect, init_distrib
 from common.errors import UserError
 from common.files import atomic_write_bytes
 from common.seeds import derive_seed
-from pretrain.networks import feature_width
 from transfer import export
 from transfer.backbone import Backbone
 from transfer.runner import TaskResult
@@ -88,209 +86,6 @@ class Config(TaskConfig):
     sync_bn: bool = True  # SyncBN when distributed
 
 
-AUG_LAYOUT = (
-    "JPEGImages/, SegmentationClass/ + ImageSets/Segmentation/train.txt and val.txt (VOC 2012), "
-    "SegmentationClassAug/ + ImageSets/Segmentation/aug.txt (mmsegmentation's "
-    "tools/dataset_converters/voc_aug.py on the SBD release)"
-)
-
-
-def _dataset(c: SegmentationData, split: str, pipeline: list) -> dict:
-    """mmseg's dataset config for a split: the training split concatenates train_list (+
-    train_labels) and, when
-    set, aug_list (+ aug_labels), as mmsegmentation's own pascal_voc12_aug config does."""
-    kind = {"scenes": "GeneratedScenesDataset", "voc": "PascalVOCDataset"}.get(c.dataset)
-    if kind is None:
-        raise UserError(
-            f"unknown segmentation dataset '{c.dataset}'; choose scenes or voc (data.dataset)"
-        )
-    parts = (
-        [(c.train_list, c.train_labels)] + ([(c.aug_list, c.aug_labels)] if c.aug_list else [])
-        if split == "train"
-        else [(c.val_list, c.val_labels)]
-    )
-    root = Path(c.root)
-    for listing, labels in parts:
-        missing = [
-            str(p) for p in (root / "JPEGImages", root / listing, root / labels) if not p.exists()
-        ]
-        if missing:
-            raise UserError(
-                f"segmentation data incomplete under data.root={c.root}: {', '.join(missing)} "
-                f"missing; "
-                "expected "
-                f"{AUG_LAYOUT if c.aug_list else 'JPEGImages/, the list files and label folders'}"
-                "; generated scenes: `python -m transfer scenes --out DIR`"
-            )
-    datasets = [
-        dict(
-            type=kind,
-            data_root=str(root),
-            ann_file=listing,
-            data_prefix=dict(img_path="JPEGImages", seg_map_path=labels),
-            pipeline=pipeline,
-        )
-        for listing, labels in parts
-    ]
-    return datasets[0] if len(datasets) == 1 else dict(type="ConcatDataset", datasets=datasets)
-
-
-def mmseg_config(
-    config: Config,
-    backbone: Backbone,
-    weights_file: Path,
-    num_classes: int,
-    distributed: bool,
-    world_size: int = 1,
-) -> dict:
-    """The complete mmengine config of this protocol, as a plain dict. schedule.batch_size is the
-    global batch:
-    each of the `world_size` processes loads batch_size / world_size images per iteration."""
-    d, s = config.data, config.schedule
-    on_gpu = torch.cuda.is_available() and config.device != "cpu"
-    synced = "SyncBN" if on_gpu else "GlobalBN"  # torch's SyncBatchNorm refuses CPU tensors
-    norm = dict(type=synced if distributed and config.sync_bn else "BN", requires_grad=True)
-    from transfer.mmseg_glue import resnet_backbone
-
-    # the FCN head's input: the last stage's channels (2048 w; basic: 512 w)
-    width = feature_width(backbone.arch)
-    rescale = (
-        dict(
-            type="RandomResize",
-            scale=tuple(d.scale),
-            ratio_range=tuple(d.ratio_range),
-            keep_ratio=True,
-        )
-        if d.scale
-        else dict(type="RandomRescale", ratio_range=tuple(d.ratio_range))
-    )
-    train_pipeline = [
-        dict(type="LoadImageFromFile"),
-        dict(type="LoadAnnotations"),
-        rescale,
-        dict(type="RandomCrop", crop_size=tuple(d.crop[::-1]), cat_max_ratio=0.75),
-        dict(type="RandomFlip", prob=0.5),
-        dict(type="PackSegInputs"),
-    ]
-    test_resize = [dict(type="Resize", scale=tuple(d.scale), keep_ratio=True)] if d.scale else []
-    test_pipeline = [
-        dict(type="LoadImageFromFile"),
-        *test_resize,
-        dict(type="LoadAnnotations"),
-        dict(type="PackSegInputs"),
-    ]
-    return dict(
-        default_scope="mmseg",
-        work_dir=str(Path(config.run_dir) / "mmseg"),
-        randomness=dict(seed=config.seed),
-        env_cfg=dict(
-            cudnn_benchmark=False,
-            mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
-            dist_cfg=dict(backend="nccl" if torch.cuda.is_available() else "gloo"),
-        ),
-        model=dict(
-            type="EncoderDecoder",
-            data_preprocessor=dict(
-                type="SegDataPreProcessor",
-                mean=[123.675, 116.28, 103.53],
-                std=[58.395, 57.12, 57.375],
-                bgr_to_rgb=True,
-                pad_val=0,
-                seg_pad_val=255,
-                size=tuple(d.crop[::-1]),
-            ),
-            # depth, stem_channels and base_channels of the architecture table; ResNetTable for
-            # ResNet-200
-            backbone=resnet_backbone(
-                backbone.arch,
-                num_stages=4,
-                out_indices=(3,),
-                strides=(1, 2, 2, 1),
-                dilations=(1, 1, 1, 2),
-                norm_cfg=norm,
-                norm_eval=False,
-                style="pytorch",
-                contract_dilation=False,
-                init_cfg=dict(type="Pretrained", checkpoint=str(weights_file), prefix="backbone."),
-            ),
-            decode_head=dict(
-                type="FCNHead",
-                in_channels=width,
-                in_index=0,
-                channels=config.head_channels,
-                num_convs=2,
-                kernel_size=3,
-                dilation=6,
-                concat_input=False,
-                dropout_ratio=config.dropout,
-                num_classes=num_classes,
-                norm_cfg=norm,
-                align_corners=False,
-                loss_decode=dict(
-                    type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0, avg_non_ignore=True
-                ),
-            ),
-            train_cfg=dict(),
-            test_cfg=dict(mode="whole"),
-        ),
-        train_dataloader=dict(
-            batch_size=s.batch_size // world_size,
-            num_workers=d.num_workers,
-            persistent_workers=d.num_workers > 0,
-            sampler=dict(type="InfiniteSampler", shuffle=True),
-            dataset=_dataset(d, "train", train_pipeline),
-        ),
-        val_dataloader=dict(
-            batch_size=1,
-            num_workers=d.num_workers,
-            persistent_workers=False,
-            sampler=dict(type="DefaultSampler", shuffle=False),
-            dataset=_dataset(d, "val", test_pipeline),
-        ),
-        val_evaluator=dict(type="PerClassIoUMetric", iou_metrics=["mIoU"]),
-        optim_wrapper=dict(
-            type="OptimWrapper",
-            optimizer=dict(type="SGD", lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay),
-        ),
-        param_scheduler=[
-            dict(
-                type="MultiStepLR",
-                by_epoch=False,
-                begin=0,
-                end=s.iterations,
-                gamma=0.1,
-                milestones=[round(m * s.iterations) for m in s.milestones],
-            )
-        ],
-        train_cfg=dict(
-            type="IterBasedTrainLoop", max_iters=s.iterations, val_interval=s.iterations + 1
-        ),
-        val_cfg=dict(type="ValLoop"),
-        default_hooks=dict(
-            timer=dict(type="IterTimerHook"),
-            logger=dict(type="LoggerHook", interval=s.log_interval, log_metric_by_epoch=False),
-            param_scheduler=dict(type="ParamSchedulerHook"),
-            # written atomically, so that a job killed at any moment resumes
-            # (mmseg_glue)
-            checkpoint=dict(
-                type="AtomicCheckpointHook",
-                by_epoch=False,
-                interval=s.checkpoint_interval,
-                max_keep_ckpts=1,
-            ),
-            sampler_seed=dict(type="DistSamplerSeedHook"),
-        ),
-        custom_hooks=[
-            dict(type="BackboneLoadCheckHook", weights_file=str(weights_file)),
-            # dropout's generator, resumed with the checkpoint
-            dict(type="TorchRngStateHook"),
-        ],
-        log_processor=dict(by_epoch=False),
-        log_level="INFO",
-        launcher="none",
-    )
-
-
 # ------------------------------------------------------------------------------------------- task
 
 EXAMPLES = """\
@@ -303,8 +98,11 @@ Keys and defaults: transfer/tasks/segmentation.py (Config). mmseg's logs and che
 
 
 def prepare(config: Config) -> None:
+    from transfer import mmseg_glue
+
     check_global_batch("schedule.batch_size", config.schedule.batch_size, detect().world_size)
-    _dataset(config.data, "train", []), _dataset(config.data, "val", [])
+    for split in ("train", "val"):  # refuses missing files
+        mmseg_glue.dataset_config(config.data, split, [])
     if config.schedule.lr_grid:
         total = len(training_images(config.data))
         if not 0 < config.data.heldout < total:
@@ -409,17 +207,12 @@ def run(config: Config, backbone: Backbone, task_run, data) -> TaskResult:
 
     from transfer import mmseg_glue
 
-    processes = init_distributed()  # here, not by mmengine: its launcher insists on a GPU
-    distributed = processes.is_distributed
+    init_distributed()  # here, not by mmengine: its launcher insists on a GPU
     weights_file = export.write(backbone, "mmseg", task_run.run_dir / "backbone.mmseg.pth")
     num_classes = len(CLASSES) if config.data.dataset == "scenes" else 21
-    gloo = config.device == "cpu" or not torch.cuda.is_available()
 
     def train_one(run_config: Config) -> dict[str, float]:
-        cfg = mmseg_config(
-            run_config, backbone, weights_file, num_classes, distributed, processes.world_size
-        )
-        return mmseg_glue.train_and_evaluate(cfg, distributed, gloo)
+        return mmseg_glue.train_and_evaluate(run_config, backbone, weights_file, num_classes)
 
     extra = {}
     if config.schedule.lr_grid:

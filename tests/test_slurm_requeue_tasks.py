@@ -284,8 +284,7 @@ def after_takeover(log: str) -> str:
 
 def assert_same_losses(log: str, straight_log: str, pattern: str) -> None:
     """Every loss the preempted run logged (before the kill, and again after the resume) is the
-    uninterrupted
-    run's at the same point, and it logged every point."""
+    uninterrupted run's at the same point, and it logged every point."""
     straight = {m.group(1): m.group(2) for m in re.finditer(pattern, straight_log)}
     logged = [(m.group(1), m.group(2)) for m in re.finditer(pattern, log)]
     assert straight and {point for point, _ in logged} == set(straight)

@@ -346,10 +346,11 @@ class Finetuner:
                 dist.all_reduce(bad, op=dist.ReduceOp.MAX)
             if bad.item():
                 raise Diverged(f"loss {loss.item()} at step {step} (epoch {epoch})")
+            # logged before the save: an epoch whose state survives a kill has its loss in the log
+            log.info("finetune: %s epoch %d/%d loss %.4f", name, epoch, epochs, loss.item())
             if self.save and (step == total or step - saved >= p.checkpoint_steps):
                 progress.save(epoch)
                 saved = step
-            log.info("finetune: %s epoch %d/%d loss %.4f", name, epoch, epochs, loss.item())
             if step == total:
                 break
         return model

@@ -281,11 +281,17 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.skipif(
-    torch.cuda.is_available(), reason="the device=cuda cases need a machine without CUDA"
+NEEDS_NO_CUDA = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="a device=cuda case needs a machine without CUDA"
 )
+
+
 @pytest.mark.parametrize(
-    "argv, expected", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS]
+    "argv, expected",
+    [
+        pytest.param(*case[1:], id=case[0], marks=NEEDS_NO_CUDA if "cuda" in case[0] else ())
+        for case in BAD_INPUTS
+    ],
 )
 def test_a_bad_input_is_refused_on_one_line_with_exit_2_and_nothing_written(
     argv, expected, tmp_path

@@ -338,8 +338,8 @@ AUG_LAYOUT = (
 
 def dataset_config(c, split: str, pipeline: list) -> dict:
     """mmseg's dataset config for a split: the training split concatenates train_list (+
-    train_labels) and, when
-    set, aug_list (+ aug_labels), as mmsegmentation's own pascal_voc12_aug config does."""
+    train_labels) and, when set, aug_list (+ aug_labels), as mmsegmentation's own pascal_voc12_aug
+    config does."""
     kind = {"scenes": "GeneratedScenesDataset", "voc": "PascalVOCDataset"}.get(c.dataset)
     if kind is None:
         raise UserError(
@@ -510,8 +510,8 @@ def model_config(
             timer=dict(type="IterTimerHook"),
             logger=dict(type="LoggerHook", interval=s.log_interval, log_metric_by_epoch=False),
             param_scheduler=dict(type="ParamSchedulerHook"),
-            # written atomically, so that a job killed at any moment resumes
-            # (mmseg_glue)
+            # written atomically (AtomicCheckpointHook, above), so that a job killed at any moment
+            # resumes
             checkpoint=dict(
                 type="AtomicCheckpointHook",
                 by_epoch=False,

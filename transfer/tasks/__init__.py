@@ -146,15 +146,3 @@ def scene_overrides(key: str, scenes: Path) -> list[str]:
 def lower_is_better() -> set[str]:
     """The metrics (base names) that improve downwards, over every task."""
     return {metric for task in TASKS.values() for metric in task.lower_is_better}
-
-
-def metric_direction(task: str, metric: str) -> str:
-    """Which way a metric of a task (a TASK or TASK/LABEL key) improves: "min" for the metrics its
-    entry declares lower_is_better, else "max". The metric's base name decides, as the report reads
-    it: the last dot-separated part before any @ (rms, test.rms, 10%.top1@k), IoU.<class> as mIoU.
-    """
-    name = task_of(task)
-    if name is None:
-        raise UserError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
-    base = "mIoU" if metric.startswith("IoU.") else metric.split("@")[0].rsplit(".", 1)[-1]
-    return "min" if base in TASKS[name].lower_is_better else "max"
